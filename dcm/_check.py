@@ -1,0 +1,149 @@
+"""Input validation with messages that name the argument and show expected vs actual shape.
+
+Every check here looks at shapes, dtypes and devices only (static under ``torch.compile``); the
+few checks that look at values live in :func:`check_mask_values` and :func:`warn_if_empty` and
+respect :func:`dcm.config.data_checks_enabled`.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence, Tuple
+
+import torch
+
+from . import config
+
+__all__ = ["EmptyForegroundWarning"]
+
+
+class EmptyForegroundWarning(UserWarning):
+    """A support mask had no foreground at feature resolution; the documented fallback was used."""
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "(" + ", ".join(str(int(s)) for s in x.shape) + ")"
+
+
+def tensor(name: str, x, *, floating: bool = True) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def rank(name: str, x: torch.Tensor, ranks: Sequence[int], expected: str) -> None:
+    if x.dim() not in ranks:
+        raise ValueError(f"{name}: expected shape {expected}, got {_shape(x)} (rank {x.dim()})")
+
+
+def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {x.device}")
+
+
+def query(name: str, x) -> torch.Tensor:
+    """A query feature map ``Tensor[B, C, H, W]``."""
+    x = tensor(name, x)
+    rank(name, x, (4,), "(B, C, H, W)")
+    if x.shape[-1] == 0 or x.shape[-2] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: expected non-empty C, H, W in (B, C, H, W), got {_shape(x)}")
+    return x
+
+
+def support(name: str, x, batch: int | None = None, channels: int | None = None) -> torch.Tensor:
+    """Support features ``Tensor[B, K, C, H, W]`` or ``Tensor[B, C, H, W]`` (K = 1) -> 5-D."""
+    x = tensor(name, x)
+    rank(name, x, (4, 5), "(B, K, C, H, W) or (B, C, H, W)")
+    if x.dim() == 4:
+        x = x.unsqueeze(1)
+    B, K, C, H, W = x.shape
+    if K == 0 or C == 0 or H == 0 or W == 0:
+        raise ValueError(f"{name}: expected non-empty K, C, H, W in (B, K, C, H, W), got {_shape(x)}")
+    if batch is not None and B != batch:
+        raise ValueError(f"{name}: expected batch size B={batch} (the query's), got shape {_shape(x)}")
+    if channels is not None and C != channels:
+        raise ValueError(f"{name}: expected C={channels} channels in (B, K, C, H, W), got {_shape(x)}")
+    return x
+
+
+def mask(name: str, m, batch: int, shots: int, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    """Support masks ``Tensor[B, K, h, w]`` or ``Tensor[B, h, w]`` (K = 1), any resolution -> 4-D."""
+    m = tensor(name, m, floating=False)
+    if m.is_complex():
+        raise TypeError(f"{name}: expected a real (bool, integer or floating) tensor, got dtype {m.dtype}")
+    rank(name, m, (3, 4), f"(B={batch}, K={shots}, h, w) or (B={batch}, h, w)")
+    if m.dim() == 3:
+        if shots != 1:
+            raise ValueError(f"{name}: expected shape (B={batch}, K={shots}, h, w) for {shots} shots, got {_shape(m)}")
+        m = m.unsqueeze(1)
+    if m.shape[0] != batch or m.shape[1] != shots:
+        raise ValueError(f"{name}: expected shape (B={batch}, K={shots}, h, w), got {_shape(m)}")
+    if m.shape[-1] == 0 or m.shape[-2] == 0:
+        raise ValueError(f"{name}: expected non-empty h, w in (B, K, h, w), got {_shape(m)}")
+    same_device(name, m, ref_name, ref)
+    return m
+
+
+def check_mask_values(name: str, m: torch.Tensor) -> None:
+    """Masks hold values in [0, 1] or the ignore label 255 (value check; may synchronise)."""
+    if not config.data_checks_enabled(m) or m.numel() == 0 or m.dtype == torch.bool:
+        return
+    bad = ((m < 0) | (m > 1)) & (m != 255)
+    if bool(bad.any()):
+        vals = torch.unique(m[bad])[:5].tolist()
+        raise ValueError(
+            f"{name}: expected values in [0, 1] or the ignore label 255, got e.g. {vals}; "
+            "convert class-id labels to a binary mask of the episode's class first"
+        )
+
+
+def odd_size(name: str, k) -> Tuple[int, int]:
+    """A positive odd kernel or window size, ``int`` or pair -> ``(kh, kw)``."""
+    if isinstance(k, bool):
+        raise TypeError(f"{name}: expected a positive odd int or a pair of them, got {k!r}")
+    if isinstance(k, int):
+        k = (k, k)
+    try:
+        kh, kw = k
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a positive odd int or a pair (h, w) of them, got {k!r}") from None
+    for v in (kh, kw):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected ints, got {k!r}")
+        if v <= 0 or v % 2 == 0:
+            raise ValueError(f"{name}: expected positive odd sizes (centred windows), got {tuple(k)}")
+    return int(kh), int(kw)
+
+
+def windows(name: str, ws) -> Tuple[Tuple[int, int], ...]:
+    try:
+        items = list(ws)
+    except TypeError:
+        raise TypeError(f"{name}: expected a sequence of (h, w) windows, got {ws!r}") from None
+    if not items:
+        raise ValueError(f"{name}: expected at least one (h, w) window, got {ws!r}")
+    return tuple(odd_size(f"{name}[{i}]", w) for i, w in enumerate(items))
+
+
+_warned = {"empty": False}
+
+
+def warn_if_empty(empty: torch.Tensor, what: str) -> None:
+    """Warn once per process when any support sample has an empty foreground (value check)."""
+    if _warned["empty"] or not config.data_checks_enabled(empty):
+        return
+    if bool(empty.any()):
+        _warned["empty"] = True
+        warnings.warn(
+            f"{what}: a support mask has no foreground at feature resolution; using the fallback "
+            "(the whole support image is treated as foreground, see dcm docs 'Empty foreground'). "
+            "This warning is shown once.",
+            EmptyForegroundWarning,
+            stacklevel=3,
+        )
+
+
+def reset_warnings() -> None:
+    """Let the once-per-process warnings fire again (for tests)."""
+    _warned["empty"] = False

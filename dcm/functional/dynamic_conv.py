@@ -1,0 +1,192 @@
+"""Dynamic depthwise convolution with per-sample kernels (DPCN Eq. 8) and the DCM kernel pipeline."""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _check, config
+from .foreground import foreground_pool
+
+__all__ = [
+    "dynamic_depthwise_conv2d",
+    "dynamic_depthwise_conv2d_multi",
+    "generate_dynamic_kernels",
+    "dynamic_convolution",
+]
+
+
+def _check_pair(x: torch.Tensor, weight: torch.Tensor, name: str = "weight") -> Tuple[int, int]:
+    _check.query("x", x)
+    _check.tensor(name, weight)
+    _check.rank(name, weight, (4,), "(B, C, kh, kw)")
+    B, C = x.shape[:2]
+    if weight.shape[0] != B or weight.shape[1] != C:
+        raise ValueError(f"{name}: expected shape (B={B}, C={C}, kh, kw), got ({', '.join(map(str, weight.shape))})")
+    _check.same_device(name, weight, "x", x)
+    return _check.odd_size(f"{name} kernel size", (int(weight.shape[2]), int(weight.shape[3])))
+
+
+def _grouped(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    B, C, H, W = x.shape
+    kh, kw = weight.shape[-2:]
+    if B == 0:
+        return x.new_zeros(x.shape)
+    out = F.conv2d(
+        x.reshape(1, B * C, H, W),
+        weight.reshape(B * C, 1, kh, kw),
+        padding=(kh // 2, kw // 2),
+        groups=B * C,
+    )
+    return out.reshape(B, C, H, W)
+
+
+def dynamic_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    r"""Depthwise convolution of each sample with its own kernels, "same" padding, stride 1, no bias.
+
+    ``out[b, c] = conv2d(x[b, c], weight[b, c])`` (cross-correlation, as ``F.conv2d``), computed by
+    folding the batch into the channels and running one grouped convolution with ``groups = B·C``.
+
+    Args:
+        x: ``Tensor[B, C, H, W]``, any memory format.
+        weight: ``Tensor[B, C, kh, kw]`` with odd ``kh``, ``kw``, same dtype and device as ``x``.
+
+    Returns:
+        ``Tensor[B, C, H, W]``.
+
+    Example:
+        >>> x = torch.arange(9.).reshape(1, 1, 3, 3)
+        >>> w = torch.zeros(1, 1, 3, 1); w[0, 0, 1, 0] = 1.0   # a delta kernel is the identity
+        >>> torch.equal(dynamic_depthwise_conv2d(x, w), x)
+        True
+    """
+    _check_pair(x, weight)
+    return _grouped(x, weight)
+
+
+def dynamic_depthwise_conv2d_multi(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    r"""Several dynamic depthwise convolutions of the same input, one output per kernel set.
+
+    Equal to ``tuple(dynamic_depthwise_conv2d(x, w) for w in weights)``; on CUDA with the Triton
+    backend all kernels are applied in one fused pass that reads ``x`` once.
+
+    Args:
+        x: ``Tensor[B, C, H, W]``.
+        weights: kernels ``Tensor[B, C, kh_i, kw_i]`` (odd sizes, may differ per entry).
+
+    Example:
+        >>> x = torch.randn(2, 3, 5, 6)
+        >>> ws = [torch.randn(2, 3, 5, 1), torch.randn(2, 3, 1, 5)]
+        >>> [o.shape for o in dynamic_depthwise_conv2d_multi(x, ws)]
+        [torch.Size([2, 3, 5, 6]), torch.Size([2, 3, 5, 6])]
+    """
+    for i, w in enumerate(weights):
+        _check_pair(x, w, f"weights[{i}]")
+    if config.resolve_backend(x) == "triton":
+        from ..kernels import dynamic_conv as _k
+
+        return _k.dynamic_depthwise_conv2d_multi(x, list(weights))
+    return tuple(_grouped(x, w) for w in weights)
+
+
+KernelNet = Callable[[torch.Tensor], torch.Tensor]
+
+
+def generate_dynamic_kernels(
+    support: torch.Tensor,
+    support_mask: torch.Tensor,
+    generators: Mapping[str, KernelNet],
+    kernel_size: int = 5,
+    variants: Sequence[str] = ("v", "h", "s"),
+    square_source: str = "serial",
+    threshold: float = 0.5,
+) -> dict:
+    r"""The DCM kernel generator (DPCN Eq. 5–7, 11): support foreground -> per-sample kernels.
+
+    1. Foreground vectors of all shots, raster order, concatenated (:func:`foreground_pool`).
+    2. ``p_s`` = pooled to ``S`` bins; ``ker_v = g_v(p_s)`` (``S×1``), ``ker_h = g_h(p_s)`` (``1×S``).
+    3. Square kernel ``S×S`` (row-major from ``S²`` values): ``square_source="serial"`` (default,
+       paper Table A1 "5→25"): ``g_s`` applied to the ``2S`` vectors ``[ker_v, ker_h]`` adaptively
+       pooled to ``S²``; ``"parallel"`` ("5/25"): ``g_s`` applied to the foreground pooled to ``S²``.
+
+    Args:
+        support: ``Tensor[B, K, C, H, W]`` or ``Tensor[B, C, H, W]``.
+        support_mask: ``Tensor[B, K, h, w]`` or ``Tensor[B, h, w]``.
+        generators: ``{"v": g_v, "h": g_h, "s": g_s}``, callables ``Tensor[B, C, L] -> Tensor[B, C, L]``
+            (the entries needed by ``variants`` and ``square_source``).
+        kernel_size: odd ``S``.
+        variants: subset of ``("v", "h", "s")``.
+        square_source: ``"serial"`` or ``"parallel"``.
+        threshold: foreground threshold.
+
+    Returns:
+        ``{"v": Tensor[B, C, S, 1], "h": Tensor[B, C, 1, S], "s": Tensor[B, C, S, S]}`` restricted to
+        ``variants``.
+
+    Example:
+        >>> g = {k: (lambda t: t) for k in "vhs"}
+        >>> ks = generate_dynamic_kernels(torch.randn(2, 4, 6, 6), torch.ones(2, 6, 6), g, kernel_size=3)
+        >>> {k: tuple(v.shape) for k, v in ks.items()}
+        {'v': (2, 4, 3, 1), 'h': (2, 4, 1, 3), 's': (2, 4, 3, 3)}
+    """
+    S = _check.odd_size("kernel_size", kernel_size)[0]
+    if isinstance(kernel_size, (tuple, list)) and len(set(kernel_size)) != 1:
+        raise ValueError(f"kernel_size: expected a single odd int S, got {kernel_size!r}")
+    variants = tuple(variants)
+    if not variants or any(v not in ("v", "h", "s") for v in variants) or len(set(variants)) != len(variants):
+        raise ValueError(f"variants: expected a non-empty subset of ('v', 'h', 's'), got {variants!r}")
+    if square_source not in ("serial", "parallel"):
+        raise ValueError(f"square_source: expected 'serial' or 'parallel', got {square_source!r}")
+    need_asym = any(v in variants for v in "vh") or ("s" in variants and square_source == "serial")
+    bins = ((S,) if need_asym else ()) + ((S * S,) if "s" in variants and square_source == "parallel" else ())
+    pooled = dict(zip(bins, foreground_pool(support, support_mask, bins, threshold)))
+    B, C = pooled[bins[0]].shape[:2]
+    out = {}
+    serial_s = "s" in variants and square_source == "serial"
+    if "v" in variants or serial_s:
+        kv = generators["v"](pooled[S])
+        out["v"] = kv.reshape(B, C, S, 1)
+    if "h" in variants or serial_s:
+        kh = generators["h"](pooled[S])
+        out["h"] = kh.reshape(B, C, 1, S)
+    if "s" in variants:
+        if square_source == "serial":
+            src = F.adaptive_avg_pool1d(torch.cat([kv, kh], dim=2), S * S)
+        else:
+            src = pooled[S * S]
+        out["s"] = generators["s"](src).reshape(B, C, S, S)
+    return {v: out[v] for v in variants}
+
+
+def dynamic_convolution(
+    query: torch.Tensor,
+    support: torch.Tensor,
+    support_mask: torch.Tensor,
+    generators: Mapping[str, KernelNet],
+    kernel_size: int = 5,
+    variants: Sequence[str] = ("v", "h", "s"),
+    square_source: str = "serial",
+    threshold: float = 0.5,
+) -> Tuple[torch.Tensor, ...]:
+    r"""Functional twin of :class:`dcm.DynamicConvModule`: kernels from the support, convolved over the query.
+
+    Args:
+        query: ``Tensor[B, C, H, W]`` (the filtered query feature in DPCN).
+        support, support_mask, generators, kernel_size, variants, square_source, threshold: as
+            :func:`generate_dynamic_kernels`.
+
+    Returns:
+        one ``Tensor[B, C, H, W]`` per variant, in the order of ``variants``.
+
+    Example:
+        >>> g = {k: (lambda t: t) for k in "vhs"}
+        >>> outs = dynamic_convolution(torch.randn(2, 4, 7, 5), torch.randn(2, 4, 6, 6), torch.ones(2, 6, 6), g)
+        >>> len(outs), tuple(outs[0].shape)
+        (3, (2, 4, 7, 5))
+    """
+    query = _check.query("query", query)
+    support = _check.support("support", support, batch=query.shape[0], channels=query.shape[1])
+    kernels = generate_dynamic_kernels(support, support_mask, generators, kernel_size, variants, square_source, threshold)
+    weights = [kernels[v].to(query.dtype) for v in kernels]
+    return dynamic_depthwise_conv2d_multi(query, weights)

@@ -1,0 +1,26 @@
+"""Optional accelerated CUDA paths (Triton). Imported lazily; never needed on CPU.
+
+Each kernel has a pure-PyTorch twin in :mod:`dcm.functional` that is both the CPU path and the
+oracle it is tested against. :func:`available` says whether this machine can use them.
+"""
+from __future__ import annotations
+
+import functools
+
+__all__ = ["available"]
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """True when CUDA, Triton and the dcm Triton kernels are usable here."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        import triton  # noqa: F401
+
+        from . import dynamic_conv, support_activation  # noqa: F401
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,127 @@
+"""DynamicConvModule: kernels generated from the support foreground, convolved over the query (DPCN §3.5)."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .. import _check
+from .. import functional as DF
+
+__all__ = ["KernelGenerator", "DynamicConvModule"]
+
+
+class KernelGenerator(nn.Sequential):
+    """Two 1-D convolutions over a prototype sequence ``Tensor[B, C, L] -> Tensor[B, C, L]``.
+
+    ``Conv1d(C, C, k, padding=k//2) -> ReLU -> Conv1d(C, C, k, padding=k//2)`` (SPEC §0: "two
+    consecutive 1D convolution layers"; channels are the feature channels, length is the prototype
+    index).
+
+    Example:
+        >>> KernelGenerator(8)(torch.randn(2, 8, 5)).shape
+        torch.Size([2, 8, 5])
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, device=None, dtype=None):
+        k = _check.odd_size("kgen_kernel_size", kernel_size)[0]
+        fk = {"device": device, "dtype": dtype}
+        super().__init__(
+            nn.Conv1d(channels, channels, k, padding=k // 2, **fk),
+            nn.ReLU(inplace=True),
+            nn.Conv1d(channels, channels, k, padding=k // 2, **fk),
+        )
+
+
+class DynamicConvModule(nn.Module):
+    r"""Dynamic Convolution Module (DCM) of DPCN.
+
+    The support foreground vectors (all shots, raster order) are pooled to ``S`` and ``S²``
+    prototypes, three unshared kernel generators turn them into per-sample, per-channel kernels
+    ``S×1`` (``"v"``), ``1×S`` (``"h"``) and ``S×S`` (``"s"``), and each kernel set is convolved
+    depthwise over the query feature ("same" padding, stride 1, no bias).
+
+    Args:
+        channels: ``C`` of the support and query features.
+        kernel_size: odd ``S`` (paper: 5; Table 4 tries 3, 5, 7, 9).
+        variants: which kernels to use, any non-empty subset of ``("v", "h", "s")`` in the output
+            order (paper Table 5).
+        square_source: ``"serial"`` (default, Table A1 "5→25": the square kernel is generated from the
+            ``2S`` asymmetric kernel vectors pooled to ``S²``) or ``"parallel"`` ("5/25": from the
+            foreground pooled to ``S²``). With ``"serial"`` and ``"s"`` alone, the ``v``/``h``
+            generators still exist as the first stage of the square kernel.
+        kgen_kernel_size: kernel size of the generators' 1-D convolutions.
+        fg_threshold: foreground threshold on the resized support mask.
+
+    Shape:
+        - query: ``Tensor[B, C, H, W]``
+        - support: ``Tensor[B, K, C, Hs, Ws]`` or ``Tensor[B, C, Hs, Ws]``
+        - support_mask: ``Tensor[B, K, h, w]`` or ``Tensor[B, h, w]``, any resolution, values in
+          ``[0, 1]`` or ``{0, 1, 255}`` (255 = background)
+        - output: tuple of ``len(variants)`` tensors ``Tensor[B, C, H, W]``
+
+    Edge cases: fewer foreground pixels than ``S²`` replicate entries (adaptive pooling); an empty
+    shot contributes nothing; a sample with no foreground in any shot uses its whole-image average
+    as the single foreground vector (one :class:`dcm.EmptyForegroundWarning`).
+
+    Example:
+        >>> dcm_layer = DynamicConvModule(16)
+        >>> q, s, m = torch.randn(2, 16, 30, 30), torch.randn(2, 5, 16, 30, 30), torch.rand(2, 5, 60, 60).round()
+        >>> [tuple(o.shape) for o in dcm_layer(q, s, m)]
+        [(2, 16, 30, 30), (2, 16, 30, 30), (2, 16, 30, 30)]
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 5,
+        variants: Sequence[str] = ("v", "h", "s"),
+        square_source: str = "serial",
+        kgen_kernel_size: int = 3,
+        fg_threshold: float = 0.5,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
+            raise ValueError(f"channels: expected a positive int, got {channels!r}")
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+            raise TypeError(f"kernel_size: expected a positive odd int, got {kernel_size!r}")
+        _check.odd_size("kernel_size", kernel_size)
+        variants = tuple(variants)
+        if not variants or any(v not in ("v", "h", "s") for v in variants) or len(set(variants)) != len(variants):
+            raise ValueError(f"variants: expected a non-empty subset of ('v', 'h', 's'), got {variants!r}")
+        if square_source not in ("serial", "parallel"):
+            raise ValueError(f"square_source: expected 'serial' or 'parallel', got {square_source!r}")
+        self.channels, self.kernel_size, self.variants = channels, kernel_size, variants
+        self.square_source, self.fg_threshold = square_source, float(fg_threshold)
+        need = [v for v in ("v", "h") if v in variants or ("s" in variants and square_source == "serial")]
+        need += ["s"] if "s" in variants else []
+        self.generators = nn.ModuleDict({v: KernelGenerator(channels, kgen_kernel_size, device, dtype) for v in need})
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the concatenated outputs: ``len(variants) * channels``."""
+        return len(self.variants) * self.channels
+
+    def generate_kernels(self, support: torch.Tensor, support_mask: torch.Tensor) -> dict:
+        """``{"v": Tensor[B, C, S, 1], "h": Tensor[B, C, 1, S], "s": Tensor[B, C, S, S]}`` (the used variants)."""
+        support = _check.support("support", support, channels=self.channels)
+        return DF.generate_dynamic_kernels(
+            support, support_mask, self.generators, self.kernel_size, self.variants, self.square_source, self.fg_threshold
+        )
+
+    def forward(self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        query = _check.query("query", query)
+        if query.shape[1] != self.channels:
+            raise ValueError(f"query: expected C={self.channels} channels in (B, C, H, W), got {tuple(query.shape)}")
+        return DF.dynamic_convolution(
+            query, support, support_mask, self.generators, self.kernel_size, self.variants, self.square_source, self.fg_threshold
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, kernel_size={self.kernel_size}, variants={self.variants}, "
+            f"square_source={self.square_source!r}"
+        )

@@ -1,0 +1,51 @@
+"""FeatureFiltering: refine the pseudo mask and filter the query feature (DPCN §3.4)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _check
+from .. import functional as DF
+from ..functional import FilterOutput
+
+__all__ = ["FeatureFiltering", "FilterOutput"]
+
+
+class FeatureFiltering(nn.Module):
+    r"""Feature Filtering Module (FFM) of DPCN (Eq. 2–4).
+
+    ``p`` = masked average pooling of the support (shots averaged), ``M^r = σ(F((x_q ⊗ M^0) ⊕ x_p))``
+    with ``F`` a ``k×k`` convolution ``C -> 1``, and ``x̃_q = (x_q ⊗ M^r) ⊕ x_q``.
+
+    Args:
+        channels: ``C``.
+        kernel_size: odd size of the refinement convolution (SPEC §0: 3; 1 is the alternative).
+        eps: masked-average-pooling epsilon (PFENet 0.0005).
+
+    Shape:
+        - query: ``Tensor[B, C, H, W]``; support: ``Tensor[B, K, C, Hs, Ws]`` or ``Tensor[B, C, Hs, Ws]``
+        - support_mask: ``Tensor[B, K, h, w]`` or ``Tensor[B, h, w]``; pseudo_mask: ``Tensor[B, 1, h', w']``
+        - output: :class:`FilterOutput` ``(prototype[B, C], refined_mask[B, 1, H, W], filtered[B, C, H, W])``
+
+    Example:
+        >>> ffm = FeatureFiltering(8)
+        >>> out = ffm(torch.randn(2, 8, 9, 9), torch.randn(2, 3, 8, 9, 9), torch.ones(2, 3, 9, 9), torch.rand(2, 1, 9, 9))
+        >>> tuple(out.prototype.shape), tuple(out.refined_mask.shape), tuple(out.filtered.shape)
+        ((2, 8), (2, 1, 9, 9), (2, 8, 9, 9))
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, eps: float = 5e-4, device=None, dtype=None):
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
+            raise ValueError(f"channels: expected a positive int, got {channels!r}")
+        k = _check.odd_size("kernel_size", kernel_size)[0]
+        self.channels, self.eps = channels, float(eps)
+        self.conv = nn.Conv2d(channels, 1, k, padding=k // 2, device=device, dtype=dtype)
+
+    def forward(self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor, pseudo_mask: torch.Tensor) -> FilterOutput:
+        query = _check.query("query", query)
+        if query.shape[1] != self.channels:
+            raise ValueError(f"query: expected C={self.channels} channels in (B, C, H, W), got {tuple(query.shape)}")
+        support = _check.support("support", support, batch=query.shape[0], channels=self.channels)
+        proto = DF.support_prototype(support, support_mask, self.eps)
+        return DF.feature_filtering(query, proto, pseudo_mask, self.conv.weight, self.conv.bias)

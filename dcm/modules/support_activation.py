@@ -1,0 +1,59 @@
+"""SupportActivation: window-based region matching of high-level features (DPCN §3.3)."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .. import _check
+from .. import functional as DF
+
+__all__ = ["ActivationOutput", "SupportActivation"]
+
+
+class ActivationOutput(NamedTuple):
+    """Outputs of :class:`SupportActivation`."""
+
+    maps: torch.Tensor  #: ``Tensor[B, nW, Hq, Wq]``, one activation map per window, in ``[0, 1]``
+    pseudo_mask: torch.Tensor  #: ``Tensor[B, 1, Hq, Wq]``, their mean (the initial pseudo mask ``M^0``)
+
+
+class SupportActivation(nn.Module):
+    r"""Support Activation Module (SAM) of DPCN: activation maps and the initial pseudo mask.
+
+    No parameters. See :func:`dcm.functional.support_activation` for the exact definition and the
+    efficient, exact computation (one Gram matrix shared by all windows, diagonal shifts).
+
+    Args:
+        windows: odd ``(dh, dw)`` windows (paper: ``(5, 1), (3, 3), (1, 5)``; ``((1, 1),)`` is
+            PFENet's prior mask, the paper's COCO setting).
+        eps: cosine / normalisation epsilon.
+        chunk_size: query rows per chunk to bound memory (``None``: all at once).
+
+    Shape:
+        - query: ``Tensor[B, C, Hq, Wq]``; support: ``Tensor[B, K, C, Hs, Ws]`` or ``Tensor[B, C, Hs, Ws]``
+        - support_mask: ``Tensor[B, K, h, w]`` or ``Tensor[B, h, w]``, any resolution
+        - output: :class:`ActivationOutput` ``(maps[B, nW, Hq, Wq], pseudo_mask[B, 1, Hq, Wq])``
+
+    Example:
+        >>> sam = SupportActivation()
+        >>> out = sam(torch.rand(2, 32, 12, 12), torch.rand(2, 32, 12, 12), torch.ones(2, 48, 48))
+        >>> tuple(out.maps.shape), tuple(out.pseudo_mask.shape)
+        ((2, 3, 12, 12), (2, 1, 12, 12))
+    """
+
+    def __init__(self, windows: Sequence[Tuple[int, int]] = ((5, 1), (3, 3), (1, 5)), eps: float = 1e-7, chunk_size: int | None = None):
+        super().__init__()
+        self.windows = _check.windows("windows", windows)
+        self.eps = float(eps)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+
+    def forward(self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor) -> ActivationOutput:
+        maps = DF.support_activation(query, support, support_mask, self.windows, self.eps, self.chunk_size)
+        return ActivationOutput(maps, maps.mean(1, keepdim=True))
+
+    def extra_repr(self) -> str:
+        return f"windows={self.windows}, chunk_size={self.chunk_size}"

@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# repository root's sibling "shared/data" holds the small real VOC / COCO sets (never copied here)
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _reset_dcm_warnings():
+    from dcm import _check
+
+    _check.reset_warnings()
+    yield
+    _check.reset_warnings()

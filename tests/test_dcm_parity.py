@@ -1,0 +1,202 @@
+"""Float64 parity of every dcm op and module against the literal references of dcm.reference."""
+import warnings
+
+import pytest
+import torch
+
+import dcm
+import dcm.functional as DF
+from dcm import reference as R
+
+torch.set_default_dtype(torch.float32)
+D = torch.float64
+
+
+def rand_mask(B, K, h, w, p=0.4, seed=0, with_255=False):
+    g = torch.Generator().manual_seed(seed)
+    m = (torch.rand(B, K, h, w, generator=g) < p).long()
+    if with_255:
+        m[torch.rand(B, K, h, w, generator=g) < 0.1] = 255
+    return m
+
+
+def feats(*shape, seed=0, relu=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=D)
+    return x.relu() if relu else x
+
+
+# ----------------------------------------------------------------------------- foreground pooling
+def edge_masks():
+    """(name, mask[B=4, K, 7, 9]) covering the edge cases of the issue."""
+    out = {}
+    for K in (1, 5):
+        m = rand_mask(4, K, 7, 9, seed=K)
+        m[0] = 0  # empty foreground in every shot of sample 0
+        m[1] = 0
+        m[1, 0, 3, 4] = 1  # a single foreground pixel
+        m[2] = 0
+        m[2, -1, 0, :3] = 1  # 3 pixels < S^2 = 25 (and < S = 5)
+        out[f"K{K}"] = m
+    m = rand_mask(4, 5, 7, 9, seed=7, with_255=True)
+    m[3, 2] = 0  # one empty shot among non-empty ones
+    out["K5_255"] = m
+    return out
+
+
+@pytest.mark.parametrize("name", ["K1", "K5", "K5_255"])
+@pytest.mark.parametrize("bins", [(5, 25), (3, 9), (7,)])
+def test_foreground_pool_matches_loop(name, bins):
+    m = edge_masks()[name]
+    K = m.shape[1]
+    f = feats(4, K, 6, 7, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dcm.EmptyForegroundWarning)
+        got = DF.foreground_pool(f, m, bins)
+        exp = R.foreground_pool_loop(f, m, bins)
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_foreground_pool_mask_at_other_resolution_and_layouts():
+    m = rand_mask(3, 2, 29, 31, seed=3).double()  # resized bilinearly to 7x9 (soft values, threshold 0.5)
+    f = feats(3, 2, 6, 7, 9)
+    exp = R.foreground_pool_loop(f, m, (5, 25))
+    nc = f.transpose(-1, -2).contiguous().transpose(-1, -2)  # non-contiguous
+    cl = f.reshape(6, 6, 7, 9).contiguous(memory_format=torch.channels_last).reshape(3, 2, 6, 7, 9)
+    for x in (f, nc, cl):
+        for g, e in zip(DF.foreground_pool(x, m, (5, 25)), exp):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_foreground_pool_soft_mask_below_threshold_uses_peak():
+    f = feats(1, 1, 4, 5, 5)
+    m = torch.zeros(1, 1, 5, 5, dtype=D)
+    m[0, 0, 2, 3] = 0.3
+    m[0, 0, 4, 0] = 0.2
+    (p,) = DF.foreground_pool(f, m, (1,))
+    torch.testing.assert_close(p[0, :, 0], f[0, 0, :, 2, 3])
+
+
+def test_empty_foreground_warns_once_and_is_finite():
+    f = feats(2, 1, 4, 5, 5)
+    m = torch.zeros(2, 1, 5, 5)
+    with pytest.warns(dcm.EmptyForegroundWarning, match="no foreground"):
+        p5, p25 = DF.foreground_pool(f, m, (5, 25))
+    torch.testing.assert_close(p5, f.mean((1, 3, 4))[..., None].expand(2, 4, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call does not warn again
+        DF.foreground_pool(f, m, (5,))
+    assert torch.isfinite(p25).all()
+
+
+# ------------------------------------------------------------------------------- dynamic conv
+@pytest.mark.parametrize("ksize", [(5, 1), (1, 5), (5, 5), (3, 7), (1, 1)])
+def test_dynamic_depthwise_conv_matches_loop(ksize):
+    x, w = feats(3, 4, 7, 9, relu=False), feats(3, 4, *ksize, seed=1, relu=False)
+    exp = R.dynamic_conv_loop(x, w)
+    torch.testing.assert_close(DF.dynamic_depthwise_conv2d(x, w), exp)
+    torch.testing.assert_close(DF.dynamic_depthwise_conv2d(x.contiguous(memory_format=torch.channels_last), w), exp)
+    torch.testing.assert_close(DF.dynamic_depthwise_conv2d(x.transpose(2, 3).contiguous().transpose(2, 3), w), exp)
+    (o,) = DF.dynamic_depthwise_conv2d_multi(x, [w])
+    torch.testing.assert_close(o, exp)
+
+
+def test_dynamic_depthwise_conv_batch_zero():
+    x, w = torch.zeros(0, 3, 5, 5), torch.zeros(0, 3, 3, 3)
+    assert DF.dynamic_depthwise_conv2d(x, w).shape == (0, 3, 5, 5)
+
+
+@pytest.mark.parametrize("square_source", ["serial", "parallel"])
+@pytest.mark.parametrize("variants", [("v", "h", "s"), ("s",), ("h",), ("h", "v"), ("s", "v")])
+@pytest.mark.parametrize("S", [3, 5])
+def test_dynamic_conv_module_matches_loop(square_source, variants, S):
+    torch.manual_seed(0)
+    mod = dcm.DynamicConvModule(6, kernel_size=S, variants=variants, square_source=square_source, dtype=D)
+    q, s = feats(4, 6, 8, 7, relu=False), feats(4, 5, 6, 7, 9, seed=2)
+    m = edge_masks()["K5"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dcm.EmptyForegroundWarning)
+        got = mod(q, s, m)
+        exp = R.dynamic_convolution_loop(q, s, m, dict(mod.generators), S, variants, square_source)
+    assert len(got) == len(variants)
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_dynamic_conv_module_4d_support_and_3d_mask():
+    torch.manual_seed(0)
+    mod = dcm.DynamicConvModule(4, dtype=D)
+    q, s = feats(2, 4, 6, 6, relu=False), feats(2, 4, 6, 6, seed=1)
+    m = rand_mask(2, 1, 6, 6)
+    a = mod(q, s, m[:, 0])
+    b = mod(q, s[:, None], m)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+# ------------------------------------------------------------------------ support activation
+SAM_CASES = {
+    "k1_same_size": dict(B=2, K=1, q=(6, 7), s=(6, 7)),
+    "k1_other_size": dict(B=2, K=1, q=(5, 9), s=(7, 6)),
+    "k5": dict(B=2, K=5, q=(5, 6), s=(6, 5)),
+}
+
+
+@pytest.mark.parametrize("case", list(SAM_CASES))
+@pytest.mark.parametrize("windows", [((5, 1), (3, 3), (1, 5)), ((1, 1),), ((3, 5),)])
+def test_support_activation_matches_literal(case, windows):
+    c = SAM_CASES[case]
+    q = feats(c["B"], 8, *c["q"])
+    s = feats(c["B"], c["K"], 8, *c["s"], seed=1)
+    m = rand_mask(c["B"], c["K"], 13, 11, seed=2, with_255=True)
+    m[0, 0] = 0  # an empty shot (or, with K = 1, an all-empty sample -> whole-image fallback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dcm.EmptyForegroundWarning)
+        exp = R.support_activation_literal(q, s, m, windows)
+        for chunk in (None, 1, 2):
+            got = DF.support_activation(q, s, m, windows, chunk_size=chunk)
+            torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+
+
+def test_support_activation_module_pseudo_mask_is_mean():
+    q, s, m = feats(2, 8, 6, 6), feats(2, 8, 6, 6, seed=1), rand_mask(2, 1, 6, 6)
+    out = dcm.SupportActivation()(q, s, m[:, 0])
+    torch.testing.assert_close(out.pseudo_mask, out.maps.mean(1, keepdim=True))
+    torch.testing.assert_close(out.maps, R.support_activation_literal(q, s[:, None], m))
+
+
+def test_support_activation_layouts():
+    q, s, m = feats(2, 8, 6, 7), feats(2, 2, 8, 6, 7, seed=1), rand_mask(2, 2, 6, 7)
+    exp = R.support_activation_literal(q, s, m)
+    got = DF.support_activation(q.contiguous(memory_format=torch.channels_last), s.transpose(-1, -2).contiguous().transpose(-1, -2), m)
+    torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+
+
+# -------------------------------------------------------------------------- feature filtering
+@pytest.mark.parametrize("K", [1, 5])
+@pytest.mark.parametrize("k", [1, 3])
+def test_feature_filtering_matches_literal(K, k):
+    torch.manual_seed(0)
+    ffm = dcm.FeatureFiltering(6, kernel_size=k, dtype=D)
+    q, s = feats(3, 6, 7, 9, relu=False), feats(3, K, 6, 5, 6, seed=1)
+    m = rand_mask(3, K, 10, 12, seed=4, with_255=True)
+    m[0] = 0  # all-empty sample
+    if K > 1:
+        m[1, 1] = 0  # one empty shot
+    pm = torch.rand(3, 1, 4, 5, dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dcm.EmptyForegroundWarning)
+        got = ffm(q, s, m, pm)
+        exp = R.feature_filtering_literal(q, s, m, pm, ffm.conv.weight, ffm.conv.bias)
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_masked_average_pool_pfenet_eps():
+    f = feats(2, 3, 4, 4)
+    m = rand_mask(2, 1, 4, 4)[:, 0]
+    exp = (f * m[:, None]).sum((2, 3)) / (m.sum((1, 2))[:, None] + 0.0005)
+    torch.testing.assert_close(DF.masked_average_pool(f, m), exp)
+    z = DF.masked_average_pool(f, torch.zeros(2, 4, 4))
+    assert torch.equal(z, torch.zeros_like(z))  # PFENet: empty mask -> zero prototype
