@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _check, config
-from .foreground import foreground_pool
+from .foreground import _foreground_pool
 
 __all__ = [
     "dynamic_depthwise_conv2d",
@@ -130,6 +130,9 @@ def generate_dynamic_kernels(
         >>> {k: tuple(v.shape) for k, v in ks.items()}
         {'v': (2, 4, 3, 1), 'h': (2, 4, 1, 3), 's': (2, 4, 3, 3)}
     """
+    support = _check.support("support", support)
+    support_mask = _check.mask("support_mask", support_mask, support.shape[0], support.shape[1], "support", support)
+    _check.check_mask_values("support_mask", support_mask)
     S = _check.odd_size("kernel_size", kernel_size)[0]
     if isinstance(kernel_size, (tuple, list)) and len(set(kernel_size)) != 1:
         raise ValueError(f"kernel_size: expected a single odd int S, got {kernel_size!r}")
@@ -140,7 +143,7 @@ def generate_dynamic_kernels(
         raise ValueError(f"square_source: expected 'serial' or 'parallel', got {square_source!r}")
     need_asym = any(v in variants for v in "vh") or ("s" in variants and square_source == "serial")
     bins = ((S,) if need_asym else ()) + ((S * S,) if "s" in variants and square_source == "parallel" else ())
-    pooled = dict(zip(bins, foreground_pool(support, support_mask, bins, threshold)))
+    pooled = dict(zip(bins, _foreground_pool(support, support_mask, bins, threshold)))
     B, C = pooled[bins[0]].shape[:2]
     out = {}
     serial_s = "s" in variants and square_source == "serial"
@@ -187,6 +190,7 @@ def dynamic_convolution(
     """
     query = _check.query("query", query)
     support = _check.support("support", support, batch=query.shape[0], channels=query.shape[1])
+    _check.same_device("support", support, "query", query)
     kernels = generate_dynamic_kernels(support, support_mask, generators, kernel_size, variants, square_source, threshold)
     weights = [kernels[v].to(query.dtype) for v in kernels]
     return dynamic_depthwise_conv2d_multi(query, weights)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _check
-from .masks import masked_average_pool, prepare_mask, shot_weights
+from .masks import _masked_average_pool, prepare_mask, shot_weights
 
 __all__ = ["FilterOutput", "support_prototype", "feature_filtering"]
 
@@ -41,7 +41,8 @@ def support_prototype(support: torch.Tensor, support_mask: torch.Tensor, eps: fl
     support = _check.support("support", support)
     B, K, C, H, W = support.shape
     support_mask = _check.mask("support_mask", support_mask, B, K, "support", support)
-    protos = masked_average_pool(support, support_mask, eps=eps, empty="mean")  # [B, K, C]
+    _check.check_mask_values("support_mask", support_mask)
+    protos = _masked_average_pool(support, support_mask, eps, "mean")  # [B, K, C]
     weights, all_empty = shot_weights(prepare_mask(support_mask, (H, W), dtype=support.dtype))
     _check.warn_if_empty(all_empty, "support_prototype")
     return (protos * weights[..., None]).sum(1)

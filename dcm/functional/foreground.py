@@ -101,9 +101,14 @@ def foreground_pool(
         tensor([[[1.0000, 4.5000]]])
     """
     feat = _check.support("feat", feat)
-    B, K, C, H, W = feat.shape
-    mask = _check.mask("mask", mask, B, K, "feat", feat)
+    mask = _check.mask("mask", mask, feat.shape[0], feat.shape[1], "feat", feat)
     _check.check_mask_values("mask", mask)
+    return _foreground_pool(feat, mask, bins, threshold)
+
+
+def _foreground_pool(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int], threshold: float) -> Tuple[torch.Tensor, ...]:
+    """:func:`foreground_pool` on already validated ``feat[B, K, C, H, W]`` and ``mask[B, K, h, w]``."""
+    B, K, C, H, W = feat.shape
     for s in bins:
         if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
             raise ValueError(f"bins: expected positive ints, got {tuple(bins)}")

@@ -100,14 +100,20 @@ def masked_average_pool(
     """
     squeeze = feat.dim() == 4
     feat = _check.support("feat", feat)
-    B, K, C, H, W = feat.shape
-    mask = _check.mask("mask", mask, B, K, "feat", feat)
+    mask = _check.mask("mask", mask, feat.shape[0], feat.shape[1], "feat", feat)
     _check.check_mask_values("mask", mask)
+    proto = _masked_average_pool(feat, mask, eps, empty)
+    return proto[:, 0] if squeeze else proto
+
+
+def _masked_average_pool(feat: torch.Tensor, mask: torch.Tensor, eps: float, empty: str) -> torch.Tensor:
+    """:func:`masked_average_pool` on validated ``feat[B, K, C, H, W]``, ``mask[B, K, h, w]`` -> ``[B, K, C]``."""
     if empty not in ("zero", "mean"):
         raise ValueError(f"empty: expected 'zero' or 'mean', got {empty!r}")
+    H, W = feat.shape[-2:]
     m = prepare_mask(mask, (H, W), dtype=feat.dtype)
     area = m.sum((-2, -1))  # [B, K]
     proto = (feat * m[:, :, None]).sum((-2, -1)) / (area[..., None] + eps)
     if empty == "mean":
         proto = torch.where((area > 0)[..., None], proto, feat.mean((-2, -1)))
-    return proto[:, 0] if squeeze else proto
+    return proto

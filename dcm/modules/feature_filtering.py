@@ -47,5 +47,6 @@ class FeatureFiltering(nn.Module):
         if query.shape[1] != self.channels:
             raise ValueError(f"query: expected C={self.channels} channels in (B, C, H, W), got {tuple(query.shape)}")
         support = _check.support("support", support, batch=query.shape[0], channels=self.channels)
+        _check.same_device("support", support, "query", query)
         proto = DF.support_prototype(support, support_mask, self.eps)
         return DF.feature_filtering(query, proto, pseudo_mask, self.conv.weight, self.conv.bias)

@@ -1,0 +1,94 @@
+"""Every validation path of dcm raises a clear error naming the argument (and shapes where relevant)."""
+import re
+
+import pytest
+import torch
+
+import dcm
+import dcm.functional as DF
+
+
+def q(*s):
+    return torch.randn(*s)
+
+
+CASES = [
+    # (callable, exception, message regex)
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5), q(2, 8, 5, 5), torch.ones(2, 5, 5)), ValueError, r"query: expected shape \(B, C, H, W\), got \(2, 8, 5\)"),
+    (lambda: dcm.DynamicConvModule(8)(q(2, 4, 5, 5), q(2, 4, 5, 5), torch.ones(2, 5, 5)), ValueError, r"query: expected C=8 channels"),
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5), q(3, 8, 5, 5), torch.ones(3, 5, 5)), ValueError, r"support: expected batch size B=2"),
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5), q(2, 1, 6, 5, 5), torch.ones(2, 5, 5)), ValueError, r"support: expected C=8 channels .* got \(2, 1, 6, 5, 5\)"),
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5), q(2, 3, 8, 5, 5), torch.ones(2, 2, 5, 5)), ValueError, r"support_mask: expected shape \(B=2, K=3, h, w\), got \(2, 2, 5, 5\)"),
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5), q(2, 3, 8, 5, 5), torch.ones(2, 5, 5)), ValueError, r"support_mask: expected shape \(B=2, K=3, h, w\) for 3 shots"),
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.ones(5, 5)), ValueError, r"support_mask: expected shape .* got \(5, 5\) \(rank 2\)"),
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5).long(), q(2, 8, 5, 5), torch.ones(2, 5, 5)), TypeError, r"query: expected a floating-point tensor, got dtype torch.int64"),
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5), q(2, 8, 5, 5), [[1]]), TypeError, r"mask.*expected a torch.Tensor"),
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.full((2, 5, 5), 7)), ValueError, r"mask: expected values in \[0, 1\] or the ignore label 255, got e.g. \[7\]"),
+    (lambda: dcm.DynamicConvModule(8, kernel_size=4), ValueError, r"kernel_size: expected positive odd sizes"),
+    (lambda: dcm.DynamicConvModule(8, kernel_size=0), ValueError, r"kernel_size: expected positive odd sizes"),
+    (lambda: dcm.DynamicConvModule(8, kernel_size=-3), ValueError, r"kernel_size: expected positive odd sizes"),
+    (lambda: dcm.DynamicConvModule(8, kernel_size=2.5), TypeError, r"kernel_size"),
+    (lambda: dcm.DynamicConvModule(8, variants=("v", "x")), ValueError, r"variants: expected a non-empty subset"),
+    (lambda: dcm.DynamicConvModule(8, variants=()), ValueError, r"variants: expected a non-empty subset"),
+    (lambda: dcm.DynamicConvModule(8, square_source="both"), ValueError, r"square_source: expected 'serial' or 'parallel'"),
+    (lambda: dcm.DynamicConvModule(0), ValueError, r"channels: expected a positive int"),
+    (lambda: dcm.SupportActivation(windows=((2, 1),)), ValueError, r"windows\[0\]: expected positive odd sizes"),
+    (lambda: dcm.SupportActivation(windows=()), ValueError, r"windows: expected at least one"),
+    (lambda: dcm.SupportActivation(windows=((3, 3, 3),)), TypeError, r"windows\[0\]"),
+    (lambda: dcm.SupportActivation(windows=5), TypeError, r"windows: expected a sequence"),
+    (lambda: dcm.SupportActivation(chunk_size=0), ValueError, r"chunk_size: expected None or a positive int"),
+    (lambda: dcm.SupportActivation()(q(2, 8, 5, 5), q(2, 7, 5, 5), torch.ones(2, 5, 5)), ValueError, r"support: expected C=8 channels"),
+    (lambda: dcm.SupportActivation()(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.ones(2, 5, 0)), ValueError, r"support_mask: expected non-empty h, w"),
+    (lambda: dcm.FeatureFiltering(8, kernel_size=2), ValueError, r"kernel_size: expected positive odd sizes"),
+    (lambda: dcm.FeatureFiltering(8)(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.ones(2, 5, 5), q(2, 2, 5, 5)), ValueError, r"pseudo_mask: expected shape \(B=2, 1, h, w\), got \(2, 2, 5, 5\)"),
+    (lambda: dcm.FeatureFiltering(8)(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.ones(2, 5, 5), q(5, 5)), ValueError, r"pseudo_mask: expected shape"),
+    (lambda: DF.dynamic_depthwise_conv2d(q(2, 3, 5, 5), q(2, 3, 4, 1)), ValueError, r"weight kernel size: expected positive odd sizes .* got \(4, 1\)"),
+    (lambda: DF.dynamic_depthwise_conv2d(q(2, 3, 5, 5), q(2, 4, 3, 3)), ValueError, r"weight: expected shape \(B=2, C=3, kh, kw\), got \(2, 4, 3, 3\)"),
+    (lambda: DF.dynamic_depthwise_conv2d(q(2, 3, 5, 5), q(3, 3, 3)), ValueError, r"weight: expected shape \(B, C, kh, kw\)"),
+    (lambda: DF.foreground_pool(q(2, 3, 5, 5), torch.ones(2, 5, 5), bins=(0,)), ValueError, r"bins: expected positive ints"),
+    (lambda: DF.masked_average_pool(q(2, 3, 5, 5), torch.ones(2, 5, 5), empty="nan"), ValueError, r"empty: expected 'zero' or 'mean'"),
+    (lambda: dcm.set_backend("cuda"), ValueError, r"backend: expected one of"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_error_messages(i):
+    fn, exc, pattern = CASES[i]
+    with pytest.raises(exc) as info:
+        fn()
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a device mismatch")
+def test_device_mismatch():
+    with pytest.raises(ValueError, match=r"support_mask: expected a tensor on cuda"):
+        dcm.DynamicConvModule(4).cuda()(q(1, 4, 5, 5).cuda(), q(1, 4, 5, 5).cuda(), torch.ones(1, 5, 5))
+
+
+def test_device_mismatch_meta():
+    # a second device type is available everywhere: the meta device
+    with pytest.raises(ValueError, match=r"^mask: expected a tensor on cpu \(the device of feat\), got meta"):
+        DF.foreground_pool(q(1, 1, 4, 5, 5), torch.ones(1, 1, 5, 5, device="meta"))
+    with pytest.raises(ValueError, match=r"support_mask: expected a tensor on cpu \(the device of support\), got meta"):
+        dcm.DynamicConvModule(4)(q(1, 4, 5, 5), q(1, 4, 5, 5), torch.ones(1, 5, 5, device="meta"))
+    with pytest.raises(ValueError, match=r"support: expected a tensor on cpu \(the device of query\), got meta"):
+        dcm.SupportActivation()(q(1, 4, 5, 5), torch.ones(1, 4, 5, 5, device="meta"), torch.ones(1, 5, 5, device="meta"))
+    with pytest.raises(ValueError, match=r"support: expected a tensor on cpu \(the device of query\), got meta"):
+        dcm.DynamicConvModule(4)(q(1, 4, 5, 5), torch.ones(1, 4, 5, 5, device="meta"), torch.ones(1, 5, 5, device="meta"))
+    with pytest.raises(ValueError, match=r"support: expected a tensor on cpu \(the device of query\), got meta"):
+        dcm.FeatureFiltering(4)(q(1, 4, 5, 5), torch.ones(1, 4, 5, 5, device="meta"), torch.ones(1, 5, 5, device="meta"), q(1, 1, 5, 5))
+
+
+def test_backend_triton_on_cpu_tensors_uses_torch():
+    with dcm.use_backend("triton"):
+        out = DF.dynamic_depthwise_conv2d_multi(q(1, 2, 4, 4), [q(1, 2, 3, 3)])
+    assert out[0].shape == (1, 2, 4, 4)
+    assert dcm.get_backend() == "auto"
+
+
+def test_data_checks_can_be_disabled():
+    dcm.set_data_checks(False)
+    try:
+        DF.foreground_pool(q(1, 1, 2, 3, 3), torch.full((1, 1, 3, 3), 7.0))  # no value check
+    finally:
+        dcm.set_data_checks(True)
