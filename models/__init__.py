@@ -1,0 +1,32 @@
+"""Networks assembled from ``dcm``'s public API: backbones, DPCN, PFENet(+DCM), CANet(+DCM).
+
+Repository code (not installed): scripts put the repository root on ``sys.path``; tests get it
+from pytest's ``pythonpath``. Dependency direction: ``models`` -> ``dcm``, never the reverse.
+"""
+
+# ---------------------------------------------------------------- backbones (GitHub issue 3)
+from .backbones import (
+    BACKBONES,
+    Backbone,
+    BackboneFeatures,
+    BackboneWeightsWarning,
+    LoadReport,
+    available_backbones,
+    build_backbone,
+    load_backbone_weights,
+)
+
+# ---------------------------------------------------------------- networks and build_model
+# (added with the networks)
+
+__all__ = [
+    # backbones
+    "BACKBONES",
+    "Backbone",
+    "BackboneFeatures",
+    "BackboneWeightsWarning",
+    "LoadReport",
+    "available_backbones",
+    "build_backbone",
+    "load_backbone_weights",
+]

@@ -1,0 +1,160 @@
+"""Pieces shared by every few-shot network in models/: the base class, losses, small layers.
+
+Every network takes ``(query_img[B,3,H,W], support_imgs[B,K,3,H,W], support_masks[B,K,H,W],
+query_mask=None)`` and returns a dict with ``logits`` (``[B, 2, H, W]``, input resolution) and,
+when ``query_mask`` is given, ``loss``. Masks follow the label convention {0, 1, 255}.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "FewShotSegmenter",
+    "segmentation_loss",
+    "upsample",
+    "foreground_mask",
+    "reduce_block",
+    "check_episode",
+    "check_mask_labels",
+    "resolve_backbone",
+]
+
+
+def upsample(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize with ``align_corners=True`` (the PFENet family's convention); no-op if equal."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def foreground_mask(mask: torch.Tensor, size=None) -> torch.Tensor:
+    """Label mask {0,1,255} -> float foreground ``(mask == 1)``, optionally resized (PFENet ``s_y == 1``)."""
+    m = (mask == 1).to(torch.float32)
+    if size is not None:
+        lead = m.shape[:-2]
+        m = upsample(m.reshape(-1, 1, *m.shape[-2:]), size).reshape(*lead, *size)
+    return m
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """2-class cross-entropy ignoring 255, on logits upsampled to the label size.
+
+    A batch whose labels are all 255 gives a zero loss (connected to the graph), never NaN.
+    """
+    logits = upsample(logits, target.shape[-2:]).float()
+    valid = (target != ignore_index).sum()
+    loss = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="sum")
+    return loss / valid.clamp_min(1)
+
+
+def reduce_block(in_channels: int, out_channels: int = 256, dropout: float = 0.5) -> nn.Sequential:
+    """1×1 conv (no bias) + ReLU + Dropout2d: PFENet's ``down_query`` / ``down_supp``."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, bias=False),
+        nn.ReLU(inplace=True),
+        nn.Dropout2d(p=dropout),
+    )
+
+
+def check_episode(query_img, support_imgs, support_masks, query_mask=None, shot: Optional[int] = None):
+    """Validate the common forward signature; returns ``support_masks`` as ``[B, K, H, W]``."""
+    if not isinstance(query_img, torch.Tensor) or query_img.dim() != 4 or query_img.shape[1] != 3:
+        got = tuple(query_img.shape) if isinstance(query_img, torch.Tensor) else type(query_img).__name__
+        raise ValueError(f"query_img: expected shape (B, 3, H, W), got {got}")
+    B, _, H, W = query_img.shape
+    if not isinstance(support_imgs, torch.Tensor) or support_imgs.dim() != 5 or support_imgs.shape[0] != B or support_imgs.shape[2] != 3:
+        got = tuple(support_imgs.shape) if isinstance(support_imgs, torch.Tensor) else type(support_imgs).__name__
+        raise ValueError(f"support_imgs: expected shape (B={B}, K, 3, H, W), got {got}")
+    K = support_imgs.shape[1]
+    if shot is not None and K < 1:
+        raise ValueError(f"support_imgs: expected at least one shot, got K={K}")
+    if support_masks.dim() == 3 and K == 1:
+        support_masks = support_masks[:, None]
+    if support_masks.dim() != 4 or tuple(support_masks.shape) != (B, K, *support_imgs.shape[-2:]):
+        raise ValueError(
+            f"support_masks: expected shape (B={B}, K={K}, {support_imgs.shape[-2]}, {support_imgs.shape[-1]}), "
+            f"got {tuple(support_masks.shape)}"
+        )
+    if query_mask is not None and tuple(query_mask.shape) != (B, H, W):
+        raise ValueError(f"query_mask: expected shape (B={B}, {H}, {W}), got {tuple(query_mask.shape)}")
+    return support_masks
+
+
+class FewShotSegmenter(nn.Module):
+    """Base class: owns the backbone, gives optimiser groups, keeps the frozen parts frozen.
+
+    Subclasses set ``self.backbone`` (a models.backbones backbone) and build their head; all
+    parameters outside ``self.backbone`` are "head" parameters and train at the base lr; layer4
+    (when made trainable, SPEC §0) trains at ``layer4_lr_scale × lr``.
+    """
+
+    backbone: nn.Module
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+
+    def backbone_trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return self.head_parameters() + self.backbone_trainable_parameters()
+
+    def param_groups(self, lr: float, layer4_lr_scale: float = 1.0, include_layer4: bool = False) -> List[Dict]:
+        """Optimiser groups: ``head`` at ``lr``; with ``include_layer4`` also ``layer4`` at
+        ``lr * layer4_lr_scale`` (its parameters are listed even while frozen, so a schedule can
+        unfreeze layer4 later without rebuilding the optimiser)."""
+        groups = [{"params": self.head_parameters(), "lr": lr, "name": "head"}]
+        if include_layer4:
+            l4 = list(self.backbone.layer4_parameters())
+            if l4:
+                groups.append({"params": l4, "lr": lr * layer4_lr_scale, "name": "layer4"})
+        return groups
+
+
+def check_mask_labels(name: str, mask: torch.Tensor, soft: bool = True) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``mask`` holds label values.
+
+    ``soft=True`` (support masks): values in ``[0, 1]`` or the ignore label 255.
+    ``soft=False`` (query labels for the loss): exactly ``{0, 1, 255}``, any integer or float dtype.
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a Tensor, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"{name}: expected a real tensor, got dtype {mask.dtype}")
+    if mask.numel() == 0 or mask.dtype == torch.bool:
+        return
+    if soft:
+        bad = ((mask < 0) | (mask > 1)) & (mask != 255)
+        expected = "values in [0, 1] or the ignore label 255"
+    else:
+        bad = (mask != 0) & (mask != 1) & (mask != 255)
+        expected = "labels in {0, 1, 255}"
+    if bool(bad.any()):
+        vals = torch.unique(mask[bad])[:5].tolist()
+        raise ValueError(f"{name}: expected {expected}, got e.g. {vals}")
+
+
+def resolve_backbone(backbone, weights=None, layer4_trainable: bool = False, **kwargs) -> nn.Module:
+    """A backbone by name (``models.backbones.build_backbone``) or an already built instance.
+
+    An instance (anything with ``forward_mid``, ``forward_high`` and ``channels``) is used as is
+    (``weights``/``kwargs`` must then be left empty; ``layer4_trainable=True`` unfreezes it).
+    """
+    if isinstance(backbone, str):
+        from .backbones import build_backbone
+
+        return build_backbone(backbone, weights=weights, layer4_trainable=layer4_trainable, **kwargs)
+    if isinstance(backbone, nn.Module) and all(hasattr(backbone, a) for a in ("forward_mid", "forward_high", "channels")):
+        if weights is not None or kwargs:
+            raise ValueError("backbone: weights / backbone options apply only when the backbone is given by name")
+        if layer4_trainable:
+            backbone.set_layer4_trainable(True)
+        return backbone
+    raise TypeError(
+        f"backbone: expected a backbone name (str) or a models.backbones.Backbone, got {type(backbone).__name__}"
+    )
