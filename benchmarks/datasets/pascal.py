@@ -1,0 +1,180 @@
+"""PASCAL-5i (SPEC §1.1–1.5): VOC2012 + SBD "SegmentationClassAug" index masks, 4 folds of 5 classes."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from ._io import DatasetError, PathLike, check_root, parse_list, resolve_cache_dir
+from .base import FewShotDataset
+from .sources import PngLabelSource
+
+__all__ = ["PascalFewShot", "VOC_CLASSES", "pascal_fold_classes"]
+
+log = logging.getLogger("benchmarks.datasets")
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+
+PASCAL_LAYOUT = """VOC2012/
+  JPEGImages/<id>.jpg
+  SegmentationClassAug/<id>.png   single-channel (palette 'P' or grey) PNG, pixel value = class id 0..20, 255 = void
+  ImageSets/Segmentation/val.txt  (optional; used when no list file is given)"""
+
+
+def pascal_fold_classes(fold: int) -> List[int]:
+    """Novel (test) class ids of PASCAL-5i fold ``fold`` (1-based VOC ids; SPEC §1.1).
+
+    Example:
+        >>> pascal_fold_classes(2)
+        [11, 12, 13, 14, 15]
+    """
+    if fold not in (0, 1, 2, 3):
+        raise ValueError(f"fold: expected 0, 1, 2 or 3 for PASCAL-5i, got {fold!r}")
+    return list(range(5 * fold + 1, 5 * fold + 6))
+
+
+class PascalFewShot(FewShotDataset):
+    """PASCAL-5i episodes from a ``VOC2012/`` folder.
+
+    Args:
+        root: the VOC2012 folder (``JPEGImages/``, ``SegmentationClassAug/``).
+        fold: 0..3; ``split='train'`` uses the 15 base classes, ``'val'``/``'test'`` the 5 novel ones.
+        shot: supports per episode (K).
+        list_file: a PFENet list (``JPEGImages/x.jpg SegmentationClassAug/x.png`` per line, e.g.
+            ``voc_sbd_merge_noduplicate.txt`` / ``val.txt``) or an HSNet pair file (``2007_000033__01``),
+            or a sequence of such files. Duplicated lines keep their first occurrence.
+        split_dir: instead of ``list_file``, HSNet's ``data/splits/pascal`` folder: training reads
+            ``trn/fold{j}.txt`` for every ``j != fold``, evaluation ``val/fold{fold}.txt``.
+            Without either, the list is built from the folder: ``ImageSets/Segmentation/val.txt`` is the val
+            split and every other image with a mask the train split (≈ the 10582 "trainaug" set, not
+            PFENet's 5953 list); without ``val.txt`` every image is used for both (with a warning).
+        min_pixels: support-pool area filter (SPEC §1.3); default 2048 for PFENet lists / folder lists,
+            0 for HSNet pair lists (HSNet applies none).
+        exclude_novel_in_train: BAM's rule: drop training images that contain any novel-class pixel.
+        episodes: number of episodes (eval default 1000; train default one per query image).
+        seed: episode seed (eval list = pure function of it; training: of ``(seed, epoch)``).
+        transform: ``f(image uint8[H,W,3], mask uint8[H,W], rng) -> (Tensor[3,H,W], LongTensor[H,W])``;
+            default :func:`benchmarks.transforms.train_transform` / ``test_transform`` (473).
+        sampling: ``'sequential'`` (PFENet: queries in list order, cycled) or ``'class_balanced'``.
+        cache_dir: where the per-image class pixel counts are cached (``None``: ``$DCM_CACHE_DIR`` or
+            ``~/.cache/dcm``; ``False``: no cache).
+        on_small_pool: ``'raise'`` (default) or ``'skip'`` classes whose pool is smaller than ``shot``.
+        on_error: unreadable image/mask: ``'raise'`` (default for val) or ``'skip'`` with a logged
+            warning naming the file (default for train, so one bad file does not kill a long run).
+    """
+
+    dataset_name = "pascal"
+
+    def __init__(self, root: PathLike, fold: int = 0, shot: int = 1, split: str = "val", *,
+                 list_file: Union[PathLike, Sequence[PathLike], None] = None, list_format: str = "auto",
+                 split_dir: Optional[PathLike] = None, min_pixels: Optional[int] = None,
+                 exclude_novel_in_train: bool = False, episodes: Optional[int] = None, seed: int = 321,
+                 transform: Optional[Callable] = None, sampling: str = "sequential", cache_dir=None,
+                 on_small_pool: str = "raise", on_error: Optional[str] = None):
+        super().__init__(split=split, shot=shot, fold=fold, episodes=episodes, seed=seed, transform=transform,
+                         sampling=sampling, on_small_pool=on_small_pool, on_error=on_error)
+        novel = pascal_fold_classes(fold)
+        self.root = check_root(root, "PascalFewShot", PASCAL_LAYOUT)
+        self.novel_classes = novel
+        self.base_classes = [c for c in range(1, 21) if c not in novel]
+        self.class_ids = self.base_classes if self.training else novel
+        self.class_names = {c: VOC_CLASSES[c - 1] for c in range(1, 21)}
+        self.exclude_novel_in_train = bool(exclude_novel_in_train)
+
+        if list_file is not None and split_dir is not None:
+            raise ValueError("give either list_file or split_dir, not both")
+        if split_dir is not None:
+            sd = Path(split_dir)
+            if self.training:
+                files = [sd / "trn" / f"fold{j}.txt" for j in range(4) if j != fold]
+            else:
+                files = [sd / "val" / f"fold{fold}.txt"]
+            fmt, items = self._read_lists(files, "hsnet")
+            self.list_files = [str(f) for f in files]
+        elif list_file is not None:
+            files = [list_file] if isinstance(list_file, (str, Path)) else list(list_file)
+            fmt, items = self._read_lists(files, list_format)
+            self.list_files = [str(f) for f in files]
+        else:
+            fmt, items = "pfenet", self._folder_items()
+            self.list_files = []
+        self.list_format = fmt
+        if min_pixels is None:
+            min_pixels = 0 if fmt == "hsnet" else 2048
+
+        names: List[str] = []
+        index: Dict[str, int] = {}
+        pairs: List[Tuple[int, int]] = []
+        images, labels = [], []
+        dup = 0
+        for src, line, a, b in items:
+            if fmt == "pfenet":
+                img_rel, lab_rel = a, b
+                name = Path(lab_rel).stem
+            else:
+                name, img_rel, lab_rel = a, f"JPEGImages/{a}.jpg", f"SegmentationClassAug/{a}.png"
+            key = img_rel + " " + lab_rel
+            if key not in index:
+                for rel, what in ((img_rel, "image"), (lab_rel, "mask")):
+                    if not (self.root / rel).is_file():
+                        where = f"{src}:{line}" if src else "the folder scan"
+                        raise DatasetError(f"{where}: {what} file '{self.root / rel}' does not exist (paths in lists are "
+                                           f"relative to root '{self.root}'). Expected layout:\n{PASCAL_LAYOUT}",
+                                           self.root / rel)
+                index[key] = len(names)
+                names.append(name)
+                images.append(self.root / img_rel)
+                labels.append(self.root / lab_rel)
+            elif fmt == "pfenet":
+                dup += 1
+            if fmt == "hsnet":
+                if not 1 <= b <= 20:
+                    raise DatasetError(f"{src}:{line}: class {b} out of range 1..20", src)
+                pairs.append((index[key], b))
+        if dup:
+            log.info("pascal: %d duplicated list lines ignored (first occurrence kept)", dup)
+        if fmt == "hsnet":  # the same (image, class) pair twice would double its weight
+            pairs = list(dict.fromkeys(pairs))
+        scan = fmt == "pfenet" or min_pixels > 0 or (self.training and self.exclude_novel_in_train)
+        self._source = PngLabelSource(images, labels, max_id=20, layout="Expected layout:\n" + PASCAL_LAYOUT,
+                                      cache_dir=resolve_cache_dir(cache_dir), kind="voc", scan=scan,
+                                      on_error=self.on_error)
+        self._names = names
+        self._counts = self._source.counts
+        self._pairs = pairs if fmt == "hsnet" else None
+        self._finalize(min_pixels=min_pixels,
+                       exclude_classes=novel if (self.training and self.exclude_novel_in_train) else ())
+
+    @staticmethod
+    def _read_lists(files, list_format):
+        fmts, items = set(), []
+        for f in files:
+            fmt, entries = parse_list(f, list_format)
+            fmts.add(fmt)
+            items.extend((str(f), n, a, b) for n, a, b in entries)
+        if len(fmts) > 1:
+            raise DatasetError(f"list files {list(map(str, files))} mix PFENet and HSNet formats")
+        return fmts.pop(), items
+
+    def _folder_items(self):
+        jpg, seg = self.root / "JPEGImages", self.root / "SegmentationClassAug"
+        for d in (jpg, seg):
+            if not d.is_dir():
+                raise DatasetError(f"PascalFewShot: missing folder '{d}'. Expected layout:\n{PASCAL_LAYOUT}", d)
+        stems = sorted(p.stem for p in seg.glob("*.png") if (jpg / f"{p.stem}.jpg").is_file())
+        if not stems:
+            raise DatasetError(f"PascalFewShot: no <id>.png in '{seg}' with a matching '{jpg}/<id>.jpg'. "
+                               f"Expected layout:\n{PASCAL_LAYOUT}", seg)
+        val_file = self.root / "ImageSets" / "Segmentation" / "val.txt"
+        if val_file.is_file():
+            val = {ln.strip() for ln in val_file.read_text().splitlines() if ln.strip()}
+            stems = [s for s in stems if (s in val) != self.training]
+        else:
+            log.warning("pascal: no %s; train and val lists both contain every image of %s — give list_file "
+                        "for a proper split", val_file, seg)
+        return [("", 0, f"JPEGImages/{s}.jpg", f"SegmentationClassAug/{s}.png") for s in stems]
+
+    def extra_repr(self) -> str:
+        return f"root='{self.root}', format={self.list_format!r}, min_pixels={self.min_pixels}"
