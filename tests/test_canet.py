@@ -1,0 +1,255 @@
+"""CANet and CANet + DCM (SPEC §3.1, §3.3): shapes, losses, gradients, parameter counts, the IOM.
+
+CPU only, random backbones, 65x65 inputs, small ``reduce_dim`` except where the paper's numbers are
+checked (``reduce_dim=256``).
+"""
+import pytest
+import torch
+
+from dcm import DynamicConvModule, EmptyForegroundWarning
+from models.backbones import build_backbone
+from models.canet import CANet
+
+SIZE = 65
+R = 16
+
+
+def episode(B=1, K=1, size=SIZE, seed=0):
+    """Images with a rectangle object of constant colour, masks {0,1} (+255 border on the query)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 3, size, size, generator=g)
+    s = torch.randn(B, K, 3, size, size, generator=g)
+    sm = torch.zeros(B, K, size, size, dtype=torch.long)
+    qm = torch.zeros(B, size, size, dtype=torch.long)
+    for b in range(B):
+        for k in range(K):
+            y0, x0 = int(torch.randint(0, size // 2, (1,), generator=g)), int(torch.randint(0, size // 2, (1,), generator=g))
+            sm[b, k, y0 : y0 + size // 3, x0 : x0 + size // 3] = 1
+            s[b, k, :, y0 : y0 + size // 3, x0 : x0 + size // 3] += 2.0
+        qm[b, 10:40, 20:50] = 1
+        q[b, :, 10:40, 20:50] += 2.0
+        qm[b, :, :2] = 255
+    return q, s, sm, qm
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(1234)  # the same random backbone in every run
+    return build_backbone("resnet50", weights="random")
+
+
+def make(backbone, **kw):
+    torch.manual_seed(0)
+    return CANet(backbone=backbone, reduce_dim=kw.pop("reduce_dim", R), **kw)
+
+
+def head_names(model):
+    return {n for n, p in model.named_parameters() if not n.startswith("backbone.")}
+
+
+def per_module(model):
+    out = {}
+    for n, p in model.named_parameters():
+        if not n.startswith("backbone."):
+            out[n.split(".")[0]] = out.get(n.split(".")[0], 0) + p.numel()
+    return out
+
+
+# ---------------------------------------------------------------- parameter counts (SPEC §3.1)
+def conv(cin, cout, k):
+    """Parameters of a k x k convolution with bias (every CANet conv has one)."""
+    return k * k * cin * cout + cout
+
+
+def canet_head_count(r, f, fuse_in=None):
+    return {
+        "layer5": conv(f, r, 3),  # 3x3 dil-2, concat(layer2, layer3) -> r
+        "layer55": conv(2 * r if fuse_in is None else fuse_in, r, 3),  # 3x3 dil-2 [e_q, z] -> r
+        "residule1": conv(r + 2, r, 3) + conv(r, r, 3),
+        "residule2": 2 * conv(r, r, 3),
+        "residule3": 2 * conv(r, r, 3),
+        "layer6_0": conv(r, r, 1),  # image pooling branch
+        "layer6_1": conv(r, r, 1),
+        "layer6_2": conv(r, r, 3),  # rates 6, 12, 18
+        "layer6_3": conv(r, r, 3),
+        "layer6_4": conv(r, r, 3),
+        "layer7": conv(5 * r, r, 1),
+        "layer9": conv(r, 2, 1),
+    }
+
+
+def test_parameter_count_matches_spec(resnet):
+    m = CANet(resnet, reduce_dim=256)
+    expected = canet_head_count(256, 1536)
+    assert per_module(m) == expected
+    total = sum(p.numel() for p in m.head_parameters())
+    assert total == sum(expected.values()) == 10_494_466  # documented in docs/MODELS_HOSTS.md
+    assert {id(p) for p in m.trainable_parameters()} == {id(p) for p in m.head_parameters()}
+    assert not any(p.requires_grad for p in m.backbone.parameters())
+    # official init: conv weights ~ N(0, 0.01)
+    w = m.layer5[0].weight
+    assert abs(w.std().item() - 0.01) < 5e-4 and abs(w.mean().item()) < 5e-4
+
+
+def test_parameter_count_small_reduce_dim_vgg():
+    m = CANet("vgg16_bn", backbone_weights="random", reduce_dim=R)
+    assert per_module(m) == canet_head_count(R, 768)
+
+
+@pytest.mark.parametrize("dcm_kwargs,n_gen,n_var", [(None, 3, 3), ({"variants": ("s",), "square_source": "parallel"}, 1, 1)])
+def test_dcm_adds_exactly_dcm_and_wider_layer55(resnet, dcm_kwargs, n_gen, n_var):
+    r = 256
+    base, plus = CANet(resnet, reduce_dim=r), CANet(resnet, reduce_dim=r, use_dcm=True, dcm_kwargs=dcm_kwargs)
+    pb, pp = per_module(base), per_module(plus)
+    assert set(pp) - set(pb) == {"dcm"}
+    assert pp["dcm"] == n_gen * 2 * (3 * r * r + r) == sum(p.numel() for p in DynamicConvModule(r, **(dcm_kwargs or {})).parameters())
+    assert pp["layer55"] == conv((2 + n_var) * r, r, 3)  # input widened from 2r to (2 + n_variants)·r
+    assert pp["layer55"] - pb["layer55"] == 9 * n_var * r * r
+    assert {k: v for k, v in pp.items() if k not in ("dcm", "layer55")} == {k: v for k, v in pb.items() if k != "layer55"}
+    if dcm_kwargs is None:
+        assert plus.layer55[0].in_channels == 1280
+        assert sum(pp.values()) - sum(pb.values()) == 1_181_184 + 1_769_472
+
+
+# ---------------------------------------------------------------- train / eval matrix
+def seeded(m, *args, seed=0, **kw):
+    torch.manual_seed(seed)
+    return m(*args, **kw)
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+@pytest.mark.parametrize("use_dcm", [False, True])
+def test_train_step(resnet, use_dcm, shot):
+    m = make(resnet, use_dcm=use_dcm).train()
+    q, s, sm, qm = episode(B=1, K=shot, seed=shot)
+    opt = torch.optim.Adam(m.trainable_parameters(), lr=3e-4)
+    out = seeded(m, q, s, sm, qm)
+    assert out["logits"].shape == (1, 2, SIZE, SIZE)
+    assert out["history_mask"].shape == (1, 2, 9, 9) and not out["history_mask"].requires_grad
+    assert torch.isfinite(out["loss"]) and torch.equal(out["loss"], out["main_loss"])
+    out["loss"].backward()
+    assert {n for n, p in m.named_parameters() if p.grad is not None} == head_names(m)
+    assert all(torch.isfinite(p.grad).all() for p in m.head_parameters())
+    if use_dcm:
+        assert any(p.grad.abs().sum() > 0 for p in m.dcm.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in m.backbone.parameters())
+
+    losses = [out["loss"].item()]
+    opt.step()
+    for _ in range(2):
+        opt.zero_grad()
+        loss = seeded(m, q, s, sm, qm)["loss"]
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+@pytest.mark.parametrize("use_dcm", [False, True])
+def test_eval_forward(resnet, use_dcm, shot):
+    m = make(resnet, use_dcm=use_dcm).eval()
+    B = 2 if shot == 1 else 1
+    q, s, sm, qm = episode(B=B, K=shot, seed=10 + shot)
+    with torch.no_grad():
+        a = m(q, s, sm, qm)
+        c = m(q, s, sm)
+    assert a["logits"].shape == (B, 2, SIZE, SIZE)
+    assert torch.equal(a["logits"], c["logits"])
+    assert torch.isfinite(a["loss"]) and "loss" not in c
+    torch.testing.assert_close(a["history_mask"].sum(1), torch.ones(B, 9, 9))
+
+
+# ---------------------------------------------------------------- IOM and K-shot rules
+def test_iom_unrolled_equals_feeding_history_back(resnet):
+    """eval_iom_iterations=3 == three calls, each fed the previous call's softmax (official eval)."""
+    q, s, sm, _ = episode(B=1, K=1, seed=5)
+    m1 = make(resnet, init_std=0.05).eval()  # larger weights: the history's effect is visible
+    m3 = make(resnet, init_std=0.05, eval_iom_iterations=3).eval()
+    m3.load_state_dict(m1.state_dict())
+    with torch.no_grad():
+        h = None
+        for _ in range(3):
+            o = m1(q, s, sm, history_mask=h)
+            h = o["history_mask"]
+        unrolled = m3(q, s, sm)
+        zero = m1(q, s, sm, history_mask=torch.zeros(1, 2, 30, 30))
+        first = m1(q, s, sm)
+    torch.testing.assert_close(unrolled["logits"], o["logits"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(zero["logits"], first["logits"])  # no history == zero history
+    assert (unrolled["logits"] - first["logits"]).abs().max() > 1e-4  # the history is used
+    m3.train()  # in training, iom_iterations (1) applies
+    assert m3.iom_iterations == 1
+
+
+def test_training_unroll_backprops_through_iterations(resnet):
+    m = make(resnet, iom_iterations=3).train()
+    q, s, sm, qm = episode()
+    out = m(q, s, sm, qm)
+    out["loss"].backward()
+    assert {n for n, p in m.named_parameters() if p.grad is not None} == head_names(m)
+
+
+def test_prototype_fusion_duplicated_shots_equal_one_shot(resnet):
+    m = make(resnet).eval()
+    q, s, sm, _ = episode(B=1, K=1, seed=7)
+    with torch.no_grad():
+        one = m(q, s, sm)["logits"]
+        five = m(q, s.expand(-1, 5, -1, -1, -1), sm.expand(-1, 5, -1, -1))["logits"]
+    torch.testing.assert_close(five, one, rtol=1e-4, atol=1e-5)
+
+
+def test_logit_fusion_is_mean_of_per_shot_runs(resnet):
+    m = make(resnet, shot_fusion="logits").eval()
+    q, s, sm, _ = episode(B=2, K=3, seed=8)
+    with torch.no_grad():
+        fused = m(q, s, sm)["logits"]
+        per_shot = torch.stack([m(q, s[:, k : k + 1], sm[:, k : k + 1])["logits"] for k in range(3)]).mean(0)
+    torch.testing.assert_close(fused, per_shot, rtol=1e-4, atol=1e-5)
+
+
+def test_other_backbone_and_dcm_kwargs():
+    m = CANet("efficientnet_lite0", backbone_weights="random", reduce_dim=R, use_dcm=True, dcm_kwargs={"kernel_size": 3}).train()
+    q, s, sm, qm = episode(B=1, K=2)
+    out = m(q, s, sm, qm)
+    assert out["logits"].shape == (1, 2, SIZE, SIZE)
+    out["loss"].backward()
+    assert {n for n, p in m.named_parameters() if p.grad is not None} == head_names(m)
+
+
+def test_empty_support_mask_no_nan(resnet):
+    m = make(resnet, use_dcm=True).eval()
+    q, s, sm, qm = episode(B=2, K=2)
+    sm[0] = 0
+    sm[1, 1] = 255
+    with pytest.warns(EmptyForegroundWarning):
+        with torch.no_grad():
+            out = m(q, s, sm, qm)
+    assert torch.isfinite(out["logits"]).all() and torch.isfinite(out["loss"])
+
+
+def test_bad_inputs(resnet):
+    m = make(resnet).eval()
+    q, s, sm, qm = episode(B=1, K=2)
+    with pytest.raises(ValueError, match="query_img"):
+        m(q[0], s, sm)
+    with pytest.raises(ValueError, match="support_masks"):
+        m(q, s, sm[..., :10])
+    with pytest.raises(ValueError, match="support_masks"):
+        m(q, s, sm * 7)
+    with pytest.raises(ValueError, match="query_mask"):
+        m(q, s, sm, qm + 2)
+    with pytest.raises(ValueError, match="history_mask"):
+        m(q, s, sm, history_mask=torch.zeros(1, 1, 9, 9))
+    with pytest.raises(ValueError, match="layer4_trainable"):
+        CANet(resnet, backbone_kwargs={"layer4_trainable": True})
+    with pytest.raises(ValueError, match="shot_fusion"):
+        make(resnet, shot_fusion="attention")
+    with pytest.raises(ValueError, match="iom_iterations"):
+        make(resnet, iom_iterations=0)
+    with pytest.raises(ValueError, match="eval_iom_iterations"):
+        make(resnet, eval_iom_iterations=1.5)
+    with pytest.raises(ValueError, match="dcm_kwargs"):
+        make(resnet, dcm_kwargs={"variants": ("v",)})
+    with pytest.raises(ValueError, match="variants"):
+        make(resnet, use_dcm=True, dcm_kwargs={"variants": ("x",)})
