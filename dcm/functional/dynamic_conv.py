@@ -86,7 +86,8 @@ def dynamic_depthwise_conv2d_multi(x: torch.Tensor, weights: Sequence[torch.Tens
     if config.resolve_backend(x) == "triton":
         from ..kernels import dynamic_conv as _k
 
-        return _k.dynamic_depthwise_conv2d_multi(x, list(weights))
+        if _k.supported(x, weights):
+            return _k.dynamic_depthwise_conv2d_multi(x, list(weights))
     return tuple(_grouped(x, w) for w in weights)
 
 

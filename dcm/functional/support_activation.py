@@ -99,14 +99,22 @@ def support_activation_raw(
     :func:`support_activation` for the masked, normalised, shot-averaged maps.
     """
     wins = _check.windows("windows", windows)
+    fast = _fast_path(query, support, None, chunk_size)
+    if fast is not None:
+        return fast.sam_raw(query, support, None, wins, eps)
     acc = torch.promote_types(query.dtype, torch.float32)
     s_hat = F.normalize(support.to(acc), dim=2, eps=eps)
     q_hat = F.normalize(query.to(acc), dim=1, eps=eps)
-    if config.resolve_backend(query) == "triton":
-        from ..kernels import support_activation as _k
-
-        return _k.support_activation_raw(s_hat, q_hat, wins)
     return _raw_torch(s_hat, q_hat, wins, chunk_size)
+
+
+def _fast_path(query: torch.Tensor, support: torch.Tensor, mask, chunk_size):
+    """The Triton module when it handles these inputs (CUDA, no ``chunk_size``), else ``None``."""
+    if chunk_size is not None or config.resolve_backend(query) != "triton":
+        return None
+    from ..kernels import support_activation as _k
+
+    return _k if _k.supported(query, support, mask) else None
 
 
 def support_activation(
@@ -129,7 +137,8 @@ def support_activation(
         windows: odd ``(dh, dw)`` windows; ``((1, 1),)`` gives PFENet's prior mask.
         eps: cosine and normalisation epsilon.
         chunk_size: process this many query rows at a time (bounds memory to
-            ``B·K·Hs·Ws·(chunk_size + dh - 1)·Wq`` elements); ``None`` = all rows at once.
+            ``B·K·Hs·Ws·(chunk_size + dh - 1)·Wq`` elements); ``None`` = all rows at once. Setting it
+            selects the PyTorch path (the Triton path's memory is ``B·K·Hs·Ws·Hq·Wq`` float32).
 
     Returns:
         ``Tensor[B, nW, Hq, Wq]`` in ``[0, 1]``, ``query.dtype``: per-shot maps min-max normalised,
@@ -157,6 +166,10 @@ def support_activation(
     weights, all_empty = shot_weights(m)
     _check.warn_if_empty(all_empty, "support_activation")
     m = torch.where(all_empty[:, None, None, None], torch.ones_like(m), m)
-    raw = support_activation_raw(query, support.to(acc) * m[:, :, None], windows, eps, chunk_size)
+    fast = _fast_path(query, support, m, chunk_size)
+    if fast is not None:  # masks and normalises inside its prep kernel (no fp32 copy of the support)
+        raw = fast.sam_raw(query, support, m, _check.windows("windows", windows), eps)
+    else:
+        raw = support_activation_raw(query, support.to(acc) * m[:, :, None], windows, eps, chunk_size)
     maps = normalize_minmax(raw, eps)
     return (maps * weights[:, :, None, None, None]).sum(1).to(query.dtype)

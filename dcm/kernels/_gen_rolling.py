@@ -1,0 +1,218 @@
+"""Generator of :mod:`dcm.kernels._dynconv_rolling` (run ``python -m dcm.kernels._gen_rolling``).
+
+The rolling-row depthwise kernels keep every tap weight, every shifted input row and every
+accumulator in named registers, which Triton can only express as explicit code; this script writes
+that code for kernels up to 5×5 and up to three kernel sets per launch. Not imported at run time.
+"""
+from pathlib import Path
+
+R = range(-2, 3)
+NK = 3
+
+
+def n(v: int) -> str:
+    return f"m{-v}" if v < 0 else f"p{v}"
+
+
+def guard(k, d, dw):
+    return f"_U{k}_{n(d)}_{n(dw)}"
+
+
+def header(name, args):
+    cx = ", ".join(f"KH{k}: tl.constexpr, KW{k}: tl.constexpr" for k in range(NK))
+    return [
+        "@triton.jit",
+        f"def {name}(",
+        f"    {args},",
+        f"    NOUT: tl.constexpr, {cx},",
+        "    BW: tl.constexpr,",
+        "):",
+        "    plane = tl.program_id(0).to(tl.int64)",
+        "    split = tl.program_id(1)",
+        "    ww = tl.program_id(2) * BW + tl.arange(0, BW)",
+        "    HW = H * W",
+        "    wv = ww < W",
+    ]
+
+
+def guards():
+    out = []
+    for k in range(NK):
+        for d in R:
+            for dw in R:
+                cond = f"(NOUT > {k}) & ({d * d} <= (KH{k} // 2) * (KH{k} // 2)) & ({dw * dw} <= (KW{k} // 2) * (KW{k} // 2))"
+                out.append(f"    {guard(k, d, dw)} = {cond}")
+    return out
+
+
+def weights():
+    out = []
+    for k in range(NK):
+        for d in R:
+            for dw in R:
+                g = guard(k, d, dw)
+                out.append(f"    if {g}:")
+                out.append(
+                    f"        w{k}_{n(d)}_{n(dw)} = tl.load(w{k}_ptr + plane * (KH{k} * KW{k}) + (({d} + KH{k} // 2) * KW{k} + {dw} + KW{k} // 2)).to(tl.float32)"
+                )
+                out.append("    else:")
+                out.append(f"        w{k}_{n(d)}_{n(dw)} = 0.0")
+    return out
+
+
+def colmasks(sign=1):
+    return [f"    c_{n(dw)} = wv & (ww + {sign * dw} >= 0) & (ww + {sign * dw} < W)" for dw in R]
+
+
+def fwd():
+    L = header("_dw_fwd_roll", "x_ptr, w0_ptr, w1_ptr, w2_ptr, o0_ptr, o1_ptr, o2_ptr, H, W, RCHUNK")
+    L += guards() + weights() + colmasks()
+    for k in range(NK):
+        for e in R:
+            L.append(f"    a{k}_{n(e)} = tl.zeros([BW], dtype=tl.float32)")
+    L += [
+        "    h0 = split * RCHUNK",
+        "    h1 = tl.minimum(h0 + RCHUNK, H)",
+        "    xb = x_ptr + plane * HW",
+        "    for hin in range(h0 - 2, h1 + 2):",
+        "        hv = ww * 0 + hin",
+        "        rv = (hv >= 0) & (hv < H)",
+        "        rp = xb + hin * W + ww",
+    ]
+    for dw in R:
+        L.append(f"        x_{n(dw)} = tl.load(rp + {dw}, mask=c_{n(dw)} & rv, other=0.0).to(tl.float32)")
+    # output row hin + e gets tap d = -e: a_k_e += Σ_dw w_k[-e, dw] · x[hin, w + dw]
+    for k in range(NK):
+        for e in R:
+            d = -e
+            for dw in R:
+                L.append(f"        if {guard(k, d, dw)}:")
+                L.append(f"            a{k}_{n(e)} += w{k}_{n(d)}_{n(dw)} * x_{n(dw)}")
+    L += ["        o = hin - 2", "        om = wv & (hv - 2 >= h0) & (hv - 2 < h1)"]
+    for k in range(NK):
+        L.append(f"        if NOUT > {k}:")
+        L.append(f"            tl.store(o{k}_ptr + plane * HW + o * W + ww, a{k}_m2.to(o{k}_ptr.dtype.element_ty), mask=om)")
+    for k in range(NK):
+        L.append(f"        a{k}_m2 = a{k}_m1")
+        L.append(f"        a{k}_m1 = a{k}_p0")
+        L.append(f"        a{k}_p0 = a{k}_p1")
+        L.append(f"        a{k}_p1 = a{k}_p2")
+        L.append(f"        a{k}_p2 = tl.zeros([BW], dtype=tl.float32)")
+    return L
+
+
+def dx():
+    L = header("_dw_dx_roll", "g0_ptr, g1_ptr, g2_ptr, w0_ptr, w1_ptr, w2_ptr, dx_ptr, H, W, RCHUNK, ACC: tl.constexpr")
+    L += guards() + weights() + colmasks(-1)
+    for e in R:
+        L.append(f"    a_{n(e)} = tl.zeros([BW], dtype=tl.float32)")
+    L += [
+        "    h0 = split * RCHUNK",
+        "    h1 = tl.minimum(h0 + RCHUNK, H)",
+        "    for hin in range(h0 - 2, h1 + 2):",
+        "        hv = ww * 0 + hin",
+        "        rv = (hv >= 0) & (hv < H)",
+    ]
+    # dx[o, w] = Σ_k Σ_{d,dw} w_k[d, dw] g_k[o - d, w - dw]; input row hin feeds output row hin + d
+    for k in range(NK):
+        L.append(f"        rp{k} = g{k}_ptr + plane * HW + hin * W + ww")
+        for dw in R:
+            L.append(f"        if (NOUT > {k}) & ({dw * dw} <= (KW{k} // 2) * (KW{k} // 2)):")
+            L.append(f"            g{k}_{n(dw)} = tl.load(rp{k} - {dw}, mask=c_{n(dw)} & rv, other=0.0).to(tl.float32)")
+            L.append("        else:")
+            L.append(f"            g{k}_{n(dw)} = tl.zeros([BW], dtype=tl.float32)")
+    for e in R:
+        d = e
+        for k in range(NK):
+            for dw in R:
+                L.append(f"        if {guard(k, d, dw)}:")
+                L.append(f"            a_{n(e)} += w{k}_{n(d)}_{n(dw)} * g{k}_{n(dw)}")
+    L += [
+        "        o = hin - 2",
+        "        om = wv & (hv - 2 >= h0) & (hv - 2 < h1)",
+        "        optr = dx_ptr + plane * HW + o * W + ww",
+        "        if ACC:",
+        "            a_m2 += tl.load(optr, mask=om, other=0.0).to(tl.float32)",
+        "        tl.store(optr, a_m2.to(dx_ptr.dtype.element_ty), mask=om)",
+        "        a_m2 = a_m1",
+        "        a_m1 = a_p0",
+        "        a_p0 = a_p1",
+        "        a_p1 = a_p2",
+        "        a_p2 = tl.zeros([BW], dtype=tl.float32)",
+    ]
+    return L
+
+
+def dwk():
+    L = header("_dw_dw_roll", "x_ptr, g0_ptr, g1_ptr, g2_ptr, p0_ptr, p1_ptr, p2_ptr, H, W, RCHUNK, NPLANES")
+    L += guards() + colmasks()
+    for k in range(NK):
+        for d in R:
+            for dw in R:
+                L.append(f"    s{k}_{n(d)}_{n(dw)} = tl.zeros([BW], dtype=tl.float32)")
+    # ring of g rows hin - d (d = -2..2) i.e. rows hin+2 .. hin-2; r_e holds row hin + e
+    for k in range(NK):
+        for e in R:
+            L.append(f"    r{k}_{n(e)} = tl.zeros([BW], dtype=tl.float32)")
+    L += [
+        "    h0 = split * RCHUNK",
+        "    h1 = tl.minimum(h0 + RCHUNK, H)",
+        "    xb = x_ptr + plane * HW",
+        "    for hin in range(h0 - 2, h1 + 2):",
+        "        hv = ww * 0 + hin",
+        "        rv = (hv >= 0) & (hv < H)",
+        "        gin = hin + 2",
+        "        gv = wv & (hv + 2 >= h0) & (hv + 2 < h1)",
+    ]
+    # dW_k[d, dw] = Σ_{o in chunk} Σ_w g_k[o, w] · x[o + d, w + dw]; x row hin pairs with g row hin - d
+    for k in range(NK):
+        L.append(f"        r{k}_m2 = r{k}_m1")
+        L.append(f"        r{k}_m1 = r{k}_p0")
+        L.append(f"        r{k}_p0 = r{k}_p1")
+        L.append(f"        r{k}_p1 = r{k}_p2")
+        L.append(f"        if NOUT > {k}:")
+        L.append(f"            r{k}_p2 = tl.load(g{k}_ptr + plane * HW + gin * W + ww, mask=gv, other=0.0).to(tl.float32)")
+        L.append("        else:")
+        L.append(f"            r{k}_p2 = tl.zeros([BW], dtype=tl.float32)")
+    L.append("        rp = xb + hin * W + ww")
+    for dw in R:
+        L.append(f"        x_{n(dw)} = tl.load(rp + {dw}, mask=c_{n(dw)} & rv, other=0.0).to(tl.float32)")
+    for k in range(NK):
+        for d in R:
+            for dw in R:
+                L.append(f"        if {guard(k, d, dw)}:")
+                L.append(f"            s{k}_{n(d)}_{n(dw)} += x_{n(dw)} * r{k}_{n(-d)}")
+    L.append("    prow = (split * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * NPLANES + plane")
+    for k in range(NK):
+        for d in R:
+            for dw in R:
+                L.append(f"    if {guard(k, d, dw)}:")
+                L.append(
+                    f"        tl.store(p{k}_ptr + prow * (KH{k} * KW{k}) + (({d} + KH{k} // 2) * KW{k} + {dw} + KW{k} // 2), tl.sum(s{k}_{n(d)}_{n(dw)}, 0))"
+                )
+    return L
+
+
+def main():
+    text = [
+        '"""GENERATED by ``python -m dcm.kernels._gen_rolling`` -- do not edit by hand.',
+        "",
+        "Rolling-row Triton kernels for up to three depthwise kernel sets of size ≤ 5×5 (see",
+        ":mod:`dcm.kernels.dynamic_conv`). One program owns a column block of ``BW`` positions of one",
+        "``(b, c)`` plane and a chunk of ``RCHUNK`` rows; it walks down the rows loading each input row",
+        "once at its five column shifts and keeps the five partial output rows (forward / dx) or the",
+        "five last gradient rows (dW) in registers, so every input element is loaded ~5 times from L1",
+        "instead of once per tap.",
+        '"""',
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "",
+    ]
+    for f in (fwd, dx, dwk):
+        text += f() + ["", ""]
+    Path(__file__).with_name("_dynconv_rolling.py").write_text("\n".join(text).rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    main()
