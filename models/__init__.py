@@ -17,7 +17,8 @@ from .backbones import (
 )
 
 # ---------------------------------------------------------------- networks and build_model
-# (added with the networks)
+from .registry import MODELS, build_model, list_models
+from .dpcn import ABLATIONS, DPCN
 
 __all__ = [
     # backbones
@@ -29,4 +30,10 @@ __all__ = [
     "available_backbones",
     "build_backbone",
     "load_backbone_weights",
+    # networks (PFENet / CANet load lazily through build_model, or import models.pfenet / models.canet)
+    "ABLATIONS",
+    "DPCN",
+    "MODELS",
+    "build_model",
+    "list_models",
 ]
