@@ -254,6 +254,7 @@ def op_fgpool(bench: Bench, a, dtype, B, K, size, C, add):
         floor = nbytes / a.bw * 1e3
         variants = {
             "ours": lambda f=f, m=m: DF.foreground_pool(f, m, (5, 25)),
+            "ours-torch": lambda f=f, m=m: _with_backend("torch", DF.foreground_pool, f, m, (5, 25)),
             "literal": lambda f=f, m=m: _on(f.device, R.foreground_pool_loop, f, m, (5, 25)),
         }
         run_op(bench, a, add, f"foreground pool S=5,25 B={b}", variants, [f], floor, "read feat + mask once")

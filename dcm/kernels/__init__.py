@@ -20,7 +20,7 @@ def available() -> bool:
             return False
         import triton  # noqa: F401
 
-        from . import dynamic_conv, support_activation  # noqa: F401
+        from . import dynamic_conv, foreground, support_activation  # noqa: F401
     except Exception:
         return False
     return True
