@@ -12,6 +12,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster on a shared (oversubscribed) CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _reset_dcm_warnings():
     from dcm import _check

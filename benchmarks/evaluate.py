@@ -1,0 +1,164 @@
+"""Evaluate a checkpoint under a named, explicit protocol and print the table.
+
+::
+
+    python benchmarks/evaluate.py --checkpoint runs/<run>/best.pth                  # the run's own test protocol
+    python benchmarks/evaluate.py --checkpoint best.pth --data-root /data/VOC2012 --fold 0 --preset dpcn
+    python benchmarks/evaluate.py --checkpoint best.pth --shot 5 --fusion native vote average or   # Table 7
+    python benchmarks/evaluate.py --checkpoint best.pth --seeds 510 365 382 322 988 --episodes 1000  # BAM
+
+The protocol starts from the checkpoint's saved config (dataset, fold, test size, ``eval.*``); a
+``--preset`` (pfenet, bam, hsnet, dpcn: SPEC §1.7-1.8) or the explicit flags replace parts of it. K-shot
+fusion (paper Table 7): ``native`` is the model's own K-shot (DPCN: foreground-vector concatenation);
+``vote``, ``average`` (mask average) and ``or`` run the model 1-shot once per support and fuse the K
+masks. Every row is scored on the same episodes. ``--json`` / ``--md`` also write the results.
+"""
+import sys
+import pathlib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from benchmarks.config import ConfigError, add_config_args, load_config, overrides_from_args  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--checkpoint", "-m", default=None,
+                   help="a training checkpoint (best.pth); without it --model builds an untrained network "
+                        "(useful for the training-free prior reference)")
+    add_config_args(p, include=["model", "backbone", "backbone_weights", "dataset", "data_root", "fold", "shot",
+                                "episodes", "workers", "device"])
+    p.add_argument("--preset", choices=["pfenet", "bam", "hsnet", "dpcn"], default=None,
+                   help="a published protocol (episodes, seeds, sizes, resolution; SPEC §1.7-1.8)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="episode seeds (results averaged)")
+    p.add_argument("--scales", type=int, nargs="+", default=None, help="test input sizes (several = multi-scale)")
+    p.add_argument("--resolution", choices=["original", "original_crop", "input"], default=None,
+                   help="where to score (SPEC §1.8)")
+    p.add_argument("--resize", choices=["letterbox", "shrink", "squash", "none"], default=None,
+                   help="test transform")
+    p.add_argument("--fusion", nargs="+", dest="fusions", default=None, choices=["native", "vote", "average", "or"],
+                   help="K-shot strategies to compare (one row each)")
+    p.add_argument("--reference", nargs="*", default=None, choices=["prior", "untrained"],
+                   help="also evaluate no-training references")
+    p.add_argument("--batch-size", type=int, default=None, help="episodes per forward pass (results do not change)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--md", default=None, help="write the table to this Markdown file")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def build(args):
+    """(model or None, cfg, protocol, fusions, references)."""
+    from benchmarks.engine import eval_protocol, load_checkpoint_model
+    overrides = overrides_from_args(args)
+    for flag, key in (("resize", "data.test_resize"), ("resolution", "eval.resolution"), ("batch_size", "eval.batch_size")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.seeds:
+        overrides.append(f"eval.seeds=[{','.join(map(str, args.seeds))}]")
+    if args.scales:
+        overrides.append(f"eval.scales=[{','.join(map(str, args.scales))}]")
+    if args.preset:
+        overrides.append(f"eval.preset={args.preset}")
+    if args.checkpoint:
+        import torch
+        ck_path = Path(args.checkpoint)
+        if not ck_path.is_file():
+            raise FileNotFoundError(f"--checkpoint: '{ck_path}' not found")
+        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        saved = ck.get("config") if isinstance(ck, dict) else None
+        if saved is None:
+            raise ConfigError(f"--checkpoint: '{ck_path}' holds no config (not written by the engine); "
+                              "rebuild with examples/train_dpcn.py or pass a run's best.pth")
+        from benchmarks.config import apply_overrides, _validate
+        cfg = _validate(apply_overrides(saved, overrides))
+        from benchmarks.engine import resolve_device
+        model, _ = load_checkpoint_model(ck_path, device=resolve_device(cfg["run"]["device"]), cfg=cfg)
+    else:
+        if not args.model:
+            raise ConfigError("give --checkpoint (a trained model) or --model NAME (an untrained network, for the "
+                              "no-training references)")
+        cfg = load_config(None, overrides)
+        model = None
+    protocol = eval_protocol(cfg)
+    fusions = args.fusions or [cfg["eval"]["fusion"]]
+    refs = args.reference if args.reference is not None else ([] if args.checkpoint else ["prior", "untrained"])
+    return model, cfg, protocol, fusions, refs
+
+
+def markdown(rows, protocol, title: str) -> str:
+    names = rows[0][1].class_names if rows else {}
+    cls = list(rows[0][1].class_iou) if rows else []
+    out = [f"### {title}", "", f"Protocol: {protocol.describe()}", "",
+           "| | mIoU | FB-IoU | " + " | ".join(str(names.get(c, c)) for c in cls) + " |",
+           "|---|---|---|" + "---|" * len(cls)]
+    for label, r in rows:
+        out.append(f"| {label} | {r.miou:.2f} | {r.fbiou:.2f} | " + " | ".join(f"{r.class_iou[c]:.2f}" for c in cls) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        model, cfg, protocol, fusions, refs = build(args)
+        from benchmarks.engine import (build_model_from_config, eval_factory, evaluate_model, evaluate_reference,
+                                       format_table, has_prior, resolve_device)
+        device = resolve_device(cfg["run"]["device"])
+        factory = eval_factory(cfg)
+        kw = dict(device=device, amp=cfg["train"]["amp"], batch_size=int(cfg["eval"]["batch_size"]),
+                  num_workers=int(cfg["data"]["num_workers"]), progress=not args.no_progress)
+        rows = []
+        t0 = time.perf_counter()
+        print(f"protocol: {protocol.describe()}")
+        if refs:
+            import torch
+            torch.manual_seed(int(cfg["train"]["seed"]))
+            untrained = build_model_from_config(cfg).to(device)
+            untrained._registry_name = cfg["model"]["name"]
+            for k in refs:
+                if k == "prior" and not has_prior(untrained):
+                    print(f"note: {cfg['model']['name']} has no training-free prior; 'prior' reference skipped")
+                    continue
+                label, r = evaluate_reference(untrained, k, protocol, factory, **kw)
+                rows.append((label, r))
+                print(f"{label}: mIoU {r.miou:.2f}  FB-IoU {r.fbiou:.2f}")
+        if model is not None:
+            for f in fusions:
+                if f != "native" and protocol.shot == 1:
+                    print(f"note: fusion '{f}' equals 'native' for 1-shot episodes; skipped")
+                    continue
+                r = evaluate_model(model, protocol, factory, fusion=f, **kw)
+                label = f"{cfg['model']['name']}" + (f" [{f}]" if protocol.shot > 1 else "")
+                rows.append((label, r))
+                print(f"{label}: mIoU {r.miou:.2f}  FB-IoU {r.fbiou:.2f}")
+    except (ConfigError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not rows:
+        print("error: nothing was evaluated", file=sys.stderr)
+        return 2
+    secs = time.perf_counter() - t0
+    print()
+    print(f"{protocol.describe()}")
+    print(format_table(rows))
+    print(f"({secs:.0f}s on {device})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"protocol": protocol.as_dict(), "protocol_text": protocol.describe(),
+                                               "checkpoint": args.checkpoint, "seconds": secs,
+                                               "rows": [{"label": l, **r.as_dict()} for l, r in rows]}, indent=1))
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(markdown(rows, protocol, f"Evaluation of {args.checkpoint or cfg['model']['name']}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

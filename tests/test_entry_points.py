@@ -1,0 +1,216 @@
+"""The scripts users run: train_dpcn.py, evaluate.py, plug_in.py, predict.py (subprocess, tiny settings)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# tiny recipe overrides (same as tests/test_engine.py)
+TINY = [
+    "model.backbone_weights=random", "model.flags={reduce_dim: 8, decoder_dim: 8}",
+    "data.args={image_size: 32, num_images: 120}", "data.train_episodes=16", "data.num_workers=0",
+    "train.epochs=1", "train.batch_size=4", "train.val_episodes=8", "train.val_batch_size=8",
+    "eval.episodes=8", "eval.batch_size=8", "eval.reference=none",
+]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def sets(items):
+    return [a for o in items for a in ("--set", o)]
+
+
+def run(script, *args, timeout=300):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def ok(p):
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def fails(p, *words):
+    assert p.returncode != 0, p.stdout[-2000:]
+    msg = p.stderr + p.stdout
+    assert "Traceback" not in msg, msg[-3000:]
+    for w in words:
+        assert w in msg, msg[-2000:]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny training run through the CLI; its folder (best.pth, config.yaml, ...)."""
+    out = tmp_path_factory.mktemp("runs")
+    p = run("examples/train_dpcn.py", "--out", out, "--name", "tiny", "--no-progress", *sets(TINY))
+    stdout = ok(p)
+    assert "trained dpcn" in stdout and "mIoU" in stdout and "FB-IoU" in stdout
+    return out / "tiny"
+
+
+def test_train_cli_writes_the_run(trained):
+    for f in ("config.yaml", "log.jsonl", "last.pth", "best.pth", "results.json"):
+        assert (trained / f).is_file(), f
+    res = json.loads((trained / "results.json").read_text())
+    assert res["protocol"]["episodes"] == 8 and "synthetic fold 0" in res["protocol_text"]
+
+
+def test_train_cli_print_config_and_recipes():
+    out = ok(run("examples/train_dpcn.py", "--print-config", "--lr", "0.123", "--fold", "2"))
+    assert "lr: 0.123" in out and "fold: 2" in out and "dataset: synthetic" in out
+    out = ok(run("examples/train_dpcn.py", "--print-config", "--dataset", "pascal", "--data-root", "/data/VOC2012"))
+    assert "lr: 0.005" in out and "train_size: 473" in out and "name: dpcn" in out
+    out = ok(run("examples/train_dpcn.py", "--print-config", "--model", "pfenet", "--dataset", "pascal",
+                 "--data-root", "/d"))
+    assert "lr: 0.0025" in out and "name: pfenet" in out
+
+
+def test_train_cli_bad_arguments(tmp_path):
+    fails(run("examples/train_dpcn.py", "--model", "dpcnn", "--out", tmp_path, *sets(TINY)), "unknown model", "dpcnn")
+    fails(run("examples/train_dpcn.py", "--set", "train.lrr=1"), "train.lrr", "train.lr")
+    fails(run("examples/train_dpcn.py", "--dataset", "pascal"), "data.root")
+    fails(run("examples/train_dpcn.py", "--config", "nope.yaml"), "nope.yaml")
+    fails(run("examples/train_dpcn.py", "--resume", "--out", tmp_path, "--name", "none"), "last.pth")
+    fails(run("examples/train_dpcn.py", "--dataset", "pascal", "--data-root", tmp_path / "missing",
+              "--out", tmp_path), "missing")
+
+
+def test_evaluate_cli_kshot_fusions(trained, tmp_path):
+    js, md = tmp_path / "e.json", tmp_path / "e.md"
+    out = ok(run("benchmarks/evaluate.py", "--checkpoint", trained / "best.pth", "--shot", "2", "--episodes", "6",
+                 "--fusion", "native", "vote", "average", "or", "--reference", "prior", "--json", js, "--md", md,
+                 "--no-progress"))
+    for w in ("2-shot", "6 episodes", "dpcn [native]", "dpcn [vote]", "dpcn [average]", "dpcn [or]", "prior mask"):
+        assert w in out, out
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["label"] for r in rows][1:] == ["dpcn [native]", "dpcn [vote]", "dpcn [average]", "dpcn [or]"]
+    assert all(r["protocol"]["shot"] == 2 for r in rows)
+    assert "| dpcn [vote] |" in md.read_text()
+
+
+def test_evaluate_cli_errors(tmp_path):
+    fails(run("benchmarks/evaluate.py", "--checkpoint", tmp_path / "missing.pth"), "missing.pth", "not found")
+    fails(run("benchmarks/evaluate.py"), "--checkpoint")
+
+
+def test_plug_in_cli_tiny(tmp_path):
+    out = ok(run("benchmarks/plug_in.py", "--host", "pfenet", "--out", tmp_path, "--no-progress",
+                 "--backbone-weights", "random", *sets(["data.args={image_size: 32, num_images: 120}",
+                                                         "data.train_episodes=8", "data.num_workers=0",
+                                                         "train.epochs=1", "train.batch_size=4",
+                                                         "train.val_episodes=4", "eval.episodes=4",
+                                                         "model.flags.reduce_dim=8"]), timeout=400))
+    for w in ("Table 6", "ours pfenet", "ours pfenet+dcm", "ours difference", "paper pfenet+dcm", "62.30", "60.80"):
+        assert w in out, out
+    res = json.loads((tmp_path / "plug_in_pfenet" / "table6_pfenet.json").read_text())
+    assert set(res["results"]) == {"pfenet", "pfenet+dcm"} and res["folds"] == [0]
+    assert (tmp_path / "plug_in_pfenet" / "table6_pfenet.md").is_file()
+    # identical recipe apart from the model name
+    import yaml
+    c0 = yaml.safe_load(Path(res["results"]["pfenet"]["runs"]["0"] + "/config.yaml").read_text())
+    c1 = yaml.safe_load(Path(res["results"]["pfenet+dcm"]["runs"]["0"] + "/config.yaml").read_text())
+    assert c0["model"]["name"] == "pfenet" and c1["model"]["name"] == "pfenet+dcm"
+    c0["model"].pop("name"), c1["model"].pop("name"), c0["run"].pop("name"), c1["run"].pop("name")
+    assert c0 == c1
+
+
+def _write_images(d: Path):
+    from PIL import Image
+
+    from benchmarks.datasets import synthetic_image
+    q, _ = synthetic_image(0, "val", 1, size=80)
+    s, lab = synthetic_image(0, "val", 2, size=72)
+    Image.fromarray(q).save(d / "query.jpg")
+    Image.fromarray(s).save(d / "support.png")
+    cls = int(np.unique(lab[(lab > 0) & (lab < 255)])[0])
+    Image.fromarray(((lab == cls) * 255).astype(np.uint8)).save(d / "support_mask.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(d / "small_mask.png")
+
+
+def test_predict_cli_files(trained, tmp_path):
+    from PIL import Image
+    _write_images(tmp_path)
+    out_dir = tmp_path / "out"
+    out = ok(run("examples/predict.py", "--checkpoint", trained / "best.pth", "--query", tmp_path / "query.jpg",
+                 "--support", tmp_path / "support.png", tmp_path / "support_mask.png",
+                 "--support", tmp_path / "support.png", "--support-box", "5,5,40,40",
+                 "--out", out_dir, "--figure", "--fusion", "vote"))
+    assert "2 support(s)" in out
+    mask = Image.open(out_dir / "query_mask.png")
+    assert mask.size == (80, 80) and set(np.unique(np.asarray(mask))) <= {0, 255}
+    assert Image.open(out_dir / "query_overlay.png").size == (80, 80)
+    assert Image.open(out_dir / "query_figure.png").size[0] > 80
+
+
+def test_predict_cli_errors(trained, tmp_path):
+    _write_images(tmp_path)
+    ck, q, s = trained / "best.pth", tmp_path / "query.jpg", tmp_path / "support.png"
+    fails(run("examples/predict.py", "--checkpoint", ck, "--query", tmp_path / "nope.jpg", "--support", s,
+              tmp_path / "support_mask.png"), "nope.jpg", "not found")
+    fails(run("examples/predict.py", "--checkpoint", ck, "--query", q, "--support", s, tmp_path / "small_mask.png"),
+          "small_mask.png", "10x10", "72x72")
+    fails(run("examples/predict.py", "--checkpoint", ck, "--query", q, "--support", s), "support 1", "mask")
+    fails(run("examples/predict.py", "--checkpoint", ck, "--query", q, "--support", s, "--support-box", "1,2,3"),
+          "x0,y0,x1,y1")
+    fails(run("examples/predict.py", "--checkpoint", tmp_path / "none.pth", "--query", q, "--support", s,
+              tmp_path / "support_mask.png"), "none.pth")
+
+
+def test_predict_function_api(trained, tmp_path):
+    from benchmarks.engine import load_checkpoint_model
+    from benchmarks.predict_lib import PredictInputError, predict
+    from benchmarks.datasets import synthetic_image
+    model, _ = load_checkpoint_model(trained / "best.pth")
+    q, _ = synthetic_image(0, "val", 3, size=50)
+    s, lab = synthetic_image(0, "val", 4, size=40)
+    pred = predict(model, q, [(s, (lab > 0) & (lab < 255))], size=32)
+    assert pred.mask.shape == pred.prob.shape == (50, 50) and pred.mask.dtype == np.uint8
+    assert {"activation_map_1", "initial_pseudo_mask", "refined_pseudo_mask"} <= set(pred.extras)
+    assert all(v.shape == (50, 50) for v in pred.extras.values())
+    multi = predict(model, q, [(s, (lab > 0) & (lab < 255)), (s, (2, 2, 30, 30))], size=32, scales=[32, 40],
+                    fusion="average")
+    assert multi.mask.shape == (50, 50)
+    with pytest.raises(PredictInputError, match="40x40"):
+        predict(model, q, [(s, np.zeros((10, 12), np.uint8))], size=32)
+    with pytest.raises(PredictInputError, match="box"):
+        predict(model, q, [(s, (30, 30, 10, 10))], size=32)
+
+
+def test_kill_and_resume_cli_matches_uninterrupted(tmp_path):
+    """SIGKILL a CLI run after its first epoch checkpoint; --resume finishes with the same weights."""
+    import signal
+    import time
+
+    import torch
+    args = ["--no-progress", "--no-eval", *sets(TINY + ["train.epochs=3", "data.train_episodes=32"])]
+    ok(run("examples/train_dpcn.py", "--out", tmp_path, "--name", "full", *args))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, str(ROOT / "examples/train_dpcn.py"), "--out", str(tmp_path), "--name",
+                          "cut", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = tmp_path / "cut" / "last.pth"
+    t0 = time.time()
+    while not ck.is_file() and p.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    state = torch.load(ck, weights_only=False)
+    assert state["epoch"] < 3, "the run finished before it could be killed"
+    ok(run("examples/train_dpcn.py", "--resume", tmp_path / "cut", "--no-progress", "--no-eval"))
+    a = torch.load(tmp_path / "full" / "last.pth", weights_only=False)["model"]
+    b = torch.load(ck, weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plug_into_your_model_example_runs():
+    out = ok(run("examples/plug_into_your_model.py", "--iters", "3", "--size", "32", "--episodes", "8"))
+    assert "TinyHost + DCM" in out and "8 episodes" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("TinyHost")]
+    assert len(rows) == 2 and all(0.0 <= float(r[-3]) <= 100.0 for r in rows)
