@@ -44,12 +44,11 @@ import os
 import random
 import signal
 import socket
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -57,7 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .config import DEFAULTS, dump_config, save_config
+from .config import apply_overrides, save_config
+from .config import _validate as validate_config
 from .datasets import build_dataset, collate_episodes
 from .evaluation import EvaluationResult, Protocol, dataset_factory, evaluate
 
@@ -832,11 +832,12 @@ def threading_main() -> bool:
 
 # =============================================================================== whole runs
 def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: Optional[dict] = None,
-                          overrides: Optional[dict] = None) -> Tuple[nn.Module, dict]:
+                          overrides: Sequence[str] = ()) -> Tuple[nn.Module, dict]:
     """Rebuild the network of a training checkpoint (its saved config) and load its weights.
 
-    ``cfg`` replaces the saved config (for a bare ``state_dict`` file it is required);
-    ``overrides`` are ``{'model': {...}}``-style updates applied to it. Returns ``(model.eval(), cfg)``.
+    ``cfg`` replaces the saved config (for a bare ``state_dict`` file it is required); ``overrides``
+    are ``key=value`` strings (:func:`benchmarks.config.apply_overrides`) applied to it and validated.
+    Returns ``(model.eval(), cfg)``.
     """
     path = Path(path)
     if not path.is_file():
@@ -850,9 +851,7 @@ def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: O
         cfg = ck.get("config") if isinstance(ck, dict) else None
         if cfg is None:
             raise ValueError(f"checkpoint '{path}' holds no config; pass --model/--backbone (or --config) to rebuild it")
-    cfg = copy.deepcopy(cfg)
-    for sec, upd in (overrides or {}).items():
-        cfg[sec].update(upd)
+    cfg = validate_config(apply_overrides(cfg, overrides)) if overrides else copy.deepcopy(cfg)
     model = build_model_from_config(cfg, backbone_weights="random")
     if isinstance(ck, dict) and ck.get("layer4_on"):
         model.backbone.set_layer4_trainable(True)

@@ -68,19 +68,9 @@ def build(args):
     if args.preset:
         overrides.append(f"eval.preset={args.preset}")
     if args.checkpoint:
-        import torch
-        ck_path = Path(args.checkpoint)
-        if not ck_path.is_file():
-            raise FileNotFoundError(f"--checkpoint: '{ck_path}' not found")
-        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
-        saved = ck.get("config") if isinstance(ck, dict) else None
-        if saved is None:
-            raise ConfigError(f"--checkpoint: '{ck_path}' holds no config (not written by the engine); "
-                              "rebuild with examples/train_dpcn.py or pass a run's best.pth")
-        from benchmarks.config import apply_overrides, _validate
-        cfg = _validate(apply_overrides(saved, overrides))
         from benchmarks.engine import resolve_device
-        model, _ = load_checkpoint_model(ck_path, device=resolve_device(cfg["run"]["device"]), cfg=cfg)
+        model, cfg = load_checkpoint_model(args.checkpoint, overrides=overrides)
+        model.to(resolve_device(cfg["run"]["device"]))
     else:
         if not args.model:
             raise ConfigError("give --checkpoint (a trained model) or --model NAME (an untrained network, for the "

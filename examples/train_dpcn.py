@@ -26,8 +26,7 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from benchmarks.config import (CONFIG_DIR, ConfigError, add_config_args, apply_overrides, dump_config,  # noqa: E402
-                               load_config, overrides_from_args, _validate)
+from benchmarks.config import CONFIG_DIR, ConfigError, add_config_args, dump_config, load_config, overrides_from_args  # noqa: E402,E501
 
 
 def default_recipe(model: str, dataset: str) -> str:

@@ -1,5 +1,4 @@
 """The training/evaluation engine: config, schedule, sampler, learning, checkpoints, resume, DDP (CPU)."""
-import copy
 import json
 import math
 import os
