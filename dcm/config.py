@@ -85,15 +85,27 @@ def _triton_ready() -> bool:
     return kernels.available()
 
 
+def _triton_interpreted() -> bool:
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False  # cheap exit: no Triton import on the CPU path
+    from . import kernels
+
+    return kernels.interpreted()
+
+
 def resolve_backend(x: torch.Tensor) -> str:
     """The backend an op will use for tensor ``x``: ``"torch"`` or ``"triton"``.
 
-    ``"triton"`` is only ever returned for CUDA tensors. Asking for ``"triton"`` explicitly on a
+    ``"triton"`` is only returned for CUDA tensors (and, for an explicit ``"triton"``, for CPU tensors
+    when Triton's interpreter is on: ``TRITON_INTERPRET=1``, used to test the kernels without a GPU). Asking for ``"triton"`` explicitly on a
     machine where it cannot run raises ``RuntimeError`` instead of silently falling back.
     """
     name = _state["backend"]
-    if name == "torch" or x.device.type != "cuda":
+    if name == "torch":
         return "torch"
+    if x.device.type != "cuda":
+        # CPU tensors: only an explicit "triton" under Triton's interpreter (kernel tests without a GPU)
+        return "triton" if name == "triton" and _triton_interpreted() else "torch"
     if name == "triton":
         if not _triton_ready():
             raise RuntimeError("dcm backend 'triton' was requested but Triton or dcm.kernels is unavailable")

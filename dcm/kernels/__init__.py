@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["available"]
+__all__ = ["available", "interpreted"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -18,6 +18,24 @@ def available() -> bool:
 
         if not torch.cuda.is_available():
             return False
+        import triton  # noqa: F401
+
+        from . import dynamic_conv, foreground, support_activation  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def interpreted() -> bool:
+    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1`` before Triton is imported) and the
+    kernels import: then ``dcm.set_backend("triton")`` runs them on CPU tensors, slowly -- a way to test
+    the kernels without a GPU (``tests/test_kernels_interpreter.py``), never a fast path."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    try:
         import triton  # noqa: F401
 
         from . import dynamic_conv, foreground, support_activation  # noqa: F401

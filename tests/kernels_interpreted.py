@@ -1,0 +1,183 @@
+"""The Triton kernels of ``dcm.kernels`` run by Triton's CPU interpreter, against float64 references.
+
+Not collected by the normal test run (the file name does not start with ``test_``):
+``tests/test_kernels_interpreter.py`` runs it in a subprocess with ``TRITON_INTERPRET=1`` (which must
+be set before Triton is imported) so that CPU-only CI exercises every kernel -- forward and backward
+of the dynamic convolution (rolling-row and tile paths), the support-activation window / gradient /
+normalisation kernels and foreground selection + pooling -- on tiny shapes. The interpreter checks
+indexing, masking and arithmetic, not speed or GPU-only behaviour (CUDA graphs, compile, bf16 tensor
+cores): that is ``tests/test_kernels_cuda.py`` on a GPU.
+
+Run by hand: ``TRITON_INTERPRET=1 python -m pytest -q tests/kernels_interpreted.py``.
+"""
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("needs TRITON_INTERPRET=1 set before Triton is imported (run via tests/test_kernels_interpreter.py)",
+                allow_module_level=True)
+
+import dcm  # noqa: E402
+import dcm.functional as DF  # noqa: E402
+from dcm import kernels  # noqa: E402
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    assert kernels.interpreted(), "Triton interpreter on, but dcm.kernels did not import"
+    torch.set_num_threads(1)
+    dcm.set_backend("triton")
+    yield
+    dcm.set_backend("auto")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def run(fn, *args, backend, grads=None):
+    """``fn(*args)`` under ``backend`` -> (outputs tuple, input gradients tuple or None)."""
+    with dcm.use_backend(backend):
+        out = fn(*args)
+    out = out if isinstance(out, tuple) else (out,)
+    if grads is None:
+        return out, None
+    ins = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    return out, torch.autograd.grad(out, ins, [g.to(o.dtype) for g, o in zip(grads, out)], allow_unused=True)
+
+
+def maxabs(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def compare(fn, args, *, tol, gtol=None, metric=rel):
+    """Triton (interpreted) on ``args`` against the torch backend on float64 copies: outputs within
+    ``tol`` (``metric``: relative norm, or ``maxabs``), input gradients within ``gtol`` (relative norm)."""
+    got, _ = run(fn, *args, backend="triton")
+    g = torch.Generator().manual_seed(7)
+    grads = [torch.randn(o.shape, generator=g, dtype=D) for o in got]
+    got, ggot = run(fn, *args, backend="triton", grads=grads if gtol else None)
+    ref_args = [leaf(a.double()) if isinstance(a, torch.Tensor) and a.requires_grad
+                else (a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a) for a in args]
+    ref, gref = run(fn, *ref_args, backend="torch", grads=grads if gtol else None)
+    assert len(got) == len(ref)
+    for o, r in zip(got, ref):
+        assert o.shape == r.shape and torch.isfinite(o).all()
+        assert metric(o, r) < tol, (metric(o, r), tol)
+    for a, b in zip(ggot or (), gref or ()):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel(a, b) < gtol, (rel(a, b), gtol)
+
+
+# ---------------------------------------------------------------------------------- dynamic convolution
+KSETS = {"vhs5": [(5, 1), (1, 5), (5, 5)],   # rolling-row kernels, 3 sets in one launch
+         "four": [(5, 5), (1, 5), (5, 1), (3, 3)],  # two launches, other slot order
+         "big": [(9, 9), (7, 3)]}             # 2-D tile kernels (larger than 5x5)
+
+
+DW_CASES = [("vhs5", (2, 3, 7, 9)), ("vhs5", (1, 2, 1, 1)), ("vhs5", (2, 2, 6, 5)),
+            ("four", (2, 3, 7, 9)), ("four", (1, 2, 3, 2)),
+            ("big", (1, 2, 1, 1)), ("big", (1, 2, 5, 4))]  # the tile kernels are slow to interpret
+
+
+@pytest.mark.parametrize("kset, shape", DW_CASES)
+def test_dynamic_conv_fp32(shape, kset):
+    g = torch.Generator().manual_seed(0)
+    B, C, H, W = shape
+    x = torch.randn(shape, generator=g).requires_grad_()
+    ws = [(torch.randn(B, C, *k, generator=g) / k[0]).requires_grad_() for k in KSETS[kset]]
+    compare(lambda x, *ws: DF.dynamic_depthwise_conv2d_multi(x, list(ws)), [x, *ws], tol=1e-5, gtol=2e-5)
+
+
+def test_dynamic_conv_bf16_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 6, 7, generator=g).bfloat16().requires_grad_()
+    ws = [torch.randn(2, 3, *k, generator=g).bfloat16().requires_grad_() for k in KSETS["vhs5"]]
+    compare(lambda x, *ws: DF.dynamic_depthwise_conv2d_multi(x, list(ws)), [x, *ws], tol=1e-2, gtol=2e-2)
+
+
+def test_dynamic_conv_noncontiguous_input():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 8, 3, generator=g).permute(0, 3, 2, 1)  # [2, 3, 8, 6], channels-last strides
+    ws = [torch.randn(2, 3, 5, 5, generator=g)]
+    compare(lambda x, w: DF.dynamic_depthwise_conv2d_multi(x, [w]), [x, ws[0]], tol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- support activation
+@pytest.mark.parametrize("windows", [((5, 1), (3, 3), (1, 5)), ((1, 1),)])
+@pytest.mark.parametrize("K, Hq, Wq, Hs, Ws", [(1, 6, 7, 6, 7), (2, 5, 4, 7, 3)])
+def test_support_activation_fp32(windows, K, Hq, Wq, Hs, Ws):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 16, Hq, Wq, generator=g).requires_grad_()
+    s = torch.randn(2, K, 16, Hs, Ws, generator=g).requires_grad_()
+    m = (torch.rand(2, K, 3 * Hs, 3 * Ws, generator=g) > 0.4).float()
+    m[1, 0] = 0  # an empty shot
+    # float32 mode = bf16x3 split Gram: raw activations within ~2e-5 (as on an H100, tests/test_kernels_cuda.py);
+    # the per-image min-max normalisation divides by the map's range (0.2-0.5 with 16 channels)
+    compare(lambda q, s, m: DF.support_activation(q, s, m, windows), [q, s, m], tol=1e-4, gtol=1e-4, metric=maxabs)
+
+
+def test_support_activation_raw_unmasked():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 8, 5, 6, generator=g).requires_grad_()
+    s = torch.randn(1, 2, 8, 4, 4, generator=g).requires_grad_()
+    compare(lambda q, s: DF.support_activation_raw(q, s, ((3, 3), (1, 5))), [q, s], tol=2e-5, gtol=1e-4, metric=maxabs)
+
+
+def test_support_activation_cpu_autocast_bf16():
+    """Under (CPU) bf16 autocast the kernels use a single bf16 Gram, as under CUDA autocast."""
+    g = torch.Generator().manual_seed(5)
+    q, s = torch.randn(2, 32, 6, 6, generator=g), torch.randn(2, 1, 32, 6, 6, generator=g)
+    m = (torch.rand(2, 1, 6, 6, generator=g) > 0.5).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = DF.support_activation(q, s, m)
+    with dcm.use_backend("torch"):
+        ref = DF.support_activation(q.double(), s.double(), m.double())
+    assert (got.double() - ref).abs().max() < 3e-2
+
+
+# ---------------------------------------------------------------------------------- foreground pooling
+@pytest.mark.parametrize("bins", [(5, 25), (1, 2, 3, 4), (7,)])
+@pytest.mark.parametrize("K, H, W", [(1, 6, 7), (2, 5, 5), (1, 2, 2)])
+def test_foreground_pool_fp32(bins, K, H, W):
+    g = torch.Generator().manual_seed(6)
+    feat = torch.randn(3, K, 8, H, W, generator=g).requires_grad_()
+    # masks at feature resolution with values away from the 0.5 threshold: the selection cannot
+    # flip between float32 and float64
+    m = torch.tensor([0.0, 0.2, 0.8, 1.0])[torch.randint(0, 4, (3, K, H, W), generator=g)]
+    m[1] = 0.0                       # empty sample: peak fallback
+    m[2] = 0.0
+    m[2, 0, 0, 1] = 1.0              # a single foreground pixel (fewer than S)
+    compare(lambda f, m: DF.foreground_pool(f, m, bins=bins), [feat, m], tol=1e-5, gtol=1e-5)
+
+
+def test_modules_match_torch_backend():
+    """The three modules end to end (fp32): dispatch + kernels together, against the float64 torch path."""
+    torch.manual_seed(0)
+    dcm_mod, sam, ffm = dcm.DynamicConvModule(8), dcm.SupportActivation(), dcm.FeatureFiltering(8)
+    g = torch.Generator().manual_seed(8)
+    q, s = torch.randn(2, 8, 7, 6, generator=g), torch.randn(2, 2, 8, 7, 6, generator=g)
+    qh, sh = torch.randn(2, 16, 7, 6, generator=g), torch.randn(2, 2, 16, 7, 6, generator=g)
+    m = (torch.rand(2, 2, 28, 24, generator=g) > 0.5).float()
+
+    def pipeline(q, s, qh, sh, m):
+        maps, pseudo = sam(qh, sh, m)
+        _, refined, filt = ffm(q, s, m, pseudo)
+        return (maps, refined, filt, *dcm_mod(filt, s, m))
+
+    got = pipeline(q, s, qh, sh, m)  # float32 parameters, triton backend
+    dcm_mod.double(), ffm.double()
+    with dcm.use_backend("torch"):
+        ref = pipeline(q.double(), s.double(), qh.double(), sh.double(), m.double())
+    for a, b in zip(got, ref):
+        assert rel(a, b) < 1e-4, rel(a, b)
