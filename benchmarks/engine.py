@@ -48,7 +48,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -59,12 +59,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .config import apply_overrides, save_config
 from .config import _validate as validate_config
 from .datasets import build_dataset, collate_episodes
-from .evaluation import EvaluationResult, Protocol, dataset_factory, evaluate
+from .evaluation import EvaluationResult, Protocol, dataset_factory, evaluate_many
 
 __all__ = [
     "train", "Trainer", "TrainingInterrupted", "PolyLR", "ResumableDistributedSampler", "DistInfo",
     "init_distributed", "seed_everything", "atomic_save", "resolve_device", "build_model_from_config",
-    "build_train_dataset", "eval_protocol", "make_predict_fn", "evaluate_model", "evaluate_reference",
+    "build_train_dataset", "eval_protocol", "make_predict_fn", "make_fusions_predict_fn", "evaluate_model",
+    "evaluate_fusions", "evaluate_reference",
     "load_checkpoint_model", "format_table", "amp_context", "unwrap",
 ]
 
@@ -375,58 +376,85 @@ def _prob_to_logits(fg: torch.Tensor) -> torch.Tensor:
     return p.log()
 
 
-def make_predict_fn(model: nn.Module, *, fusion: str = "native", amp="auto", output: str = "logits",
-                    threshold: float = 0.5) -> Callable[[dict], torch.Tensor]:
-    """A ``predict_fn(batch) -> logits [B, 2, H, W]`` for :func:`benchmarks.evaluation.evaluate`.
+def _fg_prob(model: nn.Module, q, s, sm, *, amp, output: str, threshold: float) -> torch.Tensor:
+    """Foreground probability ``[B, H, W]`` of one forward (``output='prior'``: the thresholded prior)."""
+    with amp_context(q.device, amp):
+        out = model(q, s, sm)
+    if output == "logits":
+        return torch.softmax(out["logits"].float(), 1)[:, 1]
+    prior = next((out[k] for k in _PRIOR_KEYS if out.get(k) is not None), None)
+    if prior is None:
+        raise ValueError(f"{type(unwrap(model)).__name__} has no training-free prior output ({_PRIOR_KEYS})")
+    p = F.interpolate(prior.float(), size=q.shape[-2:], mode="bilinear", align_corners=True)[:, 0]
+    return (p > threshold).float()
 
-    Args:
-        model: a network of the registry, in ``eval()`` mode, on the batch's device.
-        fusion: K-shot strategy (paper Table 7): ``native`` (the model's own K-shot, DPCN's foreground
-            concatenation), or run the model 1-shot per support and fuse the K masks by ``vote``,
-            ``average`` (mask average) or ``or``.
-        output: ``logits`` (the prediction), or ``prior`` (no training needed: the model's training-free
-            prior / initial pseudo mask thresholded at ``threshold``).
+
+def make_fusions_predict_fn(model: nn.Module, fusions: Sequence[str], *, amp="auto", output: str = "logits",
+                            threshold: float = 0.5) -> Callable[[dict], Dict[str, torch.Tensor]]:
+    """``predict_fn(batch) -> {fusion: logits [B, 2, H, W]}`` for :func:`benchmarks.evaluation.evaluate_many`.
+
+    K-shot strategies (paper Table 7): ``native`` is the model's own K-shot (DPCN's foreground
+    concatenation); ``vote``, ``average`` (mask average) and ``or`` run the model 1-shot once per support
+    and fuse the K masks -- the K 1-shot forwards are run once and shared by those three. With one shot
+    every strategy is the native prediction. ``output='prior'``: the training-free prior thresholded at
+    ``threshold`` instead of the prediction.
     """
-    if fusion not in ("native", "vote", "average", "or"):
-        raise ValueError(f"fusion: expected native, vote, average or or, got {fusion!r}")
+    fusions = list(fusions)
+    for f in fusions:
+        if f not in ("native", "vote", "average", "or"):
+            raise ValueError(f"fusion: expected native, vote, average or or, got {f!r}")
+    if not fusions:
+        raise ValueError("fusions: expected at least one of native, vote, average, or")
     if output not in ("logits", "prior"):
         raise ValueError(f"output: expected 'logits' or 'prior', got {output!r}")
 
-    def run(q, s, sm):
-        dev = q.device
-        with amp_context(dev, amp):
-            out = model(q, s, sm)
-        if output == "logits":
-            return torch.softmax(out["logits"].float(), 1)[:, 1]
-        prior = next((out[k] for k in _PRIOR_KEYS if out.get(k) is not None), None)
-        if prior is None:
-            raise ValueError(f"{type(unwrap(model)).__name__} has no training-free prior output ({_PRIOR_KEYS})")
-        p = F.interpolate(prior.float(), size=q.shape[-2:], mode="bilinear", align_corners=True)[:, 0]
-        return (p > threshold).float()
-
-    def predict_fn(batch: dict) -> torch.Tensor:
+    def predict_fn(batch: dict) -> Dict[str, torch.Tensor]:
         q, s, sm = batch["query_img"], batch["support_imgs"], batch["support_masks"]
         K = s.shape[1]
-        if fusion == "native" or K == 1:
-            fg = run(q, s, sm)
-        else:
-            fg = _fuse(torch.stack([run(q, s[:, k:k + 1], sm[:, k:k + 1]) for k in range(K)]), fusion)
-        return _prob_to_logits(fg)
+        kw = dict(amp=amp, output=output, threshold=threshold)
+        native = per_shot = None
+        out = {}
+        for f in fusions:
+            if f == "native" or K == 1:
+                if native is None:
+                    native = _prob_to_logits(_fg_prob(model, q, s, sm, **kw))
+                out[f] = native
+            else:
+                if per_shot is None:
+                    per_shot = torch.stack([_fg_prob(model, q, s[:, k:k + 1], sm[:, k:k + 1], **kw) for k in range(K)])
+                out[f] = _prob_to_logits(_fuse(per_shot, f))
+        return out
 
     return predict_fn
+
+
+def make_predict_fn(model: nn.Module, *, fusion: str = "native", amp="auto", output: str = "logits",
+                    threshold: float = 0.5) -> Callable[[dict], torch.Tensor]:
+    """A ``predict_fn(batch) -> logits [B, 2, H, W]`` for :func:`benchmarks.evaluation.evaluate`: one
+    strategy of :func:`make_fusions_predict_fn` (``native``, ``vote``, ``average`` or ``or``)."""
+    fn = make_fusions_predict_fn(model, [fusion], amp=amp, output=output, threshold=threshold)
+    return lambda batch: fn(batch)[fusion]
 
 
 def evaluate_model(model: nn.Module, protocol: Protocol, factory: Callable, *, device=None, fusion="native",
                    output="logits", amp="auto", batch_size: int = 1, num_workers: int = 0,
                    progress: bool = False) -> EvaluationResult:
     """:func:`benchmarks.evaluation.evaluate` of ``model`` (put in ``eval()`` mode here, restored after)."""
+    return evaluate_fusions(model, protocol, factory, [fusion], device=device, output=output, amp=amp,
+                            batch_size=batch_size, num_workers=num_workers, progress=progress)[fusion]
+
+
+def evaluate_fusions(model: nn.Module, protocol: Protocol, factory: Callable, fusions: Sequence[str], *,
+                     device=None, output="logits", amp="auto", batch_size: int = 1, num_workers: int = 0,
+                     progress: bool = False) -> Dict[str, EvaluationResult]:
+    """Several K-shot strategies of ``model`` on the same episodes in one pass (shared 1-shot forwards)."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
     device = device if device is not None else next(net.parameters()).device
     try:
-        return evaluate(make_predict_fn(net, fusion=fusion, amp=amp, output=output), factory, protocol,
-                        batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+        return evaluate_many(make_fusions_predict_fn(net, fusions, amp=amp, output=output), factory, protocol,
+                             batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
     finally:
         net.train(was_training)
 

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         model, cfg, protocol, fusions, refs = build(args)
-        from benchmarks.engine import (build_model_from_config, eval_factory, evaluate_model, evaluate_reference,
+        from benchmarks.engine import (build_model_from_config, eval_factory, evaluate_fusions, evaluate_reference,
                                        format_table, has_prior, resolve_device)
         device = resolve_device(cfg["run"]["device"])
         factory = eval_factory(cfg)
@@ -120,14 +120,17 @@ def main(argv=None) -> int:
                 rows.append((label, r))
                 print(f"{label}: mIoU {r.miou:.2f}  FB-IoU {r.fbiou:.2f}")
         if model is not None:
+            if protocol.shot == 1:
+                for f in fusions:
+                    if f != "native":
+                        print(f"note: fusion '{f}' equals 'native' for 1-shot episodes; skipped")
+                fusions = ["native"]
+            # every strategy on the same episodes in one pass: vote / average / or share the 1-shot forwards
+            results = evaluate_fusions(model, protocol, factory, fusions, **kw)
             for f in fusions:
-                if f != "native" and protocol.shot == 1:
-                    print(f"note: fusion '{f}' equals 'native' for 1-shot episodes; skipped")
-                    continue
-                r = evaluate_model(model, protocol, factory, fusion=f, **kw)
                 label = f"{cfg['model']['name']}" + (f" [{f}]" if protocol.shot > 1 else "")
-                rows.append((label, r))
-                print(f"{label}: mIoU {r.miou:.2f}  FB-IoU {r.fbiou:.2f}")
+                rows.append((label, results[f]))
+                print(f"{label}: mIoU {results[f].miou:.2f}  FB-IoU {results[f].fbiou:.2f}")
     except (ConfigError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

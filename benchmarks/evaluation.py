@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from .datasets import build_dataset, collate_episodes
 from .metrics import FewShotIoU
 
-__all__ = ["Protocol", "EvaluationResult", "evaluate", "dataset_factory", "BAM_SEEDS"]
+__all__ = ["Protocol", "EvaluationResult", "evaluate", "evaluate_many", "dataset_factory", "BAM_SEEDS"]
 
 log = logging.getLogger("benchmarks.evaluation")
 
@@ -336,8 +336,22 @@ def evaluate(predict_fn: Callable[[dict], torch.Tensor], dataset_factory: Callab
     Returns:
         :class:`EvaluationResult` (``.summary()`` one line, ``.as_dict()``).
     """
-    per_seed = []
+    return evaluate_many(lambda b: {"": predict_fn(b)}, dataset_factory, protocol, batch_size=batch_size,
+                         num_workers=num_workers, device=device, progress=progress)[""]
+
+
+def evaluate_many(predict_fn: Callable[[dict], Dict[str, torch.Tensor]], dataset_factory: Callable,
+                  protocol: Protocol, *, batch_size: int = 1, num_workers: int = 0, device=None,
+                  progress: bool = False) -> Dict[str, EvaluationResult]:
+    """:func:`evaluate` of several predictions on the same episodes in one pass.
+
+    ``predict_fn(batch)`` returns ``{label: logits Tensor[B, 2, H, W]}`` with the same labels for every
+    batch (e.g. the K-shot fusion strategies of one model, which can share its 1-shot forwards); the
+    result is ``{label: EvaluationResult}``, each exactly what :func:`evaluate` gives for that output.
+    """
+    per_seed: Dict[str, list] = {}
     class_names: Dict[int, str] = {}
+    labels = None
     for seed in protocol.seeds:
         t0 = time.perf_counter()
         datasets = [dataset_factory(protocol, seed, s) for s in protocol.scales]
@@ -348,7 +362,7 @@ def evaluate(predict_fn: Callable[[dict], torch.Tensor], dataset_factory: Callab
             if len(d) != len(ref) or list(d.class_ids) != list(ref.class_ids):
                 raise ValueError("evaluate: the datasets of the different scales differ in length or classes")
         class_names = {c: ref.class_names.get(c, str(c)) for c in ref.class_ids}
-        meter = FewShotIoU(ref.class_ids, protocol.ignore_index, protocol.episode_iou)
+        meters: Dict[str, FewShotIoU] = {}
         loaders = [DataLoader(d, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                               collate_fn=collate_episodes) for d in datasets]
         it = zip(*loaders)
@@ -363,22 +377,40 @@ def evaluate(predict_fn: Callable[[dict], torch.Tensor], dataset_factory: Callab
                         raise ValueError("evaluate: the scales' datasets produced different episodes; the "
                                          "dataset_factory must give the same episodes for every size")
                 base_hw = tuple(b0["query_img"].shape[-2:])
-                logits = [_logits_of(predict_fn(_to_device(b, device)), b).detach().cpu() for b in batches]
+                outs = [_outputs_of(predict_fn(_to_device(b, device))) for b in batches]
+                if labels is None:
+                    labels = list(outs[0])
+                if any(list(o) != labels for o in outs):
+                    raise ValueError(f"evaluate_many: predict_fn must return the same labels for every batch "
+                                     f"({labels}), got {[list(o) for o in outs]}")
+                logits = {k: [_logits_of(o[k], b).detach().cpu() for o, b in zip(outs, batches)] for k in labels}
                 B = b0["query_img"].shape[0]
-                for i in range(B):
-                    prob = None
-                    for lg, b in zip(logits, batches):
-                        p = _scored_probs(lg, b, i, protocol, base_hw)
-                        prob = p if prob is None else prob + p
-                    pred = prob.argmax(0)
-                    meter.update(pred, _scored_target(b0, i, protocol), int(b0["class_index"][i]))
-        r = meter.compute()
-        res = {"seed": seed, "miou": 100 * r["miou"], "fbiou": 100 * r["fbiou"],
-               "class_iou": {c: 100 * v for c, v in r["class_iou"].items()}, "episodes": r["episodes"],
-               "episodes_per_class": r["episodes_per_class"], "seconds": time.perf_counter() - t0}
-        if protocol.episode_iou:
-            res["episode_miou"] = 100 * r["episode_miou"]
-        per_seed.append(res)
-        log.info("seed %d: mIoU %.2f FB-IoU %.2f (%d episodes, %.1fs)", seed, res["miou"], res["fbiou"],
-                 res["episodes"], res["seconds"])
-    return EvaluationResult(protocol, per_seed, class_names)
+                for k in labels:
+                    meter = meters.setdefault(k, FewShotIoU(ref.class_ids, protocol.ignore_index, protocol.episode_iou))
+                    for i in range(B):
+                        prob = None
+                        for lg, b in zip(logits[k], batches):
+                            p = _scored_probs(lg, b, i, protocol, base_hw)
+                            prob = p if prob is None else prob + p
+                        meter.update(prob.argmax(0), _scored_target(b0, i, protocol), int(b0["class_index"][i]))
+        seconds = time.perf_counter() - t0
+        if not meters:
+            raise ValueError(f"evaluate: seed {seed} produced no episode")
+        for k in labels:
+            r = meters[k].compute()
+            res = {"seed": seed, "miou": 100 * r["miou"], "fbiou": 100 * r["fbiou"],
+                   "class_iou": {c: 100 * v for c, v in r["class_iou"].items()}, "episodes": r["episodes"],
+                   "episodes_per_class": r["episodes_per_class"], "seconds": seconds}
+            if protocol.episode_iou:
+                res["episode_miou"] = 100 * r["episode_miou"]
+            per_seed.setdefault(k, []).append(res)
+            log.info("%sseed %d: mIoU %.2f FB-IoU %.2f (%d episodes, %.1fs)", f"{k}: " if k else "", seed,
+                     res["miou"], res["fbiou"], res["episodes"], res["seconds"])
+    return {k: EvaluationResult(protocol, per_seed[k], class_names) for k in labels}
+
+
+def _outputs_of(out) -> Dict[str, torch.Tensor]:
+    if not isinstance(out, dict) or not out:
+        raise ValueError(f"evaluate_many: predict_fn must return a non-empty dict {{label: logits}}, got "
+                         f"{type(out).__name__}")
+    return out

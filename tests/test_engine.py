@@ -233,3 +233,61 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert start["world_size"] == 2 and start["iters_per_epoch"] == 4  # 16 episodes / 2 processes / batch 2
     assert (run / "results.json").is_file() and (run / "best.pth").is_file()
     assert "trained dpcn" in p.stdout
+
+
+class _ShotSensitive(torch.nn.Module):
+    """A stand-in network whose prediction depends on which supports it sees (so fusions differ)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, q, s, sm, query_mask=None):
+        frac = (sm == 1).float().flatten(2).mean(2).mean(1)  # support foreground fraction, shots averaged
+        x = q[:, 0] - q[:, 0].mean((1, 2), keepdim=True)
+        fg = self.w * 4 * x - 40 * (frac[:, None, None] - 0.15)
+        return {"logits": torch.stack([torch.zeros_like(fg), fg], 1)}
+
+
+def test_fusions_in_one_pass_equal_separate_evaluations():
+    """evaluate_fusions (shared 1-shot forwards, one pass) == one evaluate_model call per strategy."""
+    from benchmarks.engine import eval_factory, evaluate_fusions, evaluate_model
+    cfg = tiny("model.shot=3", "eval.episodes=12")
+    model = _ShotSensitive().eval()
+    protocol = eval_protocol(cfg)
+    assert protocol.shot == 3
+    factory = eval_factory(cfg)
+    fusions = ["native", "vote", "average", "or"]
+    together = evaluate_fusions(model, protocol, factory, fusions, batch_size=4)
+    assert list(together) == fusions
+    assert len({round(r.miou, 6) for r in together.values()}) >= 3, {f: r.miou for f, r in together.items()}
+    for f in fusions:
+        alone = evaluate_model(model, protocol, factory, fusion=f, batch_size=5)
+        assert together[f].miou == pytest.approx(alone.miou, abs=1e-9), f
+        assert together[f].fbiou == pytest.approx(alone.fbiou, abs=1e-9), f
+        assert together[f].class_iou == pytest.approx(alone.class_iou, abs=1e-9), f
+    with pytest.raises(ValueError, match="fusion"):
+        evaluate_fusions(model, protocol, factory, ["max"])
+
+
+def test_fusion_predictions_literal():
+    """Each strategy's foreground probability, computed literally from per-shot forwards."""
+    from benchmarks.datasets import collate_episodes
+    from benchmarks.engine import eval_factory, make_fusions_predict_fn
+    cfg = tiny("model.shot=3", "eval.episodes=4")
+    protocol = eval_protocol(cfg)
+    ds = eval_factory(cfg)(protocol, protocol.seeds[0], protocol.scales[0])
+    batch = collate_episodes([ds[i] for i in range(4)])
+    model = _ShotSensitive().eval()
+    out = make_fusions_predict_fn(model, ["native", "vote", "average", "or"])(batch)
+    q, s, sm = batch["query_img"], batch["support_imgs"], batch["support_masks"]
+    with torch.no_grad():
+        native = torch.softmax(model(q, s, sm)["logits"], 1)[:, 1]
+        shots = [torch.softmax(model(q, s[:, k:k + 1], sm[:, k:k + 1])["logits"], 1)[:, 1] for k in range(3)]
+    fg = [(p > 0.5).float() for p in shots]
+    expect = {"native": native, "average": sum(shots) / 3, "vote": sum(fg) / 3,
+              "or": torch.clamp(sum(fg), max=1.0)}
+    for f, p in expect.items():
+        got = torch.softmax(out[f], 1)[:, 1]
+        assert torch.allclose(got, p.clamp(1e-6, 1 - 1e-6), atol=1e-5), f
+    assert not torch.equal(out["vote"], out["or"])
