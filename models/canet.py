@@ -34,7 +34,6 @@ from dcm import DynamicConvModule
 from .common import (
     FewShotSegmenter,
     check_episode,
-    check_mask_labels,
     resolve_backbone,
     segmentation_loss,
     upsample,
@@ -210,9 +209,6 @@ class CANet(FewShotSegmenter):
         history_mask: Optional[Tensor] = None,
     ) -> Dict[str, Tensor]:
         support_masks = check_episode(query_img, support_imgs, support_masks, query_mask, shot=self.shot)
-        check_mask_labels("support_masks", support_masks, soft=True)
-        if query_mask is not None:
-            check_mask_labels("query_mask", query_mask, soft=False)
         B, K = support_imgs.shape[:2]
         H, W = query_img.shape[-2:]
         r = self.reduce_dim

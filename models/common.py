@@ -62,7 +62,8 @@ def reduce_block(in_channels: int, out_channels: int = 256, dropout: float = 0.5
 
 
 def check_episode(query_img, support_imgs, support_masks, query_mask=None, shot: Optional[int] = None):
-    """Validate the common forward signature; returns ``support_masks`` as ``[B, K, H, W]``."""
+    """Validate the common forward signature (shapes, and mask values with :func:`check_mask_labels`);
+    returns ``support_masks`` as ``[B, K, H, W]``."""
     if not isinstance(query_img, torch.Tensor) or query_img.dim() != 4 or query_img.shape[1] != 3:
         got = tuple(query_img.shape) if isinstance(query_img, torch.Tensor) else type(query_img).__name__
         raise ValueError(f"query_img: expected shape (B, 3, H, W), got {got}")
@@ -82,6 +83,9 @@ def check_episode(query_img, support_imgs, support_masks, query_mask=None, shot:
         )
     if query_mask is not None and tuple(query_mask.shape) != (B, H, W):
         raise ValueError(f"query_mask: expected shape (B={B}, {H}, {W}), got {tuple(query_mask.shape)}")
+    check_mask_labels("support_masks", support_masks, soft=True)
+    if query_mask is not None:
+        check_mask_labels("query_mask", query_mask, soft=False)
     return support_masks
 
 

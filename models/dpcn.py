@@ -48,7 +48,6 @@ from dcm import DynamicConvModule, FeatureFiltering, SupportActivation
 from .common import (
     FewShotSegmenter,
     check_episode,
-    check_mask_labels,
     reduce_block,
     resolve_backbone,
     segmentation_loss,
@@ -371,9 +370,6 @@ class DPCN(FewShotSegmenter):
     ) -> Dict[str, Optional[Tensor]]:
         """See the class docstring for shapes and the returned dict."""
         support_masks = check_episode(query_img, support_imgs, support_masks, query_mask, shot=self.shot)
-        check_mask_labels("support_masks", support_masks, soft=True)
-        if query_mask is not None:
-            check_mask_labels("query_mask", query_mask, soft=False)
         B, K = support_imgs.shape[:2]
         H, W = query_img.shape[-2:]
         Hs, Ws = support_imgs.shape[-2:]
