@@ -342,8 +342,8 @@ def _forward(query, support, mask, wins, eps, mode):
     if B * K * HWs * HWq == 0 or C == 0:
         raw = torch.zeros((B, K, nw, Hq, Wq), device=q.device, dtype=torch.float32)
         return raw, torch.zeros((B, K, nw, Hq, Wq), device=q.device, dtype=torch.int32), sc_s, nc_s, sc_q, nc_q
-    s_cat = _prep_s(s, sc_s, HWs, B * K, mode).view(B, K * HWs, -1)
-    q_cat = _prep_q(q, sc_q, npad, B, mode).view(B, npad, -1)
+    s_cat = _prep(s, sc_s, HWs, B * K, mode, "s").view(B, K * HWs, -1)
+    q_cat = _prep(q, sc_q, npad, B, mode, "q").view(B, npad, -1)
     gram = _bmm32(s_cat, q_cat.transpose(1, 2))  # [B, K·HWs, npad] fp32
     del s_cat, q_cat
     G = B * K
@@ -369,25 +369,17 @@ def _forward(query, support, mask, wins, eps, mode):
     return v.view(B, K, nw, Hq, Wq), arg.view(B, K, nw, Hq, Wq), sc_s, nc_s, sc_q, nc_q
 
 
-def _prep_q(q, sc, rows, g, mode):
-    C, HW = q.shape[-3], q.shape[-2] * q.shape[-1]
+def _prep(x, sc, rows, g, mode, side):
+    """Normalised, transposed GEMM operand of ``x`` (``side``: ``"q"`` query or ``"s"`` support; in the
+    bf16x3 mode the two sides lay out their hi/lo parts differently, see the module docstring)."""
+    C, HW = x.shape[-3], x.shape[-2] * x.shape[-1]
     cp = _ceil8(C)
     parts = 3 if mode == MODE_X3 else 1
-    out = torch.empty((g * rows, parts * cp), device=q.device, dtype=_gemm_dtype(mode))
+    out = torch.empty((g * rows, parts * cp), device=x.device, dtype=_gemm_dtype(mode))
     BP, BC = 64, 64
     grid = (triton.cdiv(rows, BP), triton.cdiv(cp, BC), g)
-    _prep_kernel[grid](q, sc, out, C, HW, rows, parts * cp, cp, MODE=0 if mode != MODE_X3 else 2, BP=BP, BC=BC, num_warps=4)
-    return out
-
-
-def _prep_s(s, sc, rows, g, mode):
-    C, HW = s.shape[-3], s.shape[-2] * s.shape[-1]
-    cp = _ceil8(C)
-    parts = 3 if mode == MODE_X3 else 1
-    out = torch.empty((g * rows, parts * cp), device=s.device, dtype=_gemm_dtype(mode))
-    BP, BC = 64, 64
-    grid = (triton.cdiv(rows, BP), triton.cdiv(cp, BC), g)
-    _prep_kernel[grid](s, sc, out, C, HW, rows, parts * cp, cp, MODE=0 if mode != MODE_X3 else 1, BP=BP, BC=BC, num_warps=4)
+    kmode = 0 if mode != MODE_X3 else (2 if side == "q" else 1)
+    _prep_kernel[grid](x, sc, out, C, HW, rows, parts * cp, cp, MODE=kmode, BP=BP, BC=BC, num_warps=4)
     return out
 
 
@@ -416,8 +408,8 @@ def _backward(query, support, mask, arg, sc_s, nc_s, sc_q, nc_q, graw, wins, eps
             arg, graw, d, dl, Hs, Ws, HWs, Hq, Wq, HWq, npad, nw, woff,
             SPLIT=split, ACC=woff > 0, BP=BP, BR=BR, num_warps=4, **meta,
         )
-    s_cat = _prep_s(s, sc_s, HWs, G, mode).view(B, K * HWs, -1)
-    q_cat = _prep_q(q, sc_q, npad, B, mode).view(B, npad, -1)
+    s_cat = _prep(s, sc_s, HWs, G, mode, "s").view(B, K * HWs, -1)
+    q_cat = _prep(q, sc_q, npad, B, mode, "q").view(B, npad, -1)
     if split:
         qh, ql = q_cat[..., :cp], q_cat[..., cp : 2 * cp]
         sh, sl = s_cat[..., :cp], s_cat[..., 2 * cp :]
