@@ -250,14 +250,16 @@ def op_fgpool(bench: Bench, a, dtype, B, K, size, C, add):
         m = (torch.rand(b, K, size * 8, size * 8, device=dev, generator=g) < 0.3).float()
         m[0] = 0
         elt = torch.finfo(dtype).bits // 8
-        nbytes = f.numel() * elt + m.numel() * 4 + b * C * 30 * elt
+        # the features once, the 4 bilinear source pixels of each feature position (not the whole
+        # full-resolution mask: dcm's kernel reads only those), the outputs
+        nbytes = f.numel() * elt + b * K * size * size * 4 * 4 + b * C * 30 * elt
         floor = nbytes / a.bw * 1e3
         variants = {
             "ours": lambda f=f, m=m: DF.foreground_pool(f, m, (5, 25)),
             "ours-torch": lambda f=f, m=m: _with_backend("torch", DF.foreground_pool, f, m, (5, 25)),
             "literal": lambda f=f, m=m: _on(f.device, R.foreground_pool_loop, f, m, (5, 25)),
         }
-        run_op(bench, a, add, f"foreground pool S=5,25 B={b}", variants, [f], floor, "read feat + mask once")
+        run_op(bench, a, add, f"foreground pool S=5,25 B={b}", variants, [f], floor, "read feat + 4 mask taps per position")
 
 
 def op_ffm(bench: Bench, a, dtype, B, K, size, C, add):

@@ -161,6 +161,62 @@ def test_foreground_pool_fp32(bins, K, H, W):
     compare(lambda f, m: DF.foreground_pool(f, m, bins=bins), [feat, m], tol=1e-5, gtol=1e-5)
 
 
+@pytest.mark.parametrize("bins, dtype", [((5, 25), torch.float32), ((3, 100), torch.float32), ((5, 25), torch.bfloat16)])
+def test_foreground_pool_chunks(bins, dtype):
+    """Several position chunks per sample (partial sums added by the finishing kernel), the wide-bin
+    block sizes (> 64 output columns) and bfloat16 features (tensor-core product in bf16)."""
+    from dcm.kernels import foreground as fk
+
+    B, K, C, H, W = 2, 2, 20, 13, 11
+    NB, BC, BL, chunk, nsplit = fk._fwd_meta(B, C, K * H * W, bins, torch.device("cpu"), dtype == torch.float32)
+    assert nsplit > 1 and chunk % BL == 0 and C % BC != 0  # the case this test is for
+    g = torch.Generator().manual_seed(9)
+    feat = torch.randn(B, K, C, H, W, generator=g).to(dtype).requires_grad_()
+    m = torch.tensor([0.0, 0.3, 0.7, 1.0])[torch.randint(0, 4, (B, K, H, W), generator=g)]
+    m[1, 0] = 0.0  # an empty shot next to a non-empty one
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    compare(lambda f, m: DF.foreground_pool(f, m, bins=bins), [feat, m], tol=tol, gtol=tol)
+
+
+def _blob_masks(B, K, h, w, g):
+    """Label masks {0, 1, 255} with rectangular objects and ignore pixels at ``h x w``."""
+    m = torch.zeros(B, K, h, w, dtype=torch.uint8)
+    for b in range(B):
+        for k in range(K):
+            y0, x0 = (int(torch.randint(0, max(1, n // 2), (1,), generator=g)) for n in (h, w))
+            dy, dx = (int(torch.randint(1, max(2, n // 2), (1,), generator=g)) for n in (h, w))
+            m[b, k, y0:y0 + dy, x0:x0 + dx] = 1
+            m[b, k, y0 + dy:y0 + dy + 2, x0:x0 + dx] = 255  # ignore band next to the object
+    m[torch.rand(m.shape, generator=g) < 0.15] = 255  # and scattered ignore pixels: every bilinear tap meets some
+    return m
+
+
+@pytest.mark.parametrize("mask_hw, feat_hw, dtype", [((37, 41), (7, 8), torch.uint8), ((53, 29), (8, 6), torch.float32),
+                                                     ((4, 3), (10, 7), torch.bool), ((30, 1), (6, 1), torch.float64),
+                                                     ((1, 25), (1, 6), torch.uint8)])
+def test_foreground_pool_resizes_masks_in_kernel(mask_hw, feat_hw, dtype):
+    """Masks at their own resolution (down- and upsampling, 1-pixel sides) and dtype, label 255: the
+    selection kernel resizes them itself; against prepare_mask + selection + pooling in float64."""
+    from dcm.functional.masks import prepare_mask
+
+    g = torch.Generator().manual_seed(11)
+    B, K, C = 3, 2, 8
+    m = _blob_masks(B, K, *mask_hw, g)
+    m[2, 1] = 0  # an empty shot
+    m[2, 0] = 0
+    m[2, 0, mask_hw[0] // 2, mask_hw[1] // 2] = 1  # one source pixel
+    if dtype == torch.bool:
+        m = m == 1
+    m = m.to(dtype)
+    if dtype.is_floating_point:
+        m[2, 0] *= 0.375  # a soft mask below the threshold: the peak fallback
+    ref = prepare_mask(m.double(), feat_hw)
+    near = (ref - 0.5).abs().min().item()
+    assert near > 1e-4, f"test masks put a resized value {near:g} from the threshold: pick another seed"
+    feat = torch.randn(B, K, C, *feat_hw, generator=g).requires_grad_()
+    compare(lambda f, m: DF.foreground_pool(f, m, bins=(5, 25)), [feat, m], tol=1e-5, gtol=1e-5)
+
+
 def test_modules_match_torch_backend():
     """The three modules end to end (fp32): dispatch + kernels together, against the float64 torch path."""
     torch.manual_seed(0)

@@ -3,8 +3,8 @@
 Skipped without a GPU. The oracle is :func:`dcm.functional.foreground_pool` with the ``"torch"``
 backend on float64 features. Masks are given at feature resolution with float32 values, so both
 paths select exactly the same positions (a float64 bilinear resize could put a value on the other
-side of the threshold than the float32 resize the fast path uses); one test resizes and compares
-against the float32 torch path instead.
+side of the threshold than the float32 resize the fast path uses); the tests of masks at their own
+resolution (resized inside the selection kernel) compare against the float32 torch path instead.
 
 Tolerances (max abs on O(1) features): float32 1e-5; bfloat16 / float16 outputs are rounded to the
 dtype: relative 1e-2 / 2e-3. Gradients: float32 1e-5.
@@ -136,12 +136,19 @@ def test_low_precision(dtype, tol):
     assert gg.dtype == dtype and rel(gg, ge) < tol
 
 
-def test_resized_binary_mask_matches_fp32_torch_path():
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("hw", [(240, 240), (473, 473), (97, 61)])
+def test_resized_binary_mask_matches_fp32_torch_path(mask_dtype, hw):
+    """Masks at their own resolution: the selection kernel's bilinear resize (PyTorch's CUDA formula in
+    float32) selects the positions that F.interpolate + threshold selects on the same device."""
     g = torch.Generator(device=DEV).manual_seed(3)
     feat = torch.randn(6, 2, 32, 30, 30, device=DEV, generator=g)
-    mask = (torch.rand(6, 2, 240, 240, device=DEV, generator=g) < 0.3).float()
+    mask = (torch.rand(6, 2, *hw, device=DEV, generator=g) < 0.3).to(torch.uint8)
     mask[0] = 0
-    mask[1, :, :5] = 255  # ignore label
+    if mask_dtype != torch.bool:
+        mask[1, :, :5] = 255  # ignore label
+        mask[2][torch.rand(2, *hw, device=DEV, generator=g) < 0.1] = 255
+    mask = mask.bool() if mask_dtype == torch.bool else mask.to(mask_dtype)
     got = _fast(feat, mask, (5, 25))
     exp = _ref(feat, mask, (5, 25), dtype=torch.float32)
     for a, b in zip(got, exp):

@@ -113,15 +113,15 @@ def _foreground_pool(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int]
         if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
             raise ValueError(f"bins: expected positive ints, got {tuple(bins)}")
     acc = torch.promote_types(feat.dtype, torch.float32)
-    m = prepare_mask(mask, (H, W), dtype=acc)
     if config.resolve_backend(feat) == "triton":
         from ..kernels import foreground as _k
 
-        if _k.supported(feat, bins):  # same selection rule and bins, fused (dcm.kernels.foreground)
-            outs, n = _k.foreground_pool(feat, m, bins, threshold)
+        if _k.supported(feat, bins):  # same mask resize, selection rule and bins, fused (dcm.kernels.foreground)
+            outs, n = _k.foreground_pool(feat, mask, bins, threshold)
             if config.data_checks_enabled(feat):
                 _check.warn_if_empty(n == 0, "foreground_pool")
             return outs
+    m = prepare_mask(mask, (H, W), dtype=acc)
     sel = foreground_selection(m, threshold).reshape(B, K * H * W)
     _check.warn_if_empty(~sel.any(1), "foreground_pool")
     f = feat.to(acc).permute(0, 2, 1, 3, 4).reshape(B, C, K * H * W)

@@ -1,0 +1,110 @@
+"""Every Triton kernel launch of ``dcm.kernels`` compiles to an H100 (sm_90) binary, on a machine without a GPU.
+
+The interpreter tests (``tests/kernels_interpreted.py``) check what the kernels compute, but not that
+Triton can compile them for a GPU: shapes of ``tl.dot`` operands, layouts, dtypes of the tensor-core
+paths and register allocation only meet the real compiler. Here the ops run on CPU tensors with
+``JITFunction.__getitem__`` replaced by a recorder, so each launch the launchers make (forward and
+backward, float32 / bfloat16 / float16, every kernel family) is captured with its argument types and
+compile-time constants instead of being run; each distinct one is then compiled ahead of time with
+``triton.compile(..., target=GPUTarget("cuda", 90, 32))``, down to a cubin (Triton's bundled
+``ptxas``). What the kernels compute on the GPU and how fast: ``tests/test_kernels_cuda.py`` and
+``benchmarks/speed.py`` on a GPU.
+"""
+from collections import Counter
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (it ships with the CUDA builds of torch)")
+
+import dcm  # noqa: E402
+import dcm.config  # noqa: E402
+import dcm.functional as DF  # noqa: E402
+
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+           torch.int64: "i64", torch.uint8: "u8"}
+
+
+class _Recorder:
+    """Stands in for ``kernel[grid]``: records the launch as (kernel, signature, constants, options)."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def __call__(self, *args, **kwargs):
+        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        bound = dict(zip(self.fn.arg_names, args), **kwargs)
+        sig, consts = {}, {}
+        for p in self.fn.params:
+            v = bound[p.name]
+            if p.is_constexpr:
+                sig[p.name], consts[p.name] = "constexpr", v
+            elif isinstance(v, torch.Tensor):
+                sig[p.name] = "*" + _DTYPES[v.dtype]
+            elif isinstance(v, bool):
+                sig[p.name] = "i1"
+            elif isinstance(v, int):
+                sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            elif isinstance(v, float):
+                sig[p.name] = "fp32"
+            else:
+                raise TypeError(f"{self.fn.fn.__name__}: argument {p.name} of unexpected type {type(v)}")
+        key = (self.fn.fn.__name__, tuple(sig.items()), tuple(consts.items()), tuple(sorted(opts.items())))
+        self.calls.setdefault(key, (self.fn, sig, consts, opts))
+
+
+@pytest.fixture()
+def launches(monkeypatch):
+    """Run the three ops (forward + backward) through the Triton launchers on CPU, recording every launch."""
+    from triton.runtime.jit import JITFunction
+
+    from dcm import kernels
+
+    if kernels.interpreted():
+        pytest.skip("kernels imported under TRITON_INTERPRET=1 (interpreted functions, nothing to compile)")
+    if not kernels._importable():
+        pytest.fail("Triton is installed but dcm.kernels does not import")
+    calls = {}
+    monkeypatch.setattr(JITFunction, "__getitem__", lambda self, grid: _Recorder(self, calls))
+    monkeypatch.setattr(dcm.config, "_triton_interpreted", lambda: True)  # CPU tensors -> the launchers
+    monkeypatch.setattr(kernels, "interpreted", lambda: True)
+    monkeypatch.setitem(dcm.config._state, "data_checks", False)  # the recorded launches write nothing
+    g = torch.Generator().manual_seed(0)
+    with dcm.use_backend("triton"):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(2, 16, 30, 29, generator=g).to(dt).requires_grad_()
+            for ks in ([(5, 1), (1, 5), (5, 5)], [(5, 5), (1, 5), (5, 1), (3, 3)], [(9, 9), (7, 3)]):
+                ws = [torch.randn(2, 16, kh, kw, generator=g).to(dt).requires_grad_() for kh, kw in ks]
+                outs = DF.dynamic_depthwise_conv2d_multi(x, ws)
+                torch.autograd.grad(outs, [x] + ws, [torch.ones_like(o) for o in outs])
+            q = torch.randn(2, 64, 13, 11, generator=g).to(dt).requires_grad_()
+            s = torch.randn(2, 2, 64, 13, 11, generator=g).to(dt).requires_grad_()
+            m = (torch.rand(2, 2, 13, 11, generator=g) > 0.5).float()
+            out = DF.support_activation(q, s, m)
+            torch.autograd.grad(out[0].float().sum(), [q, s])
+            for bins in ((5, 25), (3, 100)):
+                f = torch.randn(4, 1, 64, 60, 60, generator=g).to(dt).requires_grad_()
+                outs = DF.foreground_pool(f, (torch.rand(4, 1, 60, 60, generator=g) > 0.5).float(), bins)
+                torch.autograd.grad(outs, f, [torch.ones_like(o) for o in outs])
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_every_kernel_compiles_for_sm90(launches):
+    import triton.compiler as tc
+    from triton.backends.compiler import GPUTarget
+
+    families = Counter(key[0] for key in launches)
+    expected = {"_dw_fwd_roll", "_dw_dx_roll", "_dw_dw_roll", "_dw_fwd_kernel", "_dw_dx_kernel", "_dw_dw_kernel",
+                "_prep_kernel", "_win_kernel", "_dg_kernel", "_norm_bwd_kernel",
+                "_fg_select_kernel", "_fg_pool_fwd_kernel", "_fg_pool_finish_kernel", "_fg_pool_bwd_kernel"}
+    assert expected <= set(families), f"launches not recorded: {sorted(expected - set(families))}"
+    target = GPUTarget("cuda", 90, 32)
+    failed = []
+    for (name, _, consts, _), (fn, sig, const_vals, opts) in launches.items():
+        try:
+            k = triton.compile(tc.ASTSource(fn, sig, const_vals), target=target, options=opts)
+            assert k.asm.get("cubin"), "no cubin"
+        except Exception as e:  # collect all, report together
+            failed.append(f"{name} {dict(consts)} {opts}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    assert not failed, f"{len(failed)} of {len(launches)} launches do not compile for sm_90:\n" + "\n".join(failed)
