@@ -28,3 +28,12 @@ def _reset_dcm_warnings():
     _check.reset_warnings()
     yield
     _check.reset_warnings()
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """A random ResNet-50 backbone, the same in every run (tests of the PFENet / CANet hosts)."""
+    from models.backbones import build_backbone
+
+    torch.manual_seed(1234)
+    return build_backbone("resnet50", weights="random")
