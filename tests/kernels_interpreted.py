@@ -4,9 +4,11 @@ Not collected by the normal test run (the file name does not start with ``test_`
 ``tests/test_kernels_interpreter.py`` runs it in a subprocess with ``TRITON_INTERPRET=1`` (which must
 be set before Triton is imported) so that CPU-only CI exercises every kernel -- forward and backward
 of the dynamic convolution (rolling-row and tile paths), the support-activation window / gradient /
-normalisation kernels and foreground selection + pooling -- on tiny shapes. The interpreter checks
-indexing, masking and arithmetic, not speed or GPU-only behaviour (CUDA graphs, compile, bf16 tensor
-cores): that is ``tests/test_kernels_cuda.py`` on a GPU.
+normalisation kernels and foreground selection + pooling -- on tiny shapes, and the custom ops that
+``torch.compile`` traces (``aot_eager``: fake implementations, registered autograd). The interpreter
+checks indexing, masking and arithmetic, not speed or GPU-only behaviour (CUDA graphs, Inductor,
+tensor-core precision; its ``tl.dot`` on bfloat16 operands is wrong, so no kernel feeds it bf16): that
+is ``tests/test_kernels_cuda.py`` on a GPU, and ``tests/test_kernels_compile.py`` for compiling.
 
 Run by hand: ``TRITON_INTERPRET=1 python -m pytest -q tests/kernels_interpreted.py``.
 """
@@ -217,6 +219,33 @@ def test_foreground_pool_resizes_masks_in_kernel(mask_hw, feat_hw, dtype):
     compare(lambda f, m: DF.foreground_pool(f, m, bins=(5, 25)), [feat, m], tol=1e-5, gtol=1e-5)
 
 
+def test_foreground_pool_custom_ops_under_torch_compile():
+    """``torch.compile(fullgraph=True)`` traces the custom ops ``dcm::fg_select`` / ``dcm::fg_pool`` (fake
+    implementations, registered autograd) instead of the eager autograd.Function: same outputs and
+    gradients. ``aot_eager``: no C++ toolchain needed; the ops then run the interpreted kernels."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(12)
+    feat = torch.randn(3, 2, 8, 7, 9, generator=g)
+    m = _blob_masks(3, 2, 29, 33, g)
+    m[1] = 0
+
+    def fn(f, m):
+        return DF.foreground_pool(f, m, bins=(5, 25))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    with dcm.use_backend("triton"):
+        f1, f2 = leaf(feat), leaf(feat)
+        eager, got = fn(f1, m), compiled(f2, m)
+        gw = [torch.randn(o.shape, generator=g) for o in eager]
+        ge = torch.autograd.grad(eager, f1, gw)[0]
+        gg = torch.autograd.grad(got, f2, gw)[0]
+    for a, b in zip(got, eager):
+        assert torch.equal(a, b)
+    assert torch.equal(gg, ge)
+
+
 def test_modules_match_torch_backend():
     """The three modules end to end (fp32): dispatch + kernels together, against the float64 torch path."""
     torch.manual_seed(0)
@@ -237,3 +266,34 @@ def test_modules_match_torch_backend():
         ref = pipeline(q.double(), s.double(), qh.double(), sh.double(), m.double())
     for a, b in zip(got, ref):
         assert rel(a, b) < 1e-4, rel(a, b)
+
+
+def test_modules_under_torch_compile_match_eager():
+    """The three modules (forward + backward) under ``torch.compile(fullgraph=True)``: every op goes
+    through its custom op (dcm::dynconv_*, SAM's and the foreground ops) with fake implementations and
+    registered autograd; outputs and gradients equal the eager Triton path's."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    dcm_mod, sam, ffm = dcm.DynamicConvModule(8), dcm.SupportActivation(), dcm.FeatureFiltering(8)
+    g = torch.Generator().manual_seed(13)
+    q, s = torch.randn(2, 8, 7, 6, generator=g), torch.randn(2, 2, 8, 7, 6, generator=g)
+    qh, sh = torch.randn(2, 16, 7, 6, generator=g), torch.randn(2, 2, 16, 7, 6, generator=g)
+    m = (torch.rand(2, 2, 28, 24, generator=g) > 0.5).float()
+
+    def pipeline(q, s, qh, sh, m):
+        maps, pseudo = sam(qh, sh, m)
+        _, refined, filt = ffm(q, s, m, pseudo)
+        return (maps, refined, filt, *dcm_mod(filt, s, m))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(pipeline, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (pipeline, compiled):
+        ins = [leaf(t) for t in (q, s, qh, sh)]
+        out = fn(*ins, m)
+        grads = torch.autograd.grad(sum(o.float().sum() * (i + 1) for i, o in enumerate(out)), ins)
+        results.append((out, grads))
+    (eo, eg), (co, cg) = results
+    for a, b in zip(co + cg, eo + eg):
+        assert a.shape == b.shape and rel(a, b) < 1e-6, rel(a, b)
