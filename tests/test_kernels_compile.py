@@ -32,7 +32,7 @@ class _Recorder:
         self.fn, self.calls = fn, calls
 
     def __call__(self, *args, **kwargs):
-        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
         bound = dict(zip(self.fn.arg_names, args), **kwargs)
         sig, consts = {}, {}
         for p in self.fn.params:
@@ -89,7 +89,6 @@ def launches(monkeypatch):
     return calls
 
 
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_every_kernel_compiles_for_sm90(launches):
     import triton.compiler as tc
     from triton.backends.compiler import GPUTarget
@@ -99,6 +98,8 @@ def test_every_kernel_compiles_for_sm90(launches):
                 "_prep_kernel", "_win_kernel", "_dg_kernel", "_norm_bwd_kernel",
                 "_fg_select_kernel", "_fg_pool_fwd_kernel", "_fg_pool_finish_kernel", "_fg_pool_bwd_kernel"}
     assert expected <= set(families), f"launches not recorded: {sorted(expected - set(families))}"
+    unpinned = sorted({key[0] for key, (_, _, _, opts) in launches.items() if opts.get("enable_fp_fusion") is not True})
+    assert not unpinned, f"launches without dcm.kernels.LAUNCH_OPTS (FMA contraction not pinned): {unpinned}"
     target = GPUTarget("cuda", 90, 32)
     failed = []
     for (name, _, consts, _), (fn, sig, const_vals, opts) in launches.items():

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import LAUNCH_OPTS
 from ._dynconv_rolling import _dw_dw_roll, _dw_dx_roll, _dw_fwd_roll
 
 __all__ = ["dynamic_depthwise_conv2d_multi", "supported"]
@@ -266,14 +267,14 @@ def _fwd_launch(x: torch.Tensor, ws: Sequence[torch.Tensor], out_dtype: torch.dt
         for s, wg in _groups(ws):
             meta, _, _ = _meta(wg)
             og = outs[s : s + _MAX_PER_LAUNCH]
-            _dw_fwd_roll[(B * C, nsplit, ncb)](x, *_pad3(wg), *_pad3(og), H, W, rchunk, BW=BW, num_warps=nw, **meta)
+            _dw_fwd_roll[(B * C, nsplit, ncb)](x, *_pad3(wg), *_pad3(og), H, W, rchunk, BW=BW, **LAUNCH_OPTS, num_warps=nw, **meta)
         return outs
     BH, BW, nwarps = _tile(H, W)
     grid = (B * C, triton.cdiv(H, BH), triton.cdiv(W, BW))
     for s, wg in _groups(ws):
         meta, phm, pwm = _meta(wg)
         og = outs[s : s + _MAX_PER_LAUNCH]
-        _dw_fwd_kernel[grid](x, *_pad3(wg), *_pad3(og), H, W, PHM=phm, PWM=pwm, BH=BH, BW=BW, num_warps=nwarps, **meta)
+        _dw_fwd_kernel[grid](x, *_pad3(wg), *_pad3(og), H, W, PHM=phm, PWM=pwm, BH=BH, BW=BW, **LAUNCH_OPTS, num_warps=nwarps, **meta)
     return outs
 
 
@@ -289,9 +290,9 @@ def _bwd_launch(x: torch.Tensor, ws: Sequence[torch.Tensor], gs: Sequence[torch.
         for s, wg in _groups(ws):
             gg = list(gs[s : s + _MAX_PER_LAUNCH])
             meta, _, _ = _meta(wg)
-            _dw_dx_roll[(planes, nsplit, ncb)](*_pad3(gg), *_pad3(wg), dx, H, W, rchunk, ACC=s > 0, BW=BW, num_warps=nw, **meta)
+            _dw_dx_roll[(planes, nsplit, ncb)](*_pad3(gg), *_pad3(wg), dx, H, W, rchunk, ACC=s > 0, BW=BW, **LAUNCH_OPTS, num_warps=nw, **meta)
             parts = [torch.empty((nsplit * ncb, planes, w.shape[-2] * w.shape[-1]), device=x.device, dtype=torch.float32) for w in wg]
-            _dw_dw_roll[(planes, nsplit, ncb)](x, *_pad3(gg), *_pad3(parts), H, W, rchunk, planes, BW=BW, num_warps=nw, **meta)
+            _dw_dw_roll[(planes, nsplit, ncb)](x, *_pad3(gg), *_pad3(parts), H, W, rchunk, planes, BW=BW, **LAUNCH_OPTS, num_warps=nw, **meta)
             for w, p in zip(wg, parts):
                 d = p[0] if p.shape[0] == 1 else p.sum(0)
                 dws.append(d.view(w.shape).to(w.dtype))
@@ -306,11 +307,11 @@ def _bwd_launch(x: torch.Tensor, ws: Sequence[torch.Tensor], gs: Sequence[torch.
     for s, wg in _groups(ws):
         gg = list(gs[s : s + _MAX_PER_LAUNCH])
         meta, phm, pwm = _meta(wg)
-        _dw_dx_kernel[grid](*_pad3(gg), *_pad3(wg), dx, H, W, ACC=s > 0, BH=BH, BW=BW, num_warps=nwarps, **meta)
+        _dw_dx_kernel[grid](*_pad3(gg), *_pad3(wg), dx, H, W, ACC=s > 0, BH=BH, BW=BW, **LAUNCH_OPTS, num_warps=nwarps, **meta)
         parts = [torch.empty((nsplit * ncb, planes, w.shape[-2] * w.shape[-1]), device=x.device, dtype=torch.float32) for w in wg]
         tu = triton.next_power_of_2((2 * phm + 1) * (2 * pwm + 1))
         _dw_dw_kernel[(planes, nsplit, ncb)](
-            x, *_pad3(gg), *_pad3(parts), H, W, rchunk, planes, PHM=phm, PWM=pwm, TU=tu, BW=BWd, num_warps=4, **meta
+            x, *_pad3(gg), *_pad3(parts), H, W, rchunk, planes, PHM=phm, PWM=pwm, TU=tu, BW=BWd, **LAUNCH_OPTS, num_warps=4, **meta
         )
         for w, p in zip(wg, parts):
             d = p[0] if p.shape[0] == 1 else p.sum(0)

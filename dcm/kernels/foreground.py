@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import LAUNCH_OPTS
+
 __all__ = ["foreground_pool", "supported"]
 
 _MAX_SETS = 4
@@ -290,7 +292,7 @@ def _select_launch(mask: torch.Tensor, H: int, W: int, threshold: float):
         mask = mask.view(torch.uint8)
     BL = min(4096, max(128, triton.next_power_of_2(H * W)))
     _fg_select_kernel[(B,)](mask.contiguous(), rank, n, K, h, w, H, W, _align_corners_scale(h, H), _align_corners_scale(w, W),
-                            float(threshold), BL=BL, num_warps=8 if BL >= 2048 else 4)
+                            float(threshold), BL=BL, **LAUNCH_OPTS, num_warps=8 if BL >= 2048 else 4)
     return rank, n
 
 
@@ -327,11 +329,11 @@ def _fwd_launch(feat: torch.Tensor, rank: torch.Tensor, n: torch.Tensor, bins: S
     sets = _sets(bins)
     _fg_pool_fwd_kernel[(B, triton.cdiv(C, BC), nsplit)](
         feat, rank, n, part, C, H * W, L, chunk, NB=NB, BC=BC, BL=BL, FP32=fp32,
-        num_warps=4, **sets
+        **LAUNCH_OPTS, num_warps=4, **sets
     )
     o = outs + [outs[0]] * (_MAX_SETS - len(outs))
     BCF = 32 if NB <= 64 else 8
-    _fg_pool_finish_kernel[(B, triton.cdiv(C, BCF))](part, n, *o, C, L, nsplit, NB=NB, BC=BCF, num_warps=4, **sets)
+    _fg_pool_finish_kernel[(B, triton.cdiv(C, BCF))](part, n, *o, C, L, nsplit, NB=NB, BC=BCF, **LAUNCH_OPTS, num_warps=4, **sets)
     return outs
 
 
@@ -344,7 +346,7 @@ def _bwd_launch(grads: Sequence[torch.Tensor], rank: torch.Tensor, n: torch.Tens
     BC, BL = 16, 256
     g = list(grads) + [grads[0]] * (_MAX_SETS - len(grads))
     _fg_pool_bwd_kernel[(B, triton.cdiv(L, BL), triton.cdiv(C, BC))](
-        *g, rank, n, df, C, H * W, L, BC=BC, BL=BL, num_warps=4, **_sets(bins)
+        *g, rank, n, df, C, H * W, L, BC=BC, BL=BL, **LAUNCH_OPTS, num_warps=4, **_sets(bins)
     )
     return df
 

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import LAUNCH_OPTS
+
 __all__ = ["sam_raw", "support_activation_raw", "supported", "gemm_mode"]
 
 MODE_X3, MODE_BF16, MODE_FP16 = 0, 1, 2
@@ -359,7 +361,7 @@ def _forward(query, support, mask, wins, eps, mode):
         pwm = max(w[1] for w in grp) // 2
         _win_kernel[(nr, nsplit, G)](
             gram, val, arg, Hs, Ws, HWs, Hq, Wq, HWq, npad, pchunk, nsplit, nw, woff,
-            PHM=phm, PWM=pwm, BP=BP, BR=BR, num_warps=_tune("WARPS", 4), **meta,
+            PHM=phm, PWM=pwm, BP=BP, BR=BR, **LAUNCH_OPTS, num_warps=_tune("WARPS", 4), **meta,
         )
     if nsplit > 1:
         v, idx = val.max(dim=2)
@@ -379,7 +381,7 @@ def _prep(x, sc, rows, g, mode, side):
     BP, BC = 64, 64
     grid = (triton.cdiv(rows, BP), triton.cdiv(cp, BC), g)
     kmode = 0 if mode != MODE_X3 else (2 if side == "q" else 1)
-    _prep_kernel[grid](x, sc, out, C, HW, rows, parts * cp, cp, MODE=kmode, BP=BP, BC=BC, num_warps=4)
+    _prep_kernel[grid](x, sc, out, C, HW, rows, parts * cp, cp, MODE=kmode, BP=BP, BC=BC, **LAUNCH_OPTS, num_warps=4)
     return out
 
 
@@ -406,7 +408,7 @@ def _backward(query, support, mask, arg, sc_s, nc_s, sc_q, nc_q, graw, wins, eps
     for woff, grp, meta in _win_groups(wins):
         _dg_kernel[grid](
             arg, graw, d, dl, Hs, Ws, HWs, Hq, Wq, HWq, npad, nw, woff,
-            SPLIT=split, ACC=woff > 0, BP=BP, BR=BR, num_warps=4, **meta,
+            SPLIT=split, ACC=woff > 0, BP=BP, BR=BR, **LAUNCH_OPTS, num_warps=4, **meta,
         )
     s_cat = _prep(s, sc_s, HWs, G, mode, "s").view(B, K * HWs, -1)
     q_cat = _prep(q, sc_q, npad, B, mode, "q").view(B, npad, -1)
@@ -422,8 +424,8 @@ def _backward(query, support, mask, arg, sc_s, nc_s, sc_q, nc_q, graw, wins, eps
     del d, dl, s_cat, q_cat
     # normalisation backward (writes the input gradients in the inputs' dtype and NCHW layout)
     BPn, BCn = 32, 64
-    _norm_bwd_kernel[(triton.cdiv(HWs, BPn), G)](s, dn_s, sc_s, nc_s, ds, C, HWs, HWs, cp, BP=BPn, BC=BCn, num_warps=4)
-    _norm_bwd_kernel[(triton.cdiv(HWq, BPn), B)](q, dn_q, sc_q, nc_q, dq, C, HWq, npad, cp, BP=BPn, BC=BCn, num_warps=4)
+    _norm_bwd_kernel[(triton.cdiv(HWs, BPn), G)](s, dn_s, sc_s, nc_s, ds, C, HWs, HWs, cp, BP=BPn, BC=BCn, **LAUNCH_OPTS, num_warps=4)
+    _norm_bwd_kernel[(triton.cdiv(HWq, BPn), B)](q, dn_q, sc_q, nc_q, dq, C, HWq, npad, cp, BP=BPn, BC=BCn, **LAUNCH_OPTS, num_warps=4)
     return dq, ds
 
 
