@@ -246,11 +246,11 @@ def test_foreground_pool_custom_ops_under_torch_compile():
     assert torch.equal(gg, ge)
 
 
-def test_modules_match_torch_backend():
-    """The three modules end to end (fp32): dispatch + kernels together, against the float64 torch path."""
+def _modules_pipeline(seed):
+    """SAM -> FFM -> DCM on tiny random inputs: ``(pipeline, (q, s, qh, sh, m), modules)``."""
     torch.manual_seed(0)
     dcm_mod, sam, ffm = dcm.DynamicConvModule(8), dcm.SupportActivation(), dcm.FeatureFiltering(8)
-    g = torch.Generator().manual_seed(8)
+    g = torch.Generator().manual_seed(seed)
     q, s = torch.randn(2, 8, 7, 6, generator=g), torch.randn(2, 2, 8, 7, 6, generator=g)
     qh, sh = torch.randn(2, 16, 7, 6, generator=g), torch.randn(2, 2, 16, 7, 6, generator=g)
     m = (torch.rand(2, 2, 28, 24, generator=g) > 0.5).float()
@@ -260,6 +260,12 @@ def test_modules_match_torch_backend():
         _, refined, filt = ffm(q, s, m, pseudo)
         return (maps, refined, filt, *dcm_mod(filt, s, m))
 
+    return pipeline, (q, s, qh, sh, m), (dcm_mod, ffm)
+
+
+def test_modules_match_torch_backend():
+    """The three modules end to end (fp32): dispatch + kernels together, against the float64 torch path."""
+    pipeline, (q, s, qh, sh, m), (dcm_mod, ffm) = _modules_pipeline(8)
     got = pipeline(q, s, qh, sh, m)  # float32 parameters, triton backend
     dcm_mod.double(), ffm.double()
     with dcm.use_backend("torch"):
@@ -274,18 +280,7 @@ def test_modules_under_torch_compile_match_eager():
     registered autograd; outputs and gradients equal the eager Triton path's."""
     import torch._dynamo
 
-    torch.manual_seed(0)
-    dcm_mod, sam, ffm = dcm.DynamicConvModule(8), dcm.SupportActivation(), dcm.FeatureFiltering(8)
-    g = torch.Generator().manual_seed(13)
-    q, s = torch.randn(2, 8, 7, 6, generator=g), torch.randn(2, 2, 8, 7, 6, generator=g)
-    qh, sh = torch.randn(2, 16, 7, 6, generator=g), torch.randn(2, 2, 16, 7, 6, generator=g)
-    m = (torch.rand(2, 2, 28, 24, generator=g) > 0.5).float()
-
-    def pipeline(q, s, qh, sh, m):
-        maps, pseudo = sam(qh, sh, m)
-        _, refined, filt = ffm(q, s, m, pseudo)
-        return (maps, refined, filt, *dcm_mod(filt, s, m))
-
+    pipeline, (q, s, qh, sh, m), _ = _modules_pipeline(13)
     torch._dynamo.reset()
     compiled = torch.compile(pipeline, backend="aot_eager", fullgraph=True)
     results = []
