@@ -101,6 +101,29 @@ def test_dynamic_conv_fp32(shape, kset):
     compare(lambda x, *ws: DF.dynamic_depthwise_conv2d_multi(x, list(ws)), [x, *ws], tol=1e-5, gtol=2e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("kset, shape, programs", [("vhs5", (1, 2, 17, 9), 10**6), ("four", (2, 1, 11, 6), 10**6),
+                                                   ("vhs5", (1, 1, 3, 5), 1)])
+def test_dynamic_conv_rows_per_step(monkeypatch, rows, kset, shape, programs):
+    """The rolling kernels load ``ROWS`` input rows per step (``DCM_DW_ROWS``): every value, with row
+    chunks that are not multiples of it (several chunks per plane, the ``dx`` accumulation of a second
+    launch, fewer rows than one step)."""
+    from dcm.kernels import dynamic_conv as K
+
+    monkeypatch.setattr(K, "_ROWS", rows)
+    monkeypatch.setattr(K, "_TARGET_PROGRAMS", programs)
+    K._roll_cfg.cache_clear()
+    try:
+        B, C, H, W = shape
+        assert (K._roll_cfg(B * C, H, W)[-1] > 1) == (programs > 1)  # several row chunks per plane, or one
+        g = torch.Generator().manual_seed(rows)
+        x = torch.randn(shape, generator=g).requires_grad_()
+        ws = [(torch.randn(B, C, *k, generator=g) / k[0]).requires_grad_() for k in KSETS[kset]]
+        compare(lambda x, *ws: DF.dynamic_depthwise_conv2d_multi(x, list(ws)), [x, *ws], tol=1e-5, gtol=2e-5)
+    finally:
+        K._roll_cfg.cache_clear()
+
+
 def test_dynamic_conv_bf16_inputs():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 6, 7, generator=g).bfloat16().requires_grad_()

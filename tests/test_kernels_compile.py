@@ -109,3 +109,16 @@ def test_every_kernel_compiles_for_sm90(launches):
         except Exception as e:  # collect all, report together
             failed.append(f"{name} {dict(consts)} {opts}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     assert not failed, f"{len(failed)} of {len(launches)} launches do not compile for sm_90:\n" + "\n".join(failed)
+
+
+def test_tuning_knobs_read_and_validate_the_environment(monkeypatch):
+    from dcm.kernels import tuning
+
+    monkeypatch.delenv("DCM_DW_ROWS", raising=False)
+    assert tuning("DW_ROWS", 4, 1, 4) == 4
+    monkeypatch.setenv("DCM_DW_ROWS", " 2 ")
+    assert tuning("DW_ROWS", 4, 1, 4) == 2
+    for bad in ("5", "0", "two", "2.0"):
+        monkeypatch.setenv("DCM_DW_ROWS", bad)
+        with pytest.raises(ValueError, match=r"DCM_DW_ROWS=.*\[1, 4\]"):
+            tuning("DW_ROWS", 4, 1, 4)

@@ -9,13 +9,31 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["available", "interpreted"]
+__all__ = ["available", "interpreted", "tuning"]
 
 #: Compile options every dcm kernel launch passes. ``enable_fp_fusion=True`` (a·b + c contracted to
 #: FMA, as nvcc does by default) pins the numerics the kernels were tested with: Triton 3.9 warns that
 #: its default turns to False in 3.10, and the foreground selection kernel reproduces PyTorch's CUDA
 #: bilinear resize, which nvcc compiles with FMA contraction.
 LAUNCH_OPTS = {"enable_fp_fusion": True}
+
+
+def tuning(name: str, default: int, lo: int = 1, hi: int = 1 << 30) -> int:
+    """A launch-configuration knob: the integer in the environment variable ``DCM_<name>``, or ``default``.
+
+    For timing configurations on a GPU without editing code (``benchmarks/speed.py --sweep`` sets them
+    per run); the defaults are the configurations the speed table was measured with. A value that is
+    not an integer in ``[lo, hi]`` raises ``ValueError`` naming the variable."""
+    v = os.environ.get(f"DCM_{name}", "").strip()
+    if not v:
+        return default
+    try:
+        n = int(v)
+    except ValueError:
+        n = None
+    if n is None or not lo <= n <= hi:
+        raise ValueError(f"environment variable DCM_{name}={v!r}: expected an integer in [{lo}, {hi}]")
+    return n
 
 
 @functools.lru_cache(maxsize=None)

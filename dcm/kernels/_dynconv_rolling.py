@@ -15,7 +15,7 @@ import triton.language as tl
 def _dw_fwd_roll(
     x_ptr, w0_ptr, w1_ptr, w2_ptr, o0_ptr, o1_ptr, o2_ptr, H, W, RCHUNK,
     NOUT: tl.constexpr, KH0: tl.constexpr, KW0: tl.constexpr, KH1: tl.constexpr, KW1: tl.constexpr, KH2: tl.constexpr, KW2: tl.constexpr,
-    BW: tl.constexpr,
+    BW: tl.constexpr, ROWS: tl.constexpr,
 ):
     plane = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -420,173 +420,199 @@ def _dw_fwd_roll(
     h0 = split * RCHUNK
     h1 = tl.minimum(h0 + RCHUNK, H)
     xb = x_ptr + plane * HW
-    for hin in range(h0 - 2, h1 + 2):
-        hv = ww * 0 + hin
-        rv = (hv >= 0) & (hv < H)
-        rp = xb + hin * W + ww
-        x_m2 = tl.load(rp + -2, mask=c_m2 & rv, other=0.0).to(tl.float32)
-        x_m1 = tl.load(rp + -1, mask=c_m1 & rv, other=0.0).to(tl.float32)
-        x_p0 = tl.load(rp + 0, mask=c_p0 & rv, other=0.0).to(tl.float32)
-        x_p1 = tl.load(rp + 1, mask=c_p1 & rv, other=0.0).to(tl.float32)
-        x_p2 = tl.load(rp + 2, mask=c_p2 & rv, other=0.0).to(tl.float32)
+    for hb in range(h0 - 2, h1 + 2, ROWS):
+        hv0 = ww * 0 + (hb + 0)
+        rv0 = (hv0 >= 0) & (hv0 < H)
+        rp0 = xb + (hb + 0) * W + ww
+        x0_m2 = tl.load(rp0 + -2, mask=c_m2 & rv0, other=0.0).to(tl.float32)
+        x0_m1 = tl.load(rp0 + -1, mask=c_m1 & rv0, other=0.0).to(tl.float32)
+        x0_p0 = tl.load(rp0 + 0, mask=c_p0 & rv0, other=0.0).to(tl.float32)
+        x0_p1 = tl.load(rp0 + 1, mask=c_p1 & rv0, other=0.0).to(tl.float32)
+        x0_p2 = tl.load(rp0 + 2, mask=c_p2 & rv0, other=0.0).to(tl.float32)
+        if ROWS > 1:
+            hv1 = ww * 0 + (hb + 1)
+            rv1 = (hv1 >= 0) & (hv1 < H)
+            rp1 = xb + (hb + 1) * W + ww
+            x1_m2 = tl.load(rp1 + -2, mask=c_m2 & rv1, other=0.0).to(tl.float32)
+            x1_m1 = tl.load(rp1 + -1, mask=c_m1 & rv1, other=0.0).to(tl.float32)
+            x1_p0 = tl.load(rp1 + 0, mask=c_p0 & rv1, other=0.0).to(tl.float32)
+            x1_p1 = tl.load(rp1 + 1, mask=c_p1 & rv1, other=0.0).to(tl.float32)
+            x1_p2 = tl.load(rp1 + 2, mask=c_p2 & rv1, other=0.0).to(tl.float32)
+        if ROWS > 2:
+            hv2 = ww * 0 + (hb + 2)
+            rv2 = (hv2 >= 0) & (hv2 < H)
+            rp2 = xb + (hb + 2) * W + ww
+            x2_m2 = tl.load(rp2 + -2, mask=c_m2 & rv2, other=0.0).to(tl.float32)
+            x2_m1 = tl.load(rp2 + -1, mask=c_m1 & rv2, other=0.0).to(tl.float32)
+            x2_p0 = tl.load(rp2 + 0, mask=c_p0 & rv2, other=0.0).to(tl.float32)
+            x2_p1 = tl.load(rp2 + 1, mask=c_p1 & rv2, other=0.0).to(tl.float32)
+            x2_p2 = tl.load(rp2 + 2, mask=c_p2 & rv2, other=0.0).to(tl.float32)
+        if ROWS > 3:
+            hv3 = ww * 0 + (hb + 3)
+            rv3 = (hv3 >= 0) & (hv3 < H)
+            rp3 = xb + (hb + 3) * W + ww
+            x3_m2 = tl.load(rp3 + -2, mask=c_m2 & rv3, other=0.0).to(tl.float32)
+            x3_m1 = tl.load(rp3 + -1, mask=c_m1 & rv3, other=0.0).to(tl.float32)
+            x3_p0 = tl.load(rp3 + 0, mask=c_p0 & rv3, other=0.0).to(tl.float32)
+            x3_p1 = tl.load(rp3 + 1, mask=c_p1 & rv3, other=0.0).to(tl.float32)
+            x3_p2 = tl.load(rp3 + 2, mask=c_p2 & rv3, other=0.0).to(tl.float32)
         if _U0_p2_m2:
-            a0_m2 += w0_p2_m2 * x_m2
+            a0_m2 += w0_p2_m2 * x0_m2
         if _U0_p2_m1:
-            a0_m2 += w0_p2_m1 * x_m1
+            a0_m2 += w0_p2_m1 * x0_m1
         if _U0_p2_p0:
-            a0_m2 += w0_p2_p0 * x_p0
+            a0_m2 += w0_p2_p0 * x0_p0
         if _U0_p2_p1:
-            a0_m2 += w0_p2_p1 * x_p1
+            a0_m2 += w0_p2_p1 * x0_p1
         if _U0_p2_p2:
-            a0_m2 += w0_p2_p2 * x_p2
+            a0_m2 += w0_p2_p2 * x0_p2
         if _U0_p1_m2:
-            a0_m1 += w0_p1_m2 * x_m2
+            a0_m1 += w0_p1_m2 * x0_m2
         if _U0_p1_m1:
-            a0_m1 += w0_p1_m1 * x_m1
+            a0_m1 += w0_p1_m1 * x0_m1
         if _U0_p1_p0:
-            a0_m1 += w0_p1_p0 * x_p0
+            a0_m1 += w0_p1_p0 * x0_p0
         if _U0_p1_p1:
-            a0_m1 += w0_p1_p1 * x_p1
+            a0_m1 += w0_p1_p1 * x0_p1
         if _U0_p1_p2:
-            a0_m1 += w0_p1_p2 * x_p2
+            a0_m1 += w0_p1_p2 * x0_p2
         if _U0_p0_m2:
-            a0_p0 += w0_p0_m2 * x_m2
+            a0_p0 += w0_p0_m2 * x0_m2
         if _U0_p0_m1:
-            a0_p0 += w0_p0_m1 * x_m1
+            a0_p0 += w0_p0_m1 * x0_m1
         if _U0_p0_p0:
-            a0_p0 += w0_p0_p0 * x_p0
+            a0_p0 += w0_p0_p0 * x0_p0
         if _U0_p0_p1:
-            a0_p0 += w0_p0_p1 * x_p1
+            a0_p0 += w0_p0_p1 * x0_p1
         if _U0_p0_p2:
-            a0_p0 += w0_p0_p2 * x_p2
+            a0_p0 += w0_p0_p2 * x0_p2
         if _U0_m1_m2:
-            a0_p1 += w0_m1_m2 * x_m2
+            a0_p1 += w0_m1_m2 * x0_m2
         if _U0_m1_m1:
-            a0_p1 += w0_m1_m1 * x_m1
+            a0_p1 += w0_m1_m1 * x0_m1
         if _U0_m1_p0:
-            a0_p1 += w0_m1_p0 * x_p0
+            a0_p1 += w0_m1_p0 * x0_p0
         if _U0_m1_p1:
-            a0_p1 += w0_m1_p1 * x_p1
+            a0_p1 += w0_m1_p1 * x0_p1
         if _U0_m1_p2:
-            a0_p1 += w0_m1_p2 * x_p2
+            a0_p1 += w0_m1_p2 * x0_p2
         if _U0_m2_m2:
-            a0_p2 += w0_m2_m2 * x_m2
+            a0_p2 += w0_m2_m2 * x0_m2
         if _U0_m2_m1:
-            a0_p2 += w0_m2_m1 * x_m1
+            a0_p2 += w0_m2_m1 * x0_m1
         if _U0_m2_p0:
-            a0_p2 += w0_m2_p0 * x_p0
+            a0_p2 += w0_m2_p0 * x0_p0
         if _U0_m2_p1:
-            a0_p2 += w0_m2_p1 * x_p1
+            a0_p2 += w0_m2_p1 * x0_p1
         if _U0_m2_p2:
-            a0_p2 += w0_m2_p2 * x_p2
+            a0_p2 += w0_m2_p2 * x0_p2
         if _U1_p2_m2:
-            a1_m2 += w1_p2_m2 * x_m2
+            a1_m2 += w1_p2_m2 * x0_m2
         if _U1_p2_m1:
-            a1_m2 += w1_p2_m1 * x_m1
+            a1_m2 += w1_p2_m1 * x0_m1
         if _U1_p2_p0:
-            a1_m2 += w1_p2_p0 * x_p0
+            a1_m2 += w1_p2_p0 * x0_p0
         if _U1_p2_p1:
-            a1_m2 += w1_p2_p1 * x_p1
+            a1_m2 += w1_p2_p1 * x0_p1
         if _U1_p2_p2:
-            a1_m2 += w1_p2_p2 * x_p2
+            a1_m2 += w1_p2_p2 * x0_p2
         if _U1_p1_m2:
-            a1_m1 += w1_p1_m2 * x_m2
+            a1_m1 += w1_p1_m2 * x0_m2
         if _U1_p1_m1:
-            a1_m1 += w1_p1_m1 * x_m1
+            a1_m1 += w1_p1_m1 * x0_m1
         if _U1_p1_p0:
-            a1_m1 += w1_p1_p0 * x_p0
+            a1_m1 += w1_p1_p0 * x0_p0
         if _U1_p1_p1:
-            a1_m1 += w1_p1_p1 * x_p1
+            a1_m1 += w1_p1_p1 * x0_p1
         if _U1_p1_p2:
-            a1_m1 += w1_p1_p2 * x_p2
+            a1_m1 += w1_p1_p2 * x0_p2
         if _U1_p0_m2:
-            a1_p0 += w1_p0_m2 * x_m2
+            a1_p0 += w1_p0_m2 * x0_m2
         if _U1_p0_m1:
-            a1_p0 += w1_p0_m1 * x_m1
+            a1_p0 += w1_p0_m1 * x0_m1
         if _U1_p0_p0:
-            a1_p0 += w1_p0_p0 * x_p0
+            a1_p0 += w1_p0_p0 * x0_p0
         if _U1_p0_p1:
-            a1_p0 += w1_p0_p1 * x_p1
+            a1_p0 += w1_p0_p1 * x0_p1
         if _U1_p0_p2:
-            a1_p0 += w1_p0_p2 * x_p2
+            a1_p0 += w1_p0_p2 * x0_p2
         if _U1_m1_m2:
-            a1_p1 += w1_m1_m2 * x_m2
+            a1_p1 += w1_m1_m2 * x0_m2
         if _U1_m1_m1:
-            a1_p1 += w1_m1_m1 * x_m1
+            a1_p1 += w1_m1_m1 * x0_m1
         if _U1_m1_p0:
-            a1_p1 += w1_m1_p0 * x_p0
+            a1_p1 += w1_m1_p0 * x0_p0
         if _U1_m1_p1:
-            a1_p1 += w1_m1_p1 * x_p1
+            a1_p1 += w1_m1_p1 * x0_p1
         if _U1_m1_p2:
-            a1_p1 += w1_m1_p2 * x_p2
+            a1_p1 += w1_m1_p2 * x0_p2
         if _U1_m2_m2:
-            a1_p2 += w1_m2_m2 * x_m2
+            a1_p2 += w1_m2_m2 * x0_m2
         if _U1_m2_m1:
-            a1_p2 += w1_m2_m1 * x_m1
+            a1_p2 += w1_m2_m1 * x0_m1
         if _U1_m2_p0:
-            a1_p2 += w1_m2_p0 * x_p0
+            a1_p2 += w1_m2_p0 * x0_p0
         if _U1_m2_p1:
-            a1_p2 += w1_m2_p1 * x_p1
+            a1_p2 += w1_m2_p1 * x0_p1
         if _U1_m2_p2:
-            a1_p2 += w1_m2_p2 * x_p2
+            a1_p2 += w1_m2_p2 * x0_p2
         if _U2_p2_m2:
-            a2_m2 += w2_p2_m2 * x_m2
+            a2_m2 += w2_p2_m2 * x0_m2
         if _U2_p2_m1:
-            a2_m2 += w2_p2_m1 * x_m1
+            a2_m2 += w2_p2_m1 * x0_m1
         if _U2_p2_p0:
-            a2_m2 += w2_p2_p0 * x_p0
+            a2_m2 += w2_p2_p0 * x0_p0
         if _U2_p2_p1:
-            a2_m2 += w2_p2_p1 * x_p1
+            a2_m2 += w2_p2_p1 * x0_p1
         if _U2_p2_p2:
-            a2_m2 += w2_p2_p2 * x_p2
+            a2_m2 += w2_p2_p2 * x0_p2
         if _U2_p1_m2:
-            a2_m1 += w2_p1_m2 * x_m2
+            a2_m1 += w2_p1_m2 * x0_m2
         if _U2_p1_m1:
-            a2_m1 += w2_p1_m1 * x_m1
+            a2_m1 += w2_p1_m1 * x0_m1
         if _U2_p1_p0:
-            a2_m1 += w2_p1_p0 * x_p0
+            a2_m1 += w2_p1_p0 * x0_p0
         if _U2_p1_p1:
-            a2_m1 += w2_p1_p1 * x_p1
+            a2_m1 += w2_p1_p1 * x0_p1
         if _U2_p1_p2:
-            a2_m1 += w2_p1_p2 * x_p2
+            a2_m1 += w2_p1_p2 * x0_p2
         if _U2_p0_m2:
-            a2_p0 += w2_p0_m2 * x_m2
+            a2_p0 += w2_p0_m2 * x0_m2
         if _U2_p0_m1:
-            a2_p0 += w2_p0_m1 * x_m1
+            a2_p0 += w2_p0_m1 * x0_m1
         if _U2_p0_p0:
-            a2_p0 += w2_p0_p0 * x_p0
+            a2_p0 += w2_p0_p0 * x0_p0
         if _U2_p0_p1:
-            a2_p0 += w2_p0_p1 * x_p1
+            a2_p0 += w2_p0_p1 * x0_p1
         if _U2_p0_p2:
-            a2_p0 += w2_p0_p2 * x_p2
+            a2_p0 += w2_p0_p2 * x0_p2
         if _U2_m1_m2:
-            a2_p1 += w2_m1_m2 * x_m2
+            a2_p1 += w2_m1_m2 * x0_m2
         if _U2_m1_m1:
-            a2_p1 += w2_m1_m1 * x_m1
+            a2_p1 += w2_m1_m1 * x0_m1
         if _U2_m1_p0:
-            a2_p1 += w2_m1_p0 * x_p0
+            a2_p1 += w2_m1_p0 * x0_p0
         if _U2_m1_p1:
-            a2_p1 += w2_m1_p1 * x_p1
+            a2_p1 += w2_m1_p1 * x0_p1
         if _U2_m1_p2:
-            a2_p1 += w2_m1_p2 * x_p2
+            a2_p1 += w2_m1_p2 * x0_p2
         if _U2_m2_m2:
-            a2_p2 += w2_m2_m2 * x_m2
+            a2_p2 += w2_m2_m2 * x0_m2
         if _U2_m2_m1:
-            a2_p2 += w2_m2_m1 * x_m1
+            a2_p2 += w2_m2_m1 * x0_m1
         if _U2_m2_p0:
-            a2_p2 += w2_m2_p0 * x_p0
+            a2_p2 += w2_m2_p0 * x0_p0
         if _U2_m2_p1:
-            a2_p2 += w2_m2_p1 * x_p1
+            a2_p2 += w2_m2_p1 * x0_p1
         if _U2_m2_p2:
-            a2_p2 += w2_m2_p2 * x_p2
-        o = hin - 2
-        om = wv & (hv - 2 >= h0) & (hv - 2 < h1)
+            a2_p2 += w2_m2_p2 * x0_p2
+        om = wv & (hv0 - 2 >= h0) & (hv0 - 2 < h1)
         if NOUT > 0:
-            tl.store(o0_ptr + plane * HW + o * W + ww, a0_m2.to(o0_ptr.dtype.element_ty), mask=om)
+            tl.store(o0_ptr + plane * HW + (hb + 0 - 2) * W + ww, a0_m2.to(o0_ptr.dtype.element_ty), mask=om)
         if NOUT > 1:
-            tl.store(o1_ptr + plane * HW + o * W + ww, a1_m2.to(o1_ptr.dtype.element_ty), mask=om)
+            tl.store(o1_ptr + plane * HW + (hb + 0 - 2) * W + ww, a1_m2.to(o1_ptr.dtype.element_ty), mask=om)
         if NOUT > 2:
-            tl.store(o2_ptr + plane * HW + o * W + ww, a2_m2.to(o2_ptr.dtype.element_ty), mask=om)
+            tl.store(o2_ptr + plane * HW + (hb + 0 - 2) * W + ww, a2_m2.to(o2_ptr.dtype.element_ty), mask=om)
         a0_m2 = a0_m1
         a0_m1 = a0_p0
         a0_p0 = a0_p1
@@ -602,13 +628,532 @@ def _dw_fwd_roll(
         a2_p0 = a2_p1
         a2_p1 = a2_p2
         a2_p2 = tl.zeros([BW], dtype=tl.float32)
+        if ROWS > 1:
+            if _U0_p2_m2:
+                a0_m2 += w0_p2_m2 * x1_m2
+            if _U0_p2_m1:
+                a0_m2 += w0_p2_m1 * x1_m1
+            if _U0_p2_p0:
+                a0_m2 += w0_p2_p0 * x1_p0
+            if _U0_p2_p1:
+                a0_m2 += w0_p2_p1 * x1_p1
+            if _U0_p2_p2:
+                a0_m2 += w0_p2_p2 * x1_p2
+            if _U0_p1_m2:
+                a0_m1 += w0_p1_m2 * x1_m2
+            if _U0_p1_m1:
+                a0_m1 += w0_p1_m1 * x1_m1
+            if _U0_p1_p0:
+                a0_m1 += w0_p1_p0 * x1_p0
+            if _U0_p1_p1:
+                a0_m1 += w0_p1_p1 * x1_p1
+            if _U0_p1_p2:
+                a0_m1 += w0_p1_p2 * x1_p2
+            if _U0_p0_m2:
+                a0_p0 += w0_p0_m2 * x1_m2
+            if _U0_p0_m1:
+                a0_p0 += w0_p0_m1 * x1_m1
+            if _U0_p0_p0:
+                a0_p0 += w0_p0_p0 * x1_p0
+            if _U0_p0_p1:
+                a0_p0 += w0_p0_p1 * x1_p1
+            if _U0_p0_p2:
+                a0_p0 += w0_p0_p2 * x1_p2
+            if _U0_m1_m2:
+                a0_p1 += w0_m1_m2 * x1_m2
+            if _U0_m1_m1:
+                a0_p1 += w0_m1_m1 * x1_m1
+            if _U0_m1_p0:
+                a0_p1 += w0_m1_p0 * x1_p0
+            if _U0_m1_p1:
+                a0_p1 += w0_m1_p1 * x1_p1
+            if _U0_m1_p2:
+                a0_p1 += w0_m1_p2 * x1_p2
+            if _U0_m2_m2:
+                a0_p2 += w0_m2_m2 * x1_m2
+            if _U0_m2_m1:
+                a0_p2 += w0_m2_m1 * x1_m1
+            if _U0_m2_p0:
+                a0_p2 += w0_m2_p0 * x1_p0
+            if _U0_m2_p1:
+                a0_p2 += w0_m2_p1 * x1_p1
+            if _U0_m2_p2:
+                a0_p2 += w0_m2_p2 * x1_p2
+            if _U1_p2_m2:
+                a1_m2 += w1_p2_m2 * x1_m2
+            if _U1_p2_m1:
+                a1_m2 += w1_p2_m1 * x1_m1
+            if _U1_p2_p0:
+                a1_m2 += w1_p2_p0 * x1_p0
+            if _U1_p2_p1:
+                a1_m2 += w1_p2_p1 * x1_p1
+            if _U1_p2_p2:
+                a1_m2 += w1_p2_p2 * x1_p2
+            if _U1_p1_m2:
+                a1_m1 += w1_p1_m2 * x1_m2
+            if _U1_p1_m1:
+                a1_m1 += w1_p1_m1 * x1_m1
+            if _U1_p1_p0:
+                a1_m1 += w1_p1_p0 * x1_p0
+            if _U1_p1_p1:
+                a1_m1 += w1_p1_p1 * x1_p1
+            if _U1_p1_p2:
+                a1_m1 += w1_p1_p2 * x1_p2
+            if _U1_p0_m2:
+                a1_p0 += w1_p0_m2 * x1_m2
+            if _U1_p0_m1:
+                a1_p0 += w1_p0_m1 * x1_m1
+            if _U1_p0_p0:
+                a1_p0 += w1_p0_p0 * x1_p0
+            if _U1_p0_p1:
+                a1_p0 += w1_p0_p1 * x1_p1
+            if _U1_p0_p2:
+                a1_p0 += w1_p0_p2 * x1_p2
+            if _U1_m1_m2:
+                a1_p1 += w1_m1_m2 * x1_m2
+            if _U1_m1_m1:
+                a1_p1 += w1_m1_m1 * x1_m1
+            if _U1_m1_p0:
+                a1_p1 += w1_m1_p0 * x1_p0
+            if _U1_m1_p1:
+                a1_p1 += w1_m1_p1 * x1_p1
+            if _U1_m1_p2:
+                a1_p1 += w1_m1_p2 * x1_p2
+            if _U1_m2_m2:
+                a1_p2 += w1_m2_m2 * x1_m2
+            if _U1_m2_m1:
+                a1_p2 += w1_m2_m1 * x1_m1
+            if _U1_m2_p0:
+                a1_p2 += w1_m2_p0 * x1_p0
+            if _U1_m2_p1:
+                a1_p2 += w1_m2_p1 * x1_p1
+            if _U1_m2_p2:
+                a1_p2 += w1_m2_p2 * x1_p2
+            if _U2_p2_m2:
+                a2_m2 += w2_p2_m2 * x1_m2
+            if _U2_p2_m1:
+                a2_m2 += w2_p2_m1 * x1_m1
+            if _U2_p2_p0:
+                a2_m2 += w2_p2_p0 * x1_p0
+            if _U2_p2_p1:
+                a2_m2 += w2_p2_p1 * x1_p1
+            if _U2_p2_p2:
+                a2_m2 += w2_p2_p2 * x1_p2
+            if _U2_p1_m2:
+                a2_m1 += w2_p1_m2 * x1_m2
+            if _U2_p1_m1:
+                a2_m1 += w2_p1_m1 * x1_m1
+            if _U2_p1_p0:
+                a2_m1 += w2_p1_p0 * x1_p0
+            if _U2_p1_p1:
+                a2_m1 += w2_p1_p1 * x1_p1
+            if _U2_p1_p2:
+                a2_m1 += w2_p1_p2 * x1_p2
+            if _U2_p0_m2:
+                a2_p0 += w2_p0_m2 * x1_m2
+            if _U2_p0_m1:
+                a2_p0 += w2_p0_m1 * x1_m1
+            if _U2_p0_p0:
+                a2_p0 += w2_p0_p0 * x1_p0
+            if _U2_p0_p1:
+                a2_p0 += w2_p0_p1 * x1_p1
+            if _U2_p0_p2:
+                a2_p0 += w2_p0_p2 * x1_p2
+            if _U2_m1_m2:
+                a2_p1 += w2_m1_m2 * x1_m2
+            if _U2_m1_m1:
+                a2_p1 += w2_m1_m1 * x1_m1
+            if _U2_m1_p0:
+                a2_p1 += w2_m1_p0 * x1_p0
+            if _U2_m1_p1:
+                a2_p1 += w2_m1_p1 * x1_p1
+            if _U2_m1_p2:
+                a2_p1 += w2_m1_p2 * x1_p2
+            if _U2_m2_m2:
+                a2_p2 += w2_m2_m2 * x1_m2
+            if _U2_m2_m1:
+                a2_p2 += w2_m2_m1 * x1_m1
+            if _U2_m2_p0:
+                a2_p2 += w2_m2_p0 * x1_p0
+            if _U2_m2_p1:
+                a2_p2 += w2_m2_p1 * x1_p1
+            if _U2_m2_p2:
+                a2_p2 += w2_m2_p2 * x1_p2
+            om = wv & (hv1 - 2 >= h0) & (hv1 - 2 < h1)
+            if NOUT > 0:
+                tl.store(o0_ptr + plane * HW + (hb + 1 - 2) * W + ww, a0_m2.to(o0_ptr.dtype.element_ty), mask=om)
+            if NOUT > 1:
+                tl.store(o1_ptr + plane * HW + (hb + 1 - 2) * W + ww, a1_m2.to(o1_ptr.dtype.element_ty), mask=om)
+            if NOUT > 2:
+                tl.store(o2_ptr + plane * HW + (hb + 1 - 2) * W + ww, a2_m2.to(o2_ptr.dtype.element_ty), mask=om)
+            a0_m2 = a0_m1
+            a0_m1 = a0_p0
+            a0_p0 = a0_p1
+            a0_p1 = a0_p2
+            a0_p2 = tl.zeros([BW], dtype=tl.float32)
+            a1_m2 = a1_m1
+            a1_m1 = a1_p0
+            a1_p0 = a1_p1
+            a1_p1 = a1_p2
+            a1_p2 = tl.zeros([BW], dtype=tl.float32)
+            a2_m2 = a2_m1
+            a2_m1 = a2_p0
+            a2_p0 = a2_p1
+            a2_p1 = a2_p2
+            a2_p2 = tl.zeros([BW], dtype=tl.float32)
+        if ROWS > 2:
+            if _U0_p2_m2:
+                a0_m2 += w0_p2_m2 * x2_m2
+            if _U0_p2_m1:
+                a0_m2 += w0_p2_m1 * x2_m1
+            if _U0_p2_p0:
+                a0_m2 += w0_p2_p0 * x2_p0
+            if _U0_p2_p1:
+                a0_m2 += w0_p2_p1 * x2_p1
+            if _U0_p2_p2:
+                a0_m2 += w0_p2_p2 * x2_p2
+            if _U0_p1_m2:
+                a0_m1 += w0_p1_m2 * x2_m2
+            if _U0_p1_m1:
+                a0_m1 += w0_p1_m1 * x2_m1
+            if _U0_p1_p0:
+                a0_m1 += w0_p1_p0 * x2_p0
+            if _U0_p1_p1:
+                a0_m1 += w0_p1_p1 * x2_p1
+            if _U0_p1_p2:
+                a0_m1 += w0_p1_p2 * x2_p2
+            if _U0_p0_m2:
+                a0_p0 += w0_p0_m2 * x2_m2
+            if _U0_p0_m1:
+                a0_p0 += w0_p0_m1 * x2_m1
+            if _U0_p0_p0:
+                a0_p0 += w0_p0_p0 * x2_p0
+            if _U0_p0_p1:
+                a0_p0 += w0_p0_p1 * x2_p1
+            if _U0_p0_p2:
+                a0_p0 += w0_p0_p2 * x2_p2
+            if _U0_m1_m2:
+                a0_p1 += w0_m1_m2 * x2_m2
+            if _U0_m1_m1:
+                a0_p1 += w0_m1_m1 * x2_m1
+            if _U0_m1_p0:
+                a0_p1 += w0_m1_p0 * x2_p0
+            if _U0_m1_p1:
+                a0_p1 += w0_m1_p1 * x2_p1
+            if _U0_m1_p2:
+                a0_p1 += w0_m1_p2 * x2_p2
+            if _U0_m2_m2:
+                a0_p2 += w0_m2_m2 * x2_m2
+            if _U0_m2_m1:
+                a0_p2 += w0_m2_m1 * x2_m1
+            if _U0_m2_p0:
+                a0_p2 += w0_m2_p0 * x2_p0
+            if _U0_m2_p1:
+                a0_p2 += w0_m2_p1 * x2_p1
+            if _U0_m2_p2:
+                a0_p2 += w0_m2_p2 * x2_p2
+            if _U1_p2_m2:
+                a1_m2 += w1_p2_m2 * x2_m2
+            if _U1_p2_m1:
+                a1_m2 += w1_p2_m1 * x2_m1
+            if _U1_p2_p0:
+                a1_m2 += w1_p2_p0 * x2_p0
+            if _U1_p2_p1:
+                a1_m2 += w1_p2_p1 * x2_p1
+            if _U1_p2_p2:
+                a1_m2 += w1_p2_p2 * x2_p2
+            if _U1_p1_m2:
+                a1_m1 += w1_p1_m2 * x2_m2
+            if _U1_p1_m1:
+                a1_m1 += w1_p1_m1 * x2_m1
+            if _U1_p1_p0:
+                a1_m1 += w1_p1_p0 * x2_p0
+            if _U1_p1_p1:
+                a1_m1 += w1_p1_p1 * x2_p1
+            if _U1_p1_p2:
+                a1_m1 += w1_p1_p2 * x2_p2
+            if _U1_p0_m2:
+                a1_p0 += w1_p0_m2 * x2_m2
+            if _U1_p0_m1:
+                a1_p0 += w1_p0_m1 * x2_m1
+            if _U1_p0_p0:
+                a1_p0 += w1_p0_p0 * x2_p0
+            if _U1_p0_p1:
+                a1_p0 += w1_p0_p1 * x2_p1
+            if _U1_p0_p2:
+                a1_p0 += w1_p0_p2 * x2_p2
+            if _U1_m1_m2:
+                a1_p1 += w1_m1_m2 * x2_m2
+            if _U1_m1_m1:
+                a1_p1 += w1_m1_m1 * x2_m1
+            if _U1_m1_p0:
+                a1_p1 += w1_m1_p0 * x2_p0
+            if _U1_m1_p1:
+                a1_p1 += w1_m1_p1 * x2_p1
+            if _U1_m1_p2:
+                a1_p1 += w1_m1_p2 * x2_p2
+            if _U1_m2_m2:
+                a1_p2 += w1_m2_m2 * x2_m2
+            if _U1_m2_m1:
+                a1_p2 += w1_m2_m1 * x2_m1
+            if _U1_m2_p0:
+                a1_p2 += w1_m2_p0 * x2_p0
+            if _U1_m2_p1:
+                a1_p2 += w1_m2_p1 * x2_p1
+            if _U1_m2_p2:
+                a1_p2 += w1_m2_p2 * x2_p2
+            if _U2_p2_m2:
+                a2_m2 += w2_p2_m2 * x2_m2
+            if _U2_p2_m1:
+                a2_m2 += w2_p2_m1 * x2_m1
+            if _U2_p2_p0:
+                a2_m2 += w2_p2_p0 * x2_p0
+            if _U2_p2_p1:
+                a2_m2 += w2_p2_p1 * x2_p1
+            if _U2_p2_p2:
+                a2_m2 += w2_p2_p2 * x2_p2
+            if _U2_p1_m2:
+                a2_m1 += w2_p1_m2 * x2_m2
+            if _U2_p1_m1:
+                a2_m1 += w2_p1_m1 * x2_m1
+            if _U2_p1_p0:
+                a2_m1 += w2_p1_p0 * x2_p0
+            if _U2_p1_p1:
+                a2_m1 += w2_p1_p1 * x2_p1
+            if _U2_p1_p2:
+                a2_m1 += w2_p1_p2 * x2_p2
+            if _U2_p0_m2:
+                a2_p0 += w2_p0_m2 * x2_m2
+            if _U2_p0_m1:
+                a2_p0 += w2_p0_m1 * x2_m1
+            if _U2_p0_p0:
+                a2_p0 += w2_p0_p0 * x2_p0
+            if _U2_p0_p1:
+                a2_p0 += w2_p0_p1 * x2_p1
+            if _U2_p0_p2:
+                a2_p0 += w2_p0_p2 * x2_p2
+            if _U2_m1_m2:
+                a2_p1 += w2_m1_m2 * x2_m2
+            if _U2_m1_m1:
+                a2_p1 += w2_m1_m1 * x2_m1
+            if _U2_m1_p0:
+                a2_p1 += w2_m1_p0 * x2_p0
+            if _U2_m1_p1:
+                a2_p1 += w2_m1_p1 * x2_p1
+            if _U2_m1_p2:
+                a2_p1 += w2_m1_p2 * x2_p2
+            if _U2_m2_m2:
+                a2_p2 += w2_m2_m2 * x2_m2
+            if _U2_m2_m1:
+                a2_p2 += w2_m2_m1 * x2_m1
+            if _U2_m2_p0:
+                a2_p2 += w2_m2_p0 * x2_p0
+            if _U2_m2_p1:
+                a2_p2 += w2_m2_p1 * x2_p1
+            if _U2_m2_p2:
+                a2_p2 += w2_m2_p2 * x2_p2
+            om = wv & (hv2 - 2 >= h0) & (hv2 - 2 < h1)
+            if NOUT > 0:
+                tl.store(o0_ptr + plane * HW + (hb + 2 - 2) * W + ww, a0_m2.to(o0_ptr.dtype.element_ty), mask=om)
+            if NOUT > 1:
+                tl.store(o1_ptr + plane * HW + (hb + 2 - 2) * W + ww, a1_m2.to(o1_ptr.dtype.element_ty), mask=om)
+            if NOUT > 2:
+                tl.store(o2_ptr + plane * HW + (hb + 2 - 2) * W + ww, a2_m2.to(o2_ptr.dtype.element_ty), mask=om)
+            a0_m2 = a0_m1
+            a0_m1 = a0_p0
+            a0_p0 = a0_p1
+            a0_p1 = a0_p2
+            a0_p2 = tl.zeros([BW], dtype=tl.float32)
+            a1_m2 = a1_m1
+            a1_m1 = a1_p0
+            a1_p0 = a1_p1
+            a1_p1 = a1_p2
+            a1_p2 = tl.zeros([BW], dtype=tl.float32)
+            a2_m2 = a2_m1
+            a2_m1 = a2_p0
+            a2_p0 = a2_p1
+            a2_p1 = a2_p2
+            a2_p2 = tl.zeros([BW], dtype=tl.float32)
+        if ROWS > 3:
+            if _U0_p2_m2:
+                a0_m2 += w0_p2_m2 * x3_m2
+            if _U0_p2_m1:
+                a0_m2 += w0_p2_m1 * x3_m1
+            if _U0_p2_p0:
+                a0_m2 += w0_p2_p0 * x3_p0
+            if _U0_p2_p1:
+                a0_m2 += w0_p2_p1 * x3_p1
+            if _U0_p2_p2:
+                a0_m2 += w0_p2_p2 * x3_p2
+            if _U0_p1_m2:
+                a0_m1 += w0_p1_m2 * x3_m2
+            if _U0_p1_m1:
+                a0_m1 += w0_p1_m1 * x3_m1
+            if _U0_p1_p0:
+                a0_m1 += w0_p1_p0 * x3_p0
+            if _U0_p1_p1:
+                a0_m1 += w0_p1_p1 * x3_p1
+            if _U0_p1_p2:
+                a0_m1 += w0_p1_p2 * x3_p2
+            if _U0_p0_m2:
+                a0_p0 += w0_p0_m2 * x3_m2
+            if _U0_p0_m1:
+                a0_p0 += w0_p0_m1 * x3_m1
+            if _U0_p0_p0:
+                a0_p0 += w0_p0_p0 * x3_p0
+            if _U0_p0_p1:
+                a0_p0 += w0_p0_p1 * x3_p1
+            if _U0_p0_p2:
+                a0_p0 += w0_p0_p2 * x3_p2
+            if _U0_m1_m2:
+                a0_p1 += w0_m1_m2 * x3_m2
+            if _U0_m1_m1:
+                a0_p1 += w0_m1_m1 * x3_m1
+            if _U0_m1_p0:
+                a0_p1 += w0_m1_p0 * x3_p0
+            if _U0_m1_p1:
+                a0_p1 += w0_m1_p1 * x3_p1
+            if _U0_m1_p2:
+                a0_p1 += w0_m1_p2 * x3_p2
+            if _U0_m2_m2:
+                a0_p2 += w0_m2_m2 * x3_m2
+            if _U0_m2_m1:
+                a0_p2 += w0_m2_m1 * x3_m1
+            if _U0_m2_p0:
+                a0_p2 += w0_m2_p0 * x3_p0
+            if _U0_m2_p1:
+                a0_p2 += w0_m2_p1 * x3_p1
+            if _U0_m2_p2:
+                a0_p2 += w0_m2_p2 * x3_p2
+            if _U1_p2_m2:
+                a1_m2 += w1_p2_m2 * x3_m2
+            if _U1_p2_m1:
+                a1_m2 += w1_p2_m1 * x3_m1
+            if _U1_p2_p0:
+                a1_m2 += w1_p2_p0 * x3_p0
+            if _U1_p2_p1:
+                a1_m2 += w1_p2_p1 * x3_p1
+            if _U1_p2_p2:
+                a1_m2 += w1_p2_p2 * x3_p2
+            if _U1_p1_m2:
+                a1_m1 += w1_p1_m2 * x3_m2
+            if _U1_p1_m1:
+                a1_m1 += w1_p1_m1 * x3_m1
+            if _U1_p1_p0:
+                a1_m1 += w1_p1_p0 * x3_p0
+            if _U1_p1_p1:
+                a1_m1 += w1_p1_p1 * x3_p1
+            if _U1_p1_p2:
+                a1_m1 += w1_p1_p2 * x3_p2
+            if _U1_p0_m2:
+                a1_p0 += w1_p0_m2 * x3_m2
+            if _U1_p0_m1:
+                a1_p0 += w1_p0_m1 * x3_m1
+            if _U1_p0_p0:
+                a1_p0 += w1_p0_p0 * x3_p0
+            if _U1_p0_p1:
+                a1_p0 += w1_p0_p1 * x3_p1
+            if _U1_p0_p2:
+                a1_p0 += w1_p0_p2 * x3_p2
+            if _U1_m1_m2:
+                a1_p1 += w1_m1_m2 * x3_m2
+            if _U1_m1_m1:
+                a1_p1 += w1_m1_m1 * x3_m1
+            if _U1_m1_p0:
+                a1_p1 += w1_m1_p0 * x3_p0
+            if _U1_m1_p1:
+                a1_p1 += w1_m1_p1 * x3_p1
+            if _U1_m1_p2:
+                a1_p1 += w1_m1_p2 * x3_p2
+            if _U1_m2_m2:
+                a1_p2 += w1_m2_m2 * x3_m2
+            if _U1_m2_m1:
+                a1_p2 += w1_m2_m1 * x3_m1
+            if _U1_m2_p0:
+                a1_p2 += w1_m2_p0 * x3_p0
+            if _U1_m2_p1:
+                a1_p2 += w1_m2_p1 * x3_p1
+            if _U1_m2_p2:
+                a1_p2 += w1_m2_p2 * x3_p2
+            if _U2_p2_m2:
+                a2_m2 += w2_p2_m2 * x3_m2
+            if _U2_p2_m1:
+                a2_m2 += w2_p2_m1 * x3_m1
+            if _U2_p2_p0:
+                a2_m2 += w2_p2_p0 * x3_p0
+            if _U2_p2_p1:
+                a2_m2 += w2_p2_p1 * x3_p1
+            if _U2_p2_p2:
+                a2_m2 += w2_p2_p2 * x3_p2
+            if _U2_p1_m2:
+                a2_m1 += w2_p1_m2 * x3_m2
+            if _U2_p1_m1:
+                a2_m1 += w2_p1_m1 * x3_m1
+            if _U2_p1_p0:
+                a2_m1 += w2_p1_p0 * x3_p0
+            if _U2_p1_p1:
+                a2_m1 += w2_p1_p1 * x3_p1
+            if _U2_p1_p2:
+                a2_m1 += w2_p1_p2 * x3_p2
+            if _U2_p0_m2:
+                a2_p0 += w2_p0_m2 * x3_m2
+            if _U2_p0_m1:
+                a2_p0 += w2_p0_m1 * x3_m1
+            if _U2_p0_p0:
+                a2_p0 += w2_p0_p0 * x3_p0
+            if _U2_p0_p1:
+                a2_p0 += w2_p0_p1 * x3_p1
+            if _U2_p0_p2:
+                a2_p0 += w2_p0_p2 * x3_p2
+            if _U2_m1_m2:
+                a2_p1 += w2_m1_m2 * x3_m2
+            if _U2_m1_m1:
+                a2_p1 += w2_m1_m1 * x3_m1
+            if _U2_m1_p0:
+                a2_p1 += w2_m1_p0 * x3_p0
+            if _U2_m1_p1:
+                a2_p1 += w2_m1_p1 * x3_p1
+            if _U2_m1_p2:
+                a2_p1 += w2_m1_p2 * x3_p2
+            if _U2_m2_m2:
+                a2_p2 += w2_m2_m2 * x3_m2
+            if _U2_m2_m1:
+                a2_p2 += w2_m2_m1 * x3_m1
+            if _U2_m2_p0:
+                a2_p2 += w2_m2_p0 * x3_p0
+            if _U2_m2_p1:
+                a2_p2 += w2_m2_p1 * x3_p1
+            if _U2_m2_p2:
+                a2_p2 += w2_m2_p2 * x3_p2
+            om = wv & (hv3 - 2 >= h0) & (hv3 - 2 < h1)
+            if NOUT > 0:
+                tl.store(o0_ptr + plane * HW + (hb + 3 - 2) * W + ww, a0_m2.to(o0_ptr.dtype.element_ty), mask=om)
+            if NOUT > 1:
+                tl.store(o1_ptr + plane * HW + (hb + 3 - 2) * W + ww, a1_m2.to(o1_ptr.dtype.element_ty), mask=om)
+            if NOUT > 2:
+                tl.store(o2_ptr + plane * HW + (hb + 3 - 2) * W + ww, a2_m2.to(o2_ptr.dtype.element_ty), mask=om)
+            a0_m2 = a0_m1
+            a0_m1 = a0_p0
+            a0_p0 = a0_p1
+            a0_p1 = a0_p2
+            a0_p2 = tl.zeros([BW], dtype=tl.float32)
+            a1_m2 = a1_m1
+            a1_m1 = a1_p0
+            a1_p0 = a1_p1
+            a1_p1 = a1_p2
+            a1_p2 = tl.zeros([BW], dtype=tl.float32)
+            a2_m2 = a2_m1
+            a2_m1 = a2_p0
+            a2_p0 = a2_p1
+            a2_p1 = a2_p2
+            a2_p2 = tl.zeros([BW], dtype=tl.float32)
 
 
 @triton.jit
 def _dw_dx_roll(
     g0_ptr, g1_ptr, g2_ptr, w0_ptr, w1_ptr, w2_ptr, dx_ptr, H, W, RCHUNK, ACC: tl.constexpr,
     NOUT: tl.constexpr, KH0: tl.constexpr, KW0: tl.constexpr, KH1: tl.constexpr, KW1: tl.constexpr, KH2: tl.constexpr, KW2: tl.constexpr,
-    BW: tl.constexpr,
+    BW: tl.constexpr, ROWS: tl.constexpr,
 ):
     plane = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -1002,225 +1547,422 @@ def _dw_dx_roll(
     a_p2 = tl.zeros([BW], dtype=tl.float32)
     h0 = split * RCHUNK
     h1 = tl.minimum(h0 + RCHUNK, H)
-    for hin in range(h0 - 2, h1 + 2):
-        hv = ww * 0 + hin
-        rv = (hv >= 0) & (hv < H)
-        rp0 = g0_ptr + plane * HW + hin * W + ww
+    for hb in range(h0 - 2, h1 + 2, ROWS):
+        hv0 = ww * 0 + (hb + 0)
+        rv0 = (hv0 >= 0) & (hv0 < H)
+        rp0 = g0_ptr + plane * HW + (hb + 0) * W + ww
         if (NOUT > 0) & (4 <= (KW0 // 2) * (KW0 // 2)):
-            g0_m2 = tl.load(rp0 - -2, mask=c_m2 & rv, other=0.0).to(tl.float32)
+            g00_m2 = tl.load(rp0 - -2, mask=c_m2 & rv0, other=0.0).to(tl.float32)
         else:
-            g0_m2 = tl.zeros([BW], dtype=tl.float32)
+            g00_m2 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 0) & (1 <= (KW0 // 2) * (KW0 // 2)):
-            g0_m1 = tl.load(rp0 - -1, mask=c_m1 & rv, other=0.0).to(tl.float32)
+            g00_m1 = tl.load(rp0 - -1, mask=c_m1 & rv0, other=0.0).to(tl.float32)
         else:
-            g0_m1 = tl.zeros([BW], dtype=tl.float32)
+            g00_m1 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 0) & (0 <= (KW0 // 2) * (KW0 // 2)):
-            g0_p0 = tl.load(rp0 - 0, mask=c_p0 & rv, other=0.0).to(tl.float32)
+            g00_p0 = tl.load(rp0 - 0, mask=c_p0 & rv0, other=0.0).to(tl.float32)
         else:
-            g0_p0 = tl.zeros([BW], dtype=tl.float32)
+            g00_p0 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 0) & (1 <= (KW0 // 2) * (KW0 // 2)):
-            g0_p1 = tl.load(rp0 - 1, mask=c_p1 & rv, other=0.0).to(tl.float32)
+            g00_p1 = tl.load(rp0 - 1, mask=c_p1 & rv0, other=0.0).to(tl.float32)
         else:
-            g0_p1 = tl.zeros([BW], dtype=tl.float32)
+            g00_p1 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 0) & (4 <= (KW0 // 2) * (KW0 // 2)):
-            g0_p2 = tl.load(rp0 - 2, mask=c_p2 & rv, other=0.0).to(tl.float32)
+            g00_p2 = tl.load(rp0 - 2, mask=c_p2 & rv0, other=0.0).to(tl.float32)
         else:
-            g0_p2 = tl.zeros([BW], dtype=tl.float32)
-        rp1 = g1_ptr + plane * HW + hin * W + ww
+            g00_p2 = tl.zeros([BW], dtype=tl.float32)
+        rp1 = g1_ptr + plane * HW + (hb + 0) * W + ww
         if (NOUT > 1) & (4 <= (KW1 // 2) * (KW1 // 2)):
-            g1_m2 = tl.load(rp1 - -2, mask=c_m2 & rv, other=0.0).to(tl.float32)
+            g01_m2 = tl.load(rp1 - -2, mask=c_m2 & rv0, other=0.0).to(tl.float32)
         else:
-            g1_m2 = tl.zeros([BW], dtype=tl.float32)
+            g01_m2 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 1) & (1 <= (KW1 // 2) * (KW1 // 2)):
-            g1_m1 = tl.load(rp1 - -1, mask=c_m1 & rv, other=0.0).to(tl.float32)
+            g01_m1 = tl.load(rp1 - -1, mask=c_m1 & rv0, other=0.0).to(tl.float32)
         else:
-            g1_m1 = tl.zeros([BW], dtype=tl.float32)
+            g01_m1 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 1) & (0 <= (KW1 // 2) * (KW1 // 2)):
-            g1_p0 = tl.load(rp1 - 0, mask=c_p0 & rv, other=0.0).to(tl.float32)
+            g01_p0 = tl.load(rp1 - 0, mask=c_p0 & rv0, other=0.0).to(tl.float32)
         else:
-            g1_p0 = tl.zeros([BW], dtype=tl.float32)
+            g01_p0 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 1) & (1 <= (KW1 // 2) * (KW1 // 2)):
-            g1_p1 = tl.load(rp1 - 1, mask=c_p1 & rv, other=0.0).to(tl.float32)
+            g01_p1 = tl.load(rp1 - 1, mask=c_p1 & rv0, other=0.0).to(tl.float32)
         else:
-            g1_p1 = tl.zeros([BW], dtype=tl.float32)
+            g01_p1 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 1) & (4 <= (KW1 // 2) * (KW1 // 2)):
-            g1_p2 = tl.load(rp1 - 2, mask=c_p2 & rv, other=0.0).to(tl.float32)
+            g01_p2 = tl.load(rp1 - 2, mask=c_p2 & rv0, other=0.0).to(tl.float32)
         else:
-            g1_p2 = tl.zeros([BW], dtype=tl.float32)
-        rp2 = g2_ptr + plane * HW + hin * W + ww
+            g01_p2 = tl.zeros([BW], dtype=tl.float32)
+        rp2 = g2_ptr + plane * HW + (hb + 0) * W + ww
         if (NOUT > 2) & (4 <= (KW2 // 2) * (KW2 // 2)):
-            g2_m2 = tl.load(rp2 - -2, mask=c_m2 & rv, other=0.0).to(tl.float32)
+            g02_m2 = tl.load(rp2 - -2, mask=c_m2 & rv0, other=0.0).to(tl.float32)
         else:
-            g2_m2 = tl.zeros([BW], dtype=tl.float32)
+            g02_m2 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 2) & (1 <= (KW2 // 2) * (KW2 // 2)):
-            g2_m1 = tl.load(rp2 - -1, mask=c_m1 & rv, other=0.0).to(tl.float32)
+            g02_m1 = tl.load(rp2 - -1, mask=c_m1 & rv0, other=0.0).to(tl.float32)
         else:
-            g2_m1 = tl.zeros([BW], dtype=tl.float32)
+            g02_m1 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 2) & (0 <= (KW2 // 2) * (KW2 // 2)):
-            g2_p0 = tl.load(rp2 - 0, mask=c_p0 & rv, other=0.0).to(tl.float32)
+            g02_p0 = tl.load(rp2 - 0, mask=c_p0 & rv0, other=0.0).to(tl.float32)
         else:
-            g2_p0 = tl.zeros([BW], dtype=tl.float32)
+            g02_p0 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 2) & (1 <= (KW2 // 2) * (KW2 // 2)):
-            g2_p1 = tl.load(rp2 - 1, mask=c_p1 & rv, other=0.0).to(tl.float32)
+            g02_p1 = tl.load(rp2 - 1, mask=c_p1 & rv0, other=0.0).to(tl.float32)
         else:
-            g2_p1 = tl.zeros([BW], dtype=tl.float32)
+            g02_p1 = tl.zeros([BW], dtype=tl.float32)
         if (NOUT > 2) & (4 <= (KW2 // 2) * (KW2 // 2)):
-            g2_p2 = tl.load(rp2 - 2, mask=c_p2 & rv, other=0.0).to(tl.float32)
+            g02_p2 = tl.load(rp2 - 2, mask=c_p2 & rv0, other=0.0).to(tl.float32)
         else:
-            g2_p2 = tl.zeros([BW], dtype=tl.float32)
+            g02_p2 = tl.zeros([BW], dtype=tl.float32)
+        if ROWS > 1:
+            hv1 = ww * 0 + (hb + 1)
+            rv1 = (hv1 >= 0) & (hv1 < H)
+            rp0 = g0_ptr + plane * HW + (hb + 1) * W + ww
+            if (NOUT > 0) & (4 <= (KW0 // 2) * (KW0 // 2)):
+                g10_m2 = tl.load(rp0 - -2, mask=c_m2 & rv1, other=0.0).to(tl.float32)
+            else:
+                g10_m2 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (1 <= (KW0 // 2) * (KW0 // 2)):
+                g10_m1 = tl.load(rp0 - -1, mask=c_m1 & rv1, other=0.0).to(tl.float32)
+            else:
+                g10_m1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (0 <= (KW0 // 2) * (KW0 // 2)):
+                g10_p0 = tl.load(rp0 - 0, mask=c_p0 & rv1, other=0.0).to(tl.float32)
+            else:
+                g10_p0 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (1 <= (KW0 // 2) * (KW0 // 2)):
+                g10_p1 = tl.load(rp0 - 1, mask=c_p1 & rv1, other=0.0).to(tl.float32)
+            else:
+                g10_p1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (4 <= (KW0 // 2) * (KW0 // 2)):
+                g10_p2 = tl.load(rp0 - 2, mask=c_p2 & rv1, other=0.0).to(tl.float32)
+            else:
+                g10_p2 = tl.zeros([BW], dtype=tl.float32)
+            rp1 = g1_ptr + plane * HW + (hb + 1) * W + ww
+            if (NOUT > 1) & (4 <= (KW1 // 2) * (KW1 // 2)):
+                g11_m2 = tl.load(rp1 - -2, mask=c_m2 & rv1, other=0.0).to(tl.float32)
+            else:
+                g11_m2 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (1 <= (KW1 // 2) * (KW1 // 2)):
+                g11_m1 = tl.load(rp1 - -1, mask=c_m1 & rv1, other=0.0).to(tl.float32)
+            else:
+                g11_m1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (0 <= (KW1 // 2) * (KW1 // 2)):
+                g11_p0 = tl.load(rp1 - 0, mask=c_p0 & rv1, other=0.0).to(tl.float32)
+            else:
+                g11_p0 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (1 <= (KW1 // 2) * (KW1 // 2)):
+                g11_p1 = tl.load(rp1 - 1, mask=c_p1 & rv1, other=0.0).to(tl.float32)
+            else:
+                g11_p1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (4 <= (KW1 // 2) * (KW1 // 2)):
+                g11_p2 = tl.load(rp1 - 2, mask=c_p2 & rv1, other=0.0).to(tl.float32)
+            else:
+                g11_p2 = tl.zeros([BW], dtype=tl.float32)
+            rp2 = g2_ptr + plane * HW + (hb + 1) * W + ww
+            if (NOUT > 2) & (4 <= (KW2 // 2) * (KW2 // 2)):
+                g12_m2 = tl.load(rp2 - -2, mask=c_m2 & rv1, other=0.0).to(tl.float32)
+            else:
+                g12_m2 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (1 <= (KW2 // 2) * (KW2 // 2)):
+                g12_m1 = tl.load(rp2 - -1, mask=c_m1 & rv1, other=0.0).to(tl.float32)
+            else:
+                g12_m1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (0 <= (KW2 // 2) * (KW2 // 2)):
+                g12_p0 = tl.load(rp2 - 0, mask=c_p0 & rv1, other=0.0).to(tl.float32)
+            else:
+                g12_p0 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (1 <= (KW2 // 2) * (KW2 // 2)):
+                g12_p1 = tl.load(rp2 - 1, mask=c_p1 & rv1, other=0.0).to(tl.float32)
+            else:
+                g12_p1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (4 <= (KW2 // 2) * (KW2 // 2)):
+                g12_p2 = tl.load(rp2 - 2, mask=c_p2 & rv1, other=0.0).to(tl.float32)
+            else:
+                g12_p2 = tl.zeros([BW], dtype=tl.float32)
+        if ROWS > 2:
+            hv2 = ww * 0 + (hb + 2)
+            rv2 = (hv2 >= 0) & (hv2 < H)
+            rp0 = g0_ptr + plane * HW + (hb + 2) * W + ww
+            if (NOUT > 0) & (4 <= (KW0 // 2) * (KW0 // 2)):
+                g20_m2 = tl.load(rp0 - -2, mask=c_m2 & rv2, other=0.0).to(tl.float32)
+            else:
+                g20_m2 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (1 <= (KW0 // 2) * (KW0 // 2)):
+                g20_m1 = tl.load(rp0 - -1, mask=c_m1 & rv2, other=0.0).to(tl.float32)
+            else:
+                g20_m1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (0 <= (KW0 // 2) * (KW0 // 2)):
+                g20_p0 = tl.load(rp0 - 0, mask=c_p0 & rv2, other=0.0).to(tl.float32)
+            else:
+                g20_p0 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (1 <= (KW0 // 2) * (KW0 // 2)):
+                g20_p1 = tl.load(rp0 - 1, mask=c_p1 & rv2, other=0.0).to(tl.float32)
+            else:
+                g20_p1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (4 <= (KW0 // 2) * (KW0 // 2)):
+                g20_p2 = tl.load(rp0 - 2, mask=c_p2 & rv2, other=0.0).to(tl.float32)
+            else:
+                g20_p2 = tl.zeros([BW], dtype=tl.float32)
+            rp1 = g1_ptr + plane * HW + (hb + 2) * W + ww
+            if (NOUT > 1) & (4 <= (KW1 // 2) * (KW1 // 2)):
+                g21_m2 = tl.load(rp1 - -2, mask=c_m2 & rv2, other=0.0).to(tl.float32)
+            else:
+                g21_m2 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (1 <= (KW1 // 2) * (KW1 // 2)):
+                g21_m1 = tl.load(rp1 - -1, mask=c_m1 & rv2, other=0.0).to(tl.float32)
+            else:
+                g21_m1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (0 <= (KW1 // 2) * (KW1 // 2)):
+                g21_p0 = tl.load(rp1 - 0, mask=c_p0 & rv2, other=0.0).to(tl.float32)
+            else:
+                g21_p0 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (1 <= (KW1 // 2) * (KW1 // 2)):
+                g21_p1 = tl.load(rp1 - 1, mask=c_p1 & rv2, other=0.0).to(tl.float32)
+            else:
+                g21_p1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (4 <= (KW1 // 2) * (KW1 // 2)):
+                g21_p2 = tl.load(rp1 - 2, mask=c_p2 & rv2, other=0.0).to(tl.float32)
+            else:
+                g21_p2 = tl.zeros([BW], dtype=tl.float32)
+            rp2 = g2_ptr + plane * HW + (hb + 2) * W + ww
+            if (NOUT > 2) & (4 <= (KW2 // 2) * (KW2 // 2)):
+                g22_m2 = tl.load(rp2 - -2, mask=c_m2 & rv2, other=0.0).to(tl.float32)
+            else:
+                g22_m2 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (1 <= (KW2 // 2) * (KW2 // 2)):
+                g22_m1 = tl.load(rp2 - -1, mask=c_m1 & rv2, other=0.0).to(tl.float32)
+            else:
+                g22_m1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (0 <= (KW2 // 2) * (KW2 // 2)):
+                g22_p0 = tl.load(rp2 - 0, mask=c_p0 & rv2, other=0.0).to(tl.float32)
+            else:
+                g22_p0 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (1 <= (KW2 // 2) * (KW2 // 2)):
+                g22_p1 = tl.load(rp2 - 1, mask=c_p1 & rv2, other=0.0).to(tl.float32)
+            else:
+                g22_p1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (4 <= (KW2 // 2) * (KW2 // 2)):
+                g22_p2 = tl.load(rp2 - 2, mask=c_p2 & rv2, other=0.0).to(tl.float32)
+            else:
+                g22_p2 = tl.zeros([BW], dtype=tl.float32)
+        if ROWS > 3:
+            hv3 = ww * 0 + (hb + 3)
+            rv3 = (hv3 >= 0) & (hv3 < H)
+            rp0 = g0_ptr + plane * HW + (hb + 3) * W + ww
+            if (NOUT > 0) & (4 <= (KW0 // 2) * (KW0 // 2)):
+                g30_m2 = tl.load(rp0 - -2, mask=c_m2 & rv3, other=0.0).to(tl.float32)
+            else:
+                g30_m2 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (1 <= (KW0 // 2) * (KW0 // 2)):
+                g30_m1 = tl.load(rp0 - -1, mask=c_m1 & rv3, other=0.0).to(tl.float32)
+            else:
+                g30_m1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (0 <= (KW0 // 2) * (KW0 // 2)):
+                g30_p0 = tl.load(rp0 - 0, mask=c_p0 & rv3, other=0.0).to(tl.float32)
+            else:
+                g30_p0 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (1 <= (KW0 // 2) * (KW0 // 2)):
+                g30_p1 = tl.load(rp0 - 1, mask=c_p1 & rv3, other=0.0).to(tl.float32)
+            else:
+                g30_p1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 0) & (4 <= (KW0 // 2) * (KW0 // 2)):
+                g30_p2 = tl.load(rp0 - 2, mask=c_p2 & rv3, other=0.0).to(tl.float32)
+            else:
+                g30_p2 = tl.zeros([BW], dtype=tl.float32)
+            rp1 = g1_ptr + plane * HW + (hb + 3) * W + ww
+            if (NOUT > 1) & (4 <= (KW1 // 2) * (KW1 // 2)):
+                g31_m2 = tl.load(rp1 - -2, mask=c_m2 & rv3, other=0.0).to(tl.float32)
+            else:
+                g31_m2 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (1 <= (KW1 // 2) * (KW1 // 2)):
+                g31_m1 = tl.load(rp1 - -1, mask=c_m1 & rv3, other=0.0).to(tl.float32)
+            else:
+                g31_m1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (0 <= (KW1 // 2) * (KW1 // 2)):
+                g31_p0 = tl.load(rp1 - 0, mask=c_p0 & rv3, other=0.0).to(tl.float32)
+            else:
+                g31_p0 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (1 <= (KW1 // 2) * (KW1 // 2)):
+                g31_p1 = tl.load(rp1 - 1, mask=c_p1 & rv3, other=0.0).to(tl.float32)
+            else:
+                g31_p1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 1) & (4 <= (KW1 // 2) * (KW1 // 2)):
+                g31_p2 = tl.load(rp1 - 2, mask=c_p2 & rv3, other=0.0).to(tl.float32)
+            else:
+                g31_p2 = tl.zeros([BW], dtype=tl.float32)
+            rp2 = g2_ptr + plane * HW + (hb + 3) * W + ww
+            if (NOUT > 2) & (4 <= (KW2 // 2) * (KW2 // 2)):
+                g32_m2 = tl.load(rp2 - -2, mask=c_m2 & rv3, other=0.0).to(tl.float32)
+            else:
+                g32_m2 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (1 <= (KW2 // 2) * (KW2 // 2)):
+                g32_m1 = tl.load(rp2 - -1, mask=c_m1 & rv3, other=0.0).to(tl.float32)
+            else:
+                g32_m1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (0 <= (KW2 // 2) * (KW2 // 2)):
+                g32_p0 = tl.load(rp2 - 0, mask=c_p0 & rv3, other=0.0).to(tl.float32)
+            else:
+                g32_p0 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (1 <= (KW2 // 2) * (KW2 // 2)):
+                g32_p1 = tl.load(rp2 - 1, mask=c_p1 & rv3, other=0.0).to(tl.float32)
+            else:
+                g32_p1 = tl.zeros([BW], dtype=tl.float32)
+            if (NOUT > 2) & (4 <= (KW2 // 2) * (KW2 // 2)):
+                g32_p2 = tl.load(rp2 - 2, mask=c_p2 & rv3, other=0.0).to(tl.float32)
+            else:
+                g32_p2 = tl.zeros([BW], dtype=tl.float32)
         if _U0_m2_m2:
-            a_m2 += w0_m2_m2 * g0_m2
+            a_m2 += w0_m2_m2 * g00_m2
         if _U0_m2_m1:
-            a_m2 += w0_m2_m1 * g0_m1
+            a_m2 += w0_m2_m1 * g00_m1
         if _U0_m2_p0:
-            a_m2 += w0_m2_p0 * g0_p0
+            a_m2 += w0_m2_p0 * g00_p0
         if _U0_m2_p1:
-            a_m2 += w0_m2_p1 * g0_p1
+            a_m2 += w0_m2_p1 * g00_p1
         if _U0_m2_p2:
-            a_m2 += w0_m2_p2 * g0_p2
+            a_m2 += w0_m2_p2 * g00_p2
         if _U1_m2_m2:
-            a_m2 += w1_m2_m2 * g1_m2
+            a_m2 += w1_m2_m2 * g01_m2
         if _U1_m2_m1:
-            a_m2 += w1_m2_m1 * g1_m1
+            a_m2 += w1_m2_m1 * g01_m1
         if _U1_m2_p0:
-            a_m2 += w1_m2_p0 * g1_p0
+            a_m2 += w1_m2_p0 * g01_p0
         if _U1_m2_p1:
-            a_m2 += w1_m2_p1 * g1_p1
+            a_m2 += w1_m2_p1 * g01_p1
         if _U1_m2_p2:
-            a_m2 += w1_m2_p2 * g1_p2
+            a_m2 += w1_m2_p2 * g01_p2
         if _U2_m2_m2:
-            a_m2 += w2_m2_m2 * g2_m2
+            a_m2 += w2_m2_m2 * g02_m2
         if _U2_m2_m1:
-            a_m2 += w2_m2_m1 * g2_m1
+            a_m2 += w2_m2_m1 * g02_m1
         if _U2_m2_p0:
-            a_m2 += w2_m2_p0 * g2_p0
+            a_m2 += w2_m2_p0 * g02_p0
         if _U2_m2_p1:
-            a_m2 += w2_m2_p1 * g2_p1
+            a_m2 += w2_m2_p1 * g02_p1
         if _U2_m2_p2:
-            a_m2 += w2_m2_p2 * g2_p2
+            a_m2 += w2_m2_p2 * g02_p2
         if _U0_m1_m2:
-            a_m1 += w0_m1_m2 * g0_m2
+            a_m1 += w0_m1_m2 * g00_m2
         if _U0_m1_m1:
-            a_m1 += w0_m1_m1 * g0_m1
+            a_m1 += w0_m1_m1 * g00_m1
         if _U0_m1_p0:
-            a_m1 += w0_m1_p0 * g0_p0
+            a_m1 += w0_m1_p0 * g00_p0
         if _U0_m1_p1:
-            a_m1 += w0_m1_p1 * g0_p1
+            a_m1 += w0_m1_p1 * g00_p1
         if _U0_m1_p2:
-            a_m1 += w0_m1_p2 * g0_p2
+            a_m1 += w0_m1_p2 * g00_p2
         if _U1_m1_m2:
-            a_m1 += w1_m1_m2 * g1_m2
+            a_m1 += w1_m1_m2 * g01_m2
         if _U1_m1_m1:
-            a_m1 += w1_m1_m1 * g1_m1
+            a_m1 += w1_m1_m1 * g01_m1
         if _U1_m1_p0:
-            a_m1 += w1_m1_p0 * g1_p0
+            a_m1 += w1_m1_p0 * g01_p0
         if _U1_m1_p1:
-            a_m1 += w1_m1_p1 * g1_p1
+            a_m1 += w1_m1_p1 * g01_p1
         if _U1_m1_p2:
-            a_m1 += w1_m1_p2 * g1_p2
+            a_m1 += w1_m1_p2 * g01_p2
         if _U2_m1_m2:
-            a_m1 += w2_m1_m2 * g2_m2
+            a_m1 += w2_m1_m2 * g02_m2
         if _U2_m1_m1:
-            a_m1 += w2_m1_m1 * g2_m1
+            a_m1 += w2_m1_m1 * g02_m1
         if _U2_m1_p0:
-            a_m1 += w2_m1_p0 * g2_p0
+            a_m1 += w2_m1_p0 * g02_p0
         if _U2_m1_p1:
-            a_m1 += w2_m1_p1 * g2_p1
+            a_m1 += w2_m1_p1 * g02_p1
         if _U2_m1_p2:
-            a_m1 += w2_m1_p2 * g2_p2
+            a_m1 += w2_m1_p2 * g02_p2
         if _U0_p0_m2:
-            a_p0 += w0_p0_m2 * g0_m2
+            a_p0 += w0_p0_m2 * g00_m2
         if _U0_p0_m1:
-            a_p0 += w0_p0_m1 * g0_m1
+            a_p0 += w0_p0_m1 * g00_m1
         if _U0_p0_p0:
-            a_p0 += w0_p0_p0 * g0_p0
+            a_p0 += w0_p0_p0 * g00_p0
         if _U0_p0_p1:
-            a_p0 += w0_p0_p1 * g0_p1
+            a_p0 += w0_p0_p1 * g00_p1
         if _U0_p0_p2:
-            a_p0 += w0_p0_p2 * g0_p2
+            a_p0 += w0_p0_p2 * g00_p2
         if _U1_p0_m2:
-            a_p0 += w1_p0_m2 * g1_m2
+            a_p0 += w1_p0_m2 * g01_m2
         if _U1_p0_m1:
-            a_p0 += w1_p0_m1 * g1_m1
+            a_p0 += w1_p0_m1 * g01_m1
         if _U1_p0_p0:
-            a_p0 += w1_p0_p0 * g1_p0
+            a_p0 += w1_p0_p0 * g01_p0
         if _U1_p0_p1:
-            a_p0 += w1_p0_p1 * g1_p1
+            a_p0 += w1_p0_p1 * g01_p1
         if _U1_p0_p2:
-            a_p0 += w1_p0_p2 * g1_p2
+            a_p0 += w1_p0_p2 * g01_p2
         if _U2_p0_m2:
-            a_p0 += w2_p0_m2 * g2_m2
+            a_p0 += w2_p0_m2 * g02_m2
         if _U2_p0_m1:
-            a_p0 += w2_p0_m1 * g2_m1
+            a_p0 += w2_p0_m1 * g02_m1
         if _U2_p0_p0:
-            a_p0 += w2_p0_p0 * g2_p0
+            a_p0 += w2_p0_p0 * g02_p0
         if _U2_p0_p1:
-            a_p0 += w2_p0_p1 * g2_p1
+            a_p0 += w2_p0_p1 * g02_p1
         if _U2_p0_p2:
-            a_p0 += w2_p0_p2 * g2_p2
+            a_p0 += w2_p0_p2 * g02_p2
         if _U0_p1_m2:
-            a_p1 += w0_p1_m2 * g0_m2
+            a_p1 += w0_p1_m2 * g00_m2
         if _U0_p1_m1:
-            a_p1 += w0_p1_m1 * g0_m1
+            a_p1 += w0_p1_m1 * g00_m1
         if _U0_p1_p0:
-            a_p1 += w0_p1_p0 * g0_p0
+            a_p1 += w0_p1_p0 * g00_p0
         if _U0_p1_p1:
-            a_p1 += w0_p1_p1 * g0_p1
+            a_p1 += w0_p1_p1 * g00_p1
         if _U0_p1_p2:
-            a_p1 += w0_p1_p2 * g0_p2
+            a_p1 += w0_p1_p2 * g00_p2
         if _U1_p1_m2:
-            a_p1 += w1_p1_m2 * g1_m2
+            a_p1 += w1_p1_m2 * g01_m2
         if _U1_p1_m1:
-            a_p1 += w1_p1_m1 * g1_m1
+            a_p1 += w1_p1_m1 * g01_m1
         if _U1_p1_p0:
-            a_p1 += w1_p1_p0 * g1_p0
+            a_p1 += w1_p1_p0 * g01_p0
         if _U1_p1_p1:
-            a_p1 += w1_p1_p1 * g1_p1
+            a_p1 += w1_p1_p1 * g01_p1
         if _U1_p1_p2:
-            a_p1 += w1_p1_p2 * g1_p2
+            a_p1 += w1_p1_p2 * g01_p2
         if _U2_p1_m2:
-            a_p1 += w2_p1_m2 * g2_m2
+            a_p1 += w2_p1_m2 * g02_m2
         if _U2_p1_m1:
-            a_p1 += w2_p1_m1 * g2_m1
+            a_p1 += w2_p1_m1 * g02_m1
         if _U2_p1_p0:
-            a_p1 += w2_p1_p0 * g2_p0
+            a_p1 += w2_p1_p0 * g02_p0
         if _U2_p1_p1:
-            a_p1 += w2_p1_p1 * g2_p1
+            a_p1 += w2_p1_p1 * g02_p1
         if _U2_p1_p2:
-            a_p1 += w2_p1_p2 * g2_p2
+            a_p1 += w2_p1_p2 * g02_p2
         if _U0_p2_m2:
-            a_p2 += w0_p2_m2 * g0_m2
+            a_p2 += w0_p2_m2 * g00_m2
         if _U0_p2_m1:
-            a_p2 += w0_p2_m1 * g0_m1
+            a_p2 += w0_p2_m1 * g00_m1
         if _U0_p2_p0:
-            a_p2 += w0_p2_p0 * g0_p0
+            a_p2 += w0_p2_p0 * g00_p0
         if _U0_p2_p1:
-            a_p2 += w0_p2_p1 * g0_p1
+            a_p2 += w0_p2_p1 * g00_p1
         if _U0_p2_p2:
-            a_p2 += w0_p2_p2 * g0_p2
+            a_p2 += w0_p2_p2 * g00_p2
         if _U1_p2_m2:
-            a_p2 += w1_p2_m2 * g1_m2
+            a_p2 += w1_p2_m2 * g01_m2
         if _U1_p2_m1:
-            a_p2 += w1_p2_m1 * g1_m1
+            a_p2 += w1_p2_m1 * g01_m1
         if _U1_p2_p0:
-            a_p2 += w1_p2_p0 * g1_p0
+            a_p2 += w1_p2_p0 * g01_p0
         if _U1_p2_p1:
-            a_p2 += w1_p2_p1 * g1_p1
+            a_p2 += w1_p2_p1 * g01_p1
         if _U1_p2_p2:
-            a_p2 += w1_p2_p2 * g1_p2
+            a_p2 += w1_p2_p2 * g01_p2
         if _U2_p2_m2:
-            a_p2 += w2_p2_m2 * g2_m2
+            a_p2 += w2_p2_m2 * g02_m2
         if _U2_p2_m1:
-            a_p2 += w2_p2_m1 * g2_m1
+            a_p2 += w2_p2_m1 * g02_m1
         if _U2_p2_p0:
-            a_p2 += w2_p2_p0 * g2_p0
+            a_p2 += w2_p2_p0 * g02_p0
         if _U2_p2_p1:
-            a_p2 += w2_p2_p1 * g2_p1
+            a_p2 += w2_p2_p1 * g02_p1
         if _U2_p2_p2:
-            a_p2 += w2_p2_p2 * g2_p2
-        o = hin - 2
-        om = wv & (hv - 2 >= h0) & (hv - 2 < h1)
-        optr = dx_ptr + plane * HW + o * W + ww
+            a_p2 += w2_p2_p2 * g02_p2
+        om = wv & (hv0 - 2 >= h0) & (hv0 - 2 < h1)
+        optr = dx_ptr + plane * HW + (hb + 0 - 2) * W + ww
         if ACC:
             a_m2 += tl.load(optr, mask=om, other=0.0).to(tl.float32)
         tl.store(optr, a_m2.to(dx_ptr.dtype.element_ty), mask=om)
@@ -1229,6 +1971,489 @@ def _dw_dx_roll(
         a_p0 = a_p1
         a_p1 = a_p2
         a_p2 = tl.zeros([BW], dtype=tl.float32)
+        if ROWS > 1:
+            if _U0_m2_m2:
+                a_m2 += w0_m2_m2 * g10_m2
+            if _U0_m2_m1:
+                a_m2 += w0_m2_m1 * g10_m1
+            if _U0_m2_p0:
+                a_m2 += w0_m2_p0 * g10_p0
+            if _U0_m2_p1:
+                a_m2 += w0_m2_p1 * g10_p1
+            if _U0_m2_p2:
+                a_m2 += w0_m2_p2 * g10_p2
+            if _U1_m2_m2:
+                a_m2 += w1_m2_m2 * g11_m2
+            if _U1_m2_m1:
+                a_m2 += w1_m2_m1 * g11_m1
+            if _U1_m2_p0:
+                a_m2 += w1_m2_p0 * g11_p0
+            if _U1_m2_p1:
+                a_m2 += w1_m2_p1 * g11_p1
+            if _U1_m2_p2:
+                a_m2 += w1_m2_p2 * g11_p2
+            if _U2_m2_m2:
+                a_m2 += w2_m2_m2 * g12_m2
+            if _U2_m2_m1:
+                a_m2 += w2_m2_m1 * g12_m1
+            if _U2_m2_p0:
+                a_m2 += w2_m2_p0 * g12_p0
+            if _U2_m2_p1:
+                a_m2 += w2_m2_p1 * g12_p1
+            if _U2_m2_p2:
+                a_m2 += w2_m2_p2 * g12_p2
+            if _U0_m1_m2:
+                a_m1 += w0_m1_m2 * g10_m2
+            if _U0_m1_m1:
+                a_m1 += w0_m1_m1 * g10_m1
+            if _U0_m1_p0:
+                a_m1 += w0_m1_p0 * g10_p0
+            if _U0_m1_p1:
+                a_m1 += w0_m1_p1 * g10_p1
+            if _U0_m1_p2:
+                a_m1 += w0_m1_p2 * g10_p2
+            if _U1_m1_m2:
+                a_m1 += w1_m1_m2 * g11_m2
+            if _U1_m1_m1:
+                a_m1 += w1_m1_m1 * g11_m1
+            if _U1_m1_p0:
+                a_m1 += w1_m1_p0 * g11_p0
+            if _U1_m1_p1:
+                a_m1 += w1_m1_p1 * g11_p1
+            if _U1_m1_p2:
+                a_m1 += w1_m1_p2 * g11_p2
+            if _U2_m1_m2:
+                a_m1 += w2_m1_m2 * g12_m2
+            if _U2_m1_m1:
+                a_m1 += w2_m1_m1 * g12_m1
+            if _U2_m1_p0:
+                a_m1 += w2_m1_p0 * g12_p0
+            if _U2_m1_p1:
+                a_m1 += w2_m1_p1 * g12_p1
+            if _U2_m1_p2:
+                a_m1 += w2_m1_p2 * g12_p2
+            if _U0_p0_m2:
+                a_p0 += w0_p0_m2 * g10_m2
+            if _U0_p0_m1:
+                a_p0 += w0_p0_m1 * g10_m1
+            if _U0_p0_p0:
+                a_p0 += w0_p0_p0 * g10_p0
+            if _U0_p0_p1:
+                a_p0 += w0_p0_p1 * g10_p1
+            if _U0_p0_p2:
+                a_p0 += w0_p0_p2 * g10_p2
+            if _U1_p0_m2:
+                a_p0 += w1_p0_m2 * g11_m2
+            if _U1_p0_m1:
+                a_p0 += w1_p0_m1 * g11_m1
+            if _U1_p0_p0:
+                a_p0 += w1_p0_p0 * g11_p0
+            if _U1_p0_p1:
+                a_p0 += w1_p0_p1 * g11_p1
+            if _U1_p0_p2:
+                a_p0 += w1_p0_p2 * g11_p2
+            if _U2_p0_m2:
+                a_p0 += w2_p0_m2 * g12_m2
+            if _U2_p0_m1:
+                a_p0 += w2_p0_m1 * g12_m1
+            if _U2_p0_p0:
+                a_p0 += w2_p0_p0 * g12_p0
+            if _U2_p0_p1:
+                a_p0 += w2_p0_p1 * g12_p1
+            if _U2_p0_p2:
+                a_p0 += w2_p0_p2 * g12_p2
+            if _U0_p1_m2:
+                a_p1 += w0_p1_m2 * g10_m2
+            if _U0_p1_m1:
+                a_p1 += w0_p1_m1 * g10_m1
+            if _U0_p1_p0:
+                a_p1 += w0_p1_p0 * g10_p0
+            if _U0_p1_p1:
+                a_p1 += w0_p1_p1 * g10_p1
+            if _U0_p1_p2:
+                a_p1 += w0_p1_p2 * g10_p2
+            if _U1_p1_m2:
+                a_p1 += w1_p1_m2 * g11_m2
+            if _U1_p1_m1:
+                a_p1 += w1_p1_m1 * g11_m1
+            if _U1_p1_p0:
+                a_p1 += w1_p1_p0 * g11_p0
+            if _U1_p1_p1:
+                a_p1 += w1_p1_p1 * g11_p1
+            if _U1_p1_p2:
+                a_p1 += w1_p1_p2 * g11_p2
+            if _U2_p1_m2:
+                a_p1 += w2_p1_m2 * g12_m2
+            if _U2_p1_m1:
+                a_p1 += w2_p1_m1 * g12_m1
+            if _U2_p1_p0:
+                a_p1 += w2_p1_p0 * g12_p0
+            if _U2_p1_p1:
+                a_p1 += w2_p1_p1 * g12_p1
+            if _U2_p1_p2:
+                a_p1 += w2_p1_p2 * g12_p2
+            if _U0_p2_m2:
+                a_p2 += w0_p2_m2 * g10_m2
+            if _U0_p2_m1:
+                a_p2 += w0_p2_m1 * g10_m1
+            if _U0_p2_p0:
+                a_p2 += w0_p2_p0 * g10_p0
+            if _U0_p2_p1:
+                a_p2 += w0_p2_p1 * g10_p1
+            if _U0_p2_p2:
+                a_p2 += w0_p2_p2 * g10_p2
+            if _U1_p2_m2:
+                a_p2 += w1_p2_m2 * g11_m2
+            if _U1_p2_m1:
+                a_p2 += w1_p2_m1 * g11_m1
+            if _U1_p2_p0:
+                a_p2 += w1_p2_p0 * g11_p0
+            if _U1_p2_p1:
+                a_p2 += w1_p2_p1 * g11_p1
+            if _U1_p2_p2:
+                a_p2 += w1_p2_p2 * g11_p2
+            if _U2_p2_m2:
+                a_p2 += w2_p2_m2 * g12_m2
+            if _U2_p2_m1:
+                a_p2 += w2_p2_m1 * g12_m1
+            if _U2_p2_p0:
+                a_p2 += w2_p2_p0 * g12_p0
+            if _U2_p2_p1:
+                a_p2 += w2_p2_p1 * g12_p1
+            if _U2_p2_p2:
+                a_p2 += w2_p2_p2 * g12_p2
+            om = wv & (hv1 - 2 >= h0) & (hv1 - 2 < h1)
+            optr = dx_ptr + plane * HW + (hb + 1 - 2) * W + ww
+            if ACC:
+                a_m2 += tl.load(optr, mask=om, other=0.0).to(tl.float32)
+            tl.store(optr, a_m2.to(dx_ptr.dtype.element_ty), mask=om)
+            a_m2 = a_m1
+            a_m1 = a_p0
+            a_p0 = a_p1
+            a_p1 = a_p2
+            a_p2 = tl.zeros([BW], dtype=tl.float32)
+        if ROWS > 2:
+            if _U0_m2_m2:
+                a_m2 += w0_m2_m2 * g20_m2
+            if _U0_m2_m1:
+                a_m2 += w0_m2_m1 * g20_m1
+            if _U0_m2_p0:
+                a_m2 += w0_m2_p0 * g20_p0
+            if _U0_m2_p1:
+                a_m2 += w0_m2_p1 * g20_p1
+            if _U0_m2_p2:
+                a_m2 += w0_m2_p2 * g20_p2
+            if _U1_m2_m2:
+                a_m2 += w1_m2_m2 * g21_m2
+            if _U1_m2_m1:
+                a_m2 += w1_m2_m1 * g21_m1
+            if _U1_m2_p0:
+                a_m2 += w1_m2_p0 * g21_p0
+            if _U1_m2_p1:
+                a_m2 += w1_m2_p1 * g21_p1
+            if _U1_m2_p2:
+                a_m2 += w1_m2_p2 * g21_p2
+            if _U2_m2_m2:
+                a_m2 += w2_m2_m2 * g22_m2
+            if _U2_m2_m1:
+                a_m2 += w2_m2_m1 * g22_m1
+            if _U2_m2_p0:
+                a_m2 += w2_m2_p0 * g22_p0
+            if _U2_m2_p1:
+                a_m2 += w2_m2_p1 * g22_p1
+            if _U2_m2_p2:
+                a_m2 += w2_m2_p2 * g22_p2
+            if _U0_m1_m2:
+                a_m1 += w0_m1_m2 * g20_m2
+            if _U0_m1_m1:
+                a_m1 += w0_m1_m1 * g20_m1
+            if _U0_m1_p0:
+                a_m1 += w0_m1_p0 * g20_p0
+            if _U0_m1_p1:
+                a_m1 += w0_m1_p1 * g20_p1
+            if _U0_m1_p2:
+                a_m1 += w0_m1_p2 * g20_p2
+            if _U1_m1_m2:
+                a_m1 += w1_m1_m2 * g21_m2
+            if _U1_m1_m1:
+                a_m1 += w1_m1_m1 * g21_m1
+            if _U1_m1_p0:
+                a_m1 += w1_m1_p0 * g21_p0
+            if _U1_m1_p1:
+                a_m1 += w1_m1_p1 * g21_p1
+            if _U1_m1_p2:
+                a_m1 += w1_m1_p2 * g21_p2
+            if _U2_m1_m2:
+                a_m1 += w2_m1_m2 * g22_m2
+            if _U2_m1_m1:
+                a_m1 += w2_m1_m1 * g22_m1
+            if _U2_m1_p0:
+                a_m1 += w2_m1_p0 * g22_p0
+            if _U2_m1_p1:
+                a_m1 += w2_m1_p1 * g22_p1
+            if _U2_m1_p2:
+                a_m1 += w2_m1_p2 * g22_p2
+            if _U0_p0_m2:
+                a_p0 += w0_p0_m2 * g20_m2
+            if _U0_p0_m1:
+                a_p0 += w0_p0_m1 * g20_m1
+            if _U0_p0_p0:
+                a_p0 += w0_p0_p0 * g20_p0
+            if _U0_p0_p1:
+                a_p0 += w0_p0_p1 * g20_p1
+            if _U0_p0_p2:
+                a_p0 += w0_p0_p2 * g20_p2
+            if _U1_p0_m2:
+                a_p0 += w1_p0_m2 * g21_m2
+            if _U1_p0_m1:
+                a_p0 += w1_p0_m1 * g21_m1
+            if _U1_p0_p0:
+                a_p0 += w1_p0_p0 * g21_p0
+            if _U1_p0_p1:
+                a_p0 += w1_p0_p1 * g21_p1
+            if _U1_p0_p2:
+                a_p0 += w1_p0_p2 * g21_p2
+            if _U2_p0_m2:
+                a_p0 += w2_p0_m2 * g22_m2
+            if _U2_p0_m1:
+                a_p0 += w2_p0_m1 * g22_m1
+            if _U2_p0_p0:
+                a_p0 += w2_p0_p0 * g22_p0
+            if _U2_p0_p1:
+                a_p0 += w2_p0_p1 * g22_p1
+            if _U2_p0_p2:
+                a_p0 += w2_p0_p2 * g22_p2
+            if _U0_p1_m2:
+                a_p1 += w0_p1_m2 * g20_m2
+            if _U0_p1_m1:
+                a_p1 += w0_p1_m1 * g20_m1
+            if _U0_p1_p0:
+                a_p1 += w0_p1_p0 * g20_p0
+            if _U0_p1_p1:
+                a_p1 += w0_p1_p1 * g20_p1
+            if _U0_p1_p2:
+                a_p1 += w0_p1_p2 * g20_p2
+            if _U1_p1_m2:
+                a_p1 += w1_p1_m2 * g21_m2
+            if _U1_p1_m1:
+                a_p1 += w1_p1_m1 * g21_m1
+            if _U1_p1_p0:
+                a_p1 += w1_p1_p0 * g21_p0
+            if _U1_p1_p1:
+                a_p1 += w1_p1_p1 * g21_p1
+            if _U1_p1_p2:
+                a_p1 += w1_p1_p2 * g21_p2
+            if _U2_p1_m2:
+                a_p1 += w2_p1_m2 * g22_m2
+            if _U2_p1_m1:
+                a_p1 += w2_p1_m1 * g22_m1
+            if _U2_p1_p0:
+                a_p1 += w2_p1_p0 * g22_p0
+            if _U2_p1_p1:
+                a_p1 += w2_p1_p1 * g22_p1
+            if _U2_p1_p2:
+                a_p1 += w2_p1_p2 * g22_p2
+            if _U0_p2_m2:
+                a_p2 += w0_p2_m2 * g20_m2
+            if _U0_p2_m1:
+                a_p2 += w0_p2_m1 * g20_m1
+            if _U0_p2_p0:
+                a_p2 += w0_p2_p0 * g20_p0
+            if _U0_p2_p1:
+                a_p2 += w0_p2_p1 * g20_p1
+            if _U0_p2_p2:
+                a_p2 += w0_p2_p2 * g20_p2
+            if _U1_p2_m2:
+                a_p2 += w1_p2_m2 * g21_m2
+            if _U1_p2_m1:
+                a_p2 += w1_p2_m1 * g21_m1
+            if _U1_p2_p0:
+                a_p2 += w1_p2_p0 * g21_p0
+            if _U1_p2_p1:
+                a_p2 += w1_p2_p1 * g21_p1
+            if _U1_p2_p2:
+                a_p2 += w1_p2_p2 * g21_p2
+            if _U2_p2_m2:
+                a_p2 += w2_p2_m2 * g22_m2
+            if _U2_p2_m1:
+                a_p2 += w2_p2_m1 * g22_m1
+            if _U2_p2_p0:
+                a_p2 += w2_p2_p0 * g22_p0
+            if _U2_p2_p1:
+                a_p2 += w2_p2_p1 * g22_p1
+            if _U2_p2_p2:
+                a_p2 += w2_p2_p2 * g22_p2
+            om = wv & (hv2 - 2 >= h0) & (hv2 - 2 < h1)
+            optr = dx_ptr + plane * HW + (hb + 2 - 2) * W + ww
+            if ACC:
+                a_m2 += tl.load(optr, mask=om, other=0.0).to(tl.float32)
+            tl.store(optr, a_m2.to(dx_ptr.dtype.element_ty), mask=om)
+            a_m2 = a_m1
+            a_m1 = a_p0
+            a_p0 = a_p1
+            a_p1 = a_p2
+            a_p2 = tl.zeros([BW], dtype=tl.float32)
+        if ROWS > 3:
+            if _U0_m2_m2:
+                a_m2 += w0_m2_m2 * g30_m2
+            if _U0_m2_m1:
+                a_m2 += w0_m2_m1 * g30_m1
+            if _U0_m2_p0:
+                a_m2 += w0_m2_p0 * g30_p0
+            if _U0_m2_p1:
+                a_m2 += w0_m2_p1 * g30_p1
+            if _U0_m2_p2:
+                a_m2 += w0_m2_p2 * g30_p2
+            if _U1_m2_m2:
+                a_m2 += w1_m2_m2 * g31_m2
+            if _U1_m2_m1:
+                a_m2 += w1_m2_m1 * g31_m1
+            if _U1_m2_p0:
+                a_m2 += w1_m2_p0 * g31_p0
+            if _U1_m2_p1:
+                a_m2 += w1_m2_p1 * g31_p1
+            if _U1_m2_p2:
+                a_m2 += w1_m2_p2 * g31_p2
+            if _U2_m2_m2:
+                a_m2 += w2_m2_m2 * g32_m2
+            if _U2_m2_m1:
+                a_m2 += w2_m2_m1 * g32_m1
+            if _U2_m2_p0:
+                a_m2 += w2_m2_p0 * g32_p0
+            if _U2_m2_p1:
+                a_m2 += w2_m2_p1 * g32_p1
+            if _U2_m2_p2:
+                a_m2 += w2_m2_p2 * g32_p2
+            if _U0_m1_m2:
+                a_m1 += w0_m1_m2 * g30_m2
+            if _U0_m1_m1:
+                a_m1 += w0_m1_m1 * g30_m1
+            if _U0_m1_p0:
+                a_m1 += w0_m1_p0 * g30_p0
+            if _U0_m1_p1:
+                a_m1 += w0_m1_p1 * g30_p1
+            if _U0_m1_p2:
+                a_m1 += w0_m1_p2 * g30_p2
+            if _U1_m1_m2:
+                a_m1 += w1_m1_m2 * g31_m2
+            if _U1_m1_m1:
+                a_m1 += w1_m1_m1 * g31_m1
+            if _U1_m1_p0:
+                a_m1 += w1_m1_p0 * g31_p0
+            if _U1_m1_p1:
+                a_m1 += w1_m1_p1 * g31_p1
+            if _U1_m1_p2:
+                a_m1 += w1_m1_p2 * g31_p2
+            if _U2_m1_m2:
+                a_m1 += w2_m1_m2 * g32_m2
+            if _U2_m1_m1:
+                a_m1 += w2_m1_m1 * g32_m1
+            if _U2_m1_p0:
+                a_m1 += w2_m1_p0 * g32_p0
+            if _U2_m1_p1:
+                a_m1 += w2_m1_p1 * g32_p1
+            if _U2_m1_p2:
+                a_m1 += w2_m1_p2 * g32_p2
+            if _U0_p0_m2:
+                a_p0 += w0_p0_m2 * g30_m2
+            if _U0_p0_m1:
+                a_p0 += w0_p0_m1 * g30_m1
+            if _U0_p0_p0:
+                a_p0 += w0_p0_p0 * g30_p0
+            if _U0_p0_p1:
+                a_p0 += w0_p0_p1 * g30_p1
+            if _U0_p0_p2:
+                a_p0 += w0_p0_p2 * g30_p2
+            if _U1_p0_m2:
+                a_p0 += w1_p0_m2 * g31_m2
+            if _U1_p0_m1:
+                a_p0 += w1_p0_m1 * g31_m1
+            if _U1_p0_p0:
+                a_p0 += w1_p0_p0 * g31_p0
+            if _U1_p0_p1:
+                a_p0 += w1_p0_p1 * g31_p1
+            if _U1_p0_p2:
+                a_p0 += w1_p0_p2 * g31_p2
+            if _U2_p0_m2:
+                a_p0 += w2_p0_m2 * g32_m2
+            if _U2_p0_m1:
+                a_p0 += w2_p0_m1 * g32_m1
+            if _U2_p0_p0:
+                a_p0 += w2_p0_p0 * g32_p0
+            if _U2_p0_p1:
+                a_p0 += w2_p0_p1 * g32_p1
+            if _U2_p0_p2:
+                a_p0 += w2_p0_p2 * g32_p2
+            if _U0_p1_m2:
+                a_p1 += w0_p1_m2 * g30_m2
+            if _U0_p1_m1:
+                a_p1 += w0_p1_m1 * g30_m1
+            if _U0_p1_p0:
+                a_p1 += w0_p1_p0 * g30_p0
+            if _U0_p1_p1:
+                a_p1 += w0_p1_p1 * g30_p1
+            if _U0_p1_p2:
+                a_p1 += w0_p1_p2 * g30_p2
+            if _U1_p1_m2:
+                a_p1 += w1_p1_m2 * g31_m2
+            if _U1_p1_m1:
+                a_p1 += w1_p1_m1 * g31_m1
+            if _U1_p1_p0:
+                a_p1 += w1_p1_p0 * g31_p0
+            if _U1_p1_p1:
+                a_p1 += w1_p1_p1 * g31_p1
+            if _U1_p1_p2:
+                a_p1 += w1_p1_p2 * g31_p2
+            if _U2_p1_m2:
+                a_p1 += w2_p1_m2 * g32_m2
+            if _U2_p1_m1:
+                a_p1 += w2_p1_m1 * g32_m1
+            if _U2_p1_p0:
+                a_p1 += w2_p1_p0 * g32_p0
+            if _U2_p1_p1:
+                a_p1 += w2_p1_p1 * g32_p1
+            if _U2_p1_p2:
+                a_p1 += w2_p1_p2 * g32_p2
+            if _U0_p2_m2:
+                a_p2 += w0_p2_m2 * g30_m2
+            if _U0_p2_m1:
+                a_p2 += w0_p2_m1 * g30_m1
+            if _U0_p2_p0:
+                a_p2 += w0_p2_p0 * g30_p0
+            if _U0_p2_p1:
+                a_p2 += w0_p2_p1 * g30_p1
+            if _U0_p2_p2:
+                a_p2 += w0_p2_p2 * g30_p2
+            if _U1_p2_m2:
+                a_p2 += w1_p2_m2 * g31_m2
+            if _U1_p2_m1:
+                a_p2 += w1_p2_m1 * g31_m1
+            if _U1_p2_p0:
+                a_p2 += w1_p2_p0 * g31_p0
+            if _U1_p2_p1:
+                a_p2 += w1_p2_p1 * g31_p1
+            if _U1_p2_p2:
+                a_p2 += w1_p2_p2 * g31_p2
+            if _U2_p2_m2:
+                a_p2 += w2_p2_m2 * g32_m2
+            if _U2_p2_m1:
+                a_p2 += w2_p2_m1 * g32_m1
+            if _U2_p2_p0:
+                a_p2 += w2_p2_p0 * g32_p0
+            if _U2_p2_p1:
+                a_p2 += w2_p2_p1 * g32_p1
+            if _U2_p2_p2:
+                a_p2 += w2_p2_p2 * g32_p2
+            om = wv & (hv3 - 2 >= h0) & (hv3 - 2 < h1)
+            optr = dx_ptr + plane * HW + (hb + 3 - 2) * W + ww
+            if ACC:
+                a_m2 += tl.load(optr, mask=om, other=0.0).to(tl.float32)
+            tl.store(optr, a_m2.to(dx_ptr.dtype.element_ty), mask=om)
+            a_m2 = a_m1
+            a_m1 = a_p0
+            a_p0 = a_p1
+            a_p1 = a_p2
+            a_p2 = tl.zeros([BW], dtype=tl.float32)
 
 
 @triton.jit

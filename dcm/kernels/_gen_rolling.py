@@ -8,6 +8,7 @@ from pathlib import Path
 
 R = range(-2, 3)
 NK = 3
+MAXROWS = 4  # input rows loaded per loop iteration (ROWS = 1, 2 or 4)
 
 
 def n(v: int) -> str:
@@ -18,14 +19,14 @@ def guard(k, d, dw):
     return f"_U{k}_{n(d)}_{n(dw)}"
 
 
-def header(name, args):
+def header(name, args, rows=False):
     cx = ", ".join(f"KH{k}: tl.constexpr, KW{k}: tl.constexpr" for k in range(NK))
     return [
         "@triton.jit",
         f"def {name}(",
         f"    {args},",
         f"    NOUT: tl.constexpr, {cx},",
-        "    BW: tl.constexpr,",
+        "    BW: tl.constexpr, ROWS: tl.constexpr," if rows else "    BW: tl.constexpr,",
         "):",
         "    plane = tl.program_id(0).to(tl.int64)",
         "    split = tl.program_id(1)",
@@ -65,7 +66,7 @@ def colmasks(sign=1):
 
 
 def fwd():
-    L = header("_dw_fwd_roll", "x_ptr, w0_ptr, w1_ptr, w2_ptr, o0_ptr, o1_ptr, o2_ptr, H, W, RCHUNK")
+    L = header("_dw_fwd_roll", "x_ptr, w0_ptr, w1_ptr, w2_ptr, o0_ptr, o1_ptr, o2_ptr, H, W, RCHUNK", rows=True)
     L += guards() + weights() + colmasks()
     for k in range(NK):
         for e in R:
@@ -74,72 +75,99 @@ def fwd():
         "    h0 = split * RCHUNK",
         "    h1 = tl.minimum(h0 + RCHUNK, H)",
         "    xb = x_ptr + plane * HW",
-        "    for hin in range(h0 - 2, h1 + 2):",
-        "        hv = ww * 0 + hin",
-        "        rv = (hv >= 0) & (hv < H)",
-        "        rp = xb + hin * W + ww",
+        "    for hb in range(h0 - 2, h1 + 2, ROWS):",
     ]
-    for dw in R:
-        L.append(f"        x_{n(dw)} = tl.load(rp + {dw}, mask=c_{n(dw)} & rv, other=0.0).to(tl.float32)")
-    # output row hin + e gets tap d = -e: a_k_e += Σ_dw w_k[-e, dw] · x[hin, w + dw]
-    for k in range(NK):
-        for e in R:
-            d = -e
-            for dw in R:
-                L.append(f"        if {guard(k, d, dw)}:")
-                L.append(f"            a{k}_{n(e)} += w{k}_{n(d)}_{n(dw)} * x_{n(dw)}")
-    L += ["        o = hin - 2", "        om = wv & (hv - 2 >= h0) & (hv - 2 < h1)"]
-    for k in range(NK):
-        L.append(f"        if NOUT > {k}:")
-        L.append(f"            tl.store(o{k}_ptr + plane * HW + o * W + ww, a{k}_m2.to(o{k}_ptr.dtype.element_ty), mask=om)")
-    for k in range(NK):
-        L.append(f"        a{k}_m2 = a{k}_m1")
-        L.append(f"        a{k}_m1 = a{k}_p0")
-        L.append(f"        a{k}_p0 = a{k}_p1")
-        L.append(f"        a{k}_p1 = a{k}_p2")
-        L.append(f"        a{k}_p2 = tl.zeros([BW], dtype=tl.float32)")
+    # all ROWS input rows are loaded before any output row is stored (the loads cannot be moved
+    # past the stores by the compiler: the pointers may alias), so ROWS row loads are in flight
+    for u in range(MAXROWS):
+        ind = "        "
+        if u:
+            L.append(f"        if ROWS > {u}:")
+            ind += "    "
+        L += [
+            f"{ind}hv{u} = ww * 0 + (hb + {u})",
+            f"{ind}rv{u} = (hv{u} >= 0) & (hv{u} < H)",
+            f"{ind}rp{u} = xb + (hb + {u}) * W + ww",
+        ]
+        for dw in R:
+            L.append(f"{ind}x{u}_{n(dw)} = tl.load(rp{u} + {dw}, mask=c_{n(dw)} & rv{u}, other=0.0).to(tl.float32)")
+    for u in range(MAXROWS):
+        ind = "        "
+        if u:
+            L.append(f"        if ROWS > {u}:")
+            ind += "    "
+        # output row hin + e gets tap d = -e: a_k_e += Σ_dw w_k[-e, dw] · x[hin, w + dw]
+        for k in range(NK):
+            for e in R:
+                d = -e
+                for dw in R:
+                    L.append(f"{ind}if {guard(k, d, dw)}:")
+                    L.append(f"{ind}    a{k}_{n(e)} += w{k}_{n(d)}_{n(dw)} * x{u}_{n(dw)}")
+        L.append(f"{ind}om = wv & (hv{u} - 2 >= h0) & (hv{u} - 2 < h1)")
+        for k in range(NK):
+            L.append(f"{ind}if NOUT > {k}:")
+            L.append(
+                f"{ind}    tl.store(o{k}_ptr + plane * HW + (hb + {u} - 2) * W + ww, a{k}_m2.to(o{k}_ptr.dtype.element_ty), mask=om)"
+            )
+        for k in range(NK):
+            L.append(f"{ind}a{k}_m2 = a{k}_m1")
+            L.append(f"{ind}a{k}_m1 = a{k}_p0")
+            L.append(f"{ind}a{k}_p0 = a{k}_p1")
+            L.append(f"{ind}a{k}_p1 = a{k}_p2")
+            L.append(f"{ind}a{k}_p2 = tl.zeros([BW], dtype=tl.float32)")
     return L
 
 
 def dx():
-    L = header("_dw_dx_roll", "g0_ptr, g1_ptr, g2_ptr, w0_ptr, w1_ptr, w2_ptr, dx_ptr, H, W, RCHUNK, ACC: tl.constexpr")
+    L = header(
+        "_dw_dx_roll", "g0_ptr, g1_ptr, g2_ptr, w0_ptr, w1_ptr, w2_ptr, dx_ptr, H, W, RCHUNK, ACC: tl.constexpr", rows=True
+    )
     L += guards() + weights() + colmasks(-1)
     for e in R:
         L.append(f"    a_{n(e)} = tl.zeros([BW], dtype=tl.float32)")
     L += [
         "    h0 = split * RCHUNK",
         "    h1 = tl.minimum(h0 + RCHUNK, H)",
-        "    for hin in range(h0 - 2, h1 + 2):",
-        "        hv = ww * 0 + hin",
-        "        rv = (hv >= 0) & (hv < H)",
+        "    for hb in range(h0 - 2, h1 + 2, ROWS):",
     ]
-    # dx[o, w] = Σ_k Σ_{d,dw} w_k[d, dw] g_k[o - d, w - dw]; input row hin feeds output row hin + d
-    for k in range(NK):
-        L.append(f"        rp{k} = g{k}_ptr + plane * HW + hin * W + ww")
-        for dw in R:
-            L.append(f"        if (NOUT > {k}) & ({dw * dw} <= (KW{k} // 2) * (KW{k} // 2)):")
-            L.append(f"            g{k}_{n(dw)} = tl.load(rp{k} - {dw}, mask=c_{n(dw)} & rv, other=0.0).to(tl.float32)")
-            L.append("        else:")
-            L.append(f"            g{k}_{n(dw)} = tl.zeros([BW], dtype=tl.float32)")
-    for e in R:
-        d = e
+    # dx[o, w] = Σ_k Σ_{d,dw} w_k[d, dw] g_k[o - d, w - dw]; input row hin feeds output row hin + d.
+    # The gradient rows of all ROWS steps are loaded first (as in the forward).
+    for u in range(MAXROWS):
+        ind = "        "
+        if u:
+            L.append(f"        if ROWS > {u}:")
+            ind += "    "
+        L += [f"{ind}hv{u} = ww * 0 + (hb + {u})", f"{ind}rv{u} = (hv{u} >= 0) & (hv{u} < H)"]
         for k in range(NK):
+            L.append(f"{ind}rp{k} = g{k}_ptr + plane * HW + (hb + {u}) * W + ww")
             for dw in R:
-                L.append(f"        if {guard(k, d, dw)}:")
-                L.append(f"            a_{n(e)} += w{k}_{n(d)}_{n(dw)} * g{k}_{n(dw)}")
-    L += [
-        "        o = hin - 2",
-        "        om = wv & (hv - 2 >= h0) & (hv - 2 < h1)",
-        "        optr = dx_ptr + plane * HW + o * W + ww",
-        "        if ACC:",
-        "            a_m2 += tl.load(optr, mask=om, other=0.0).to(tl.float32)",
-        "        tl.store(optr, a_m2.to(dx_ptr.dtype.element_ty), mask=om)",
-        "        a_m2 = a_m1",
-        "        a_m1 = a_p0",
-        "        a_p0 = a_p1",
-        "        a_p1 = a_p2",
-        "        a_p2 = tl.zeros([BW], dtype=tl.float32)",
-    ]
+                L.append(f"{ind}if (NOUT > {k}) & ({dw * dw} <= (KW{k} // 2) * (KW{k} // 2)):")
+                L.append(f"{ind}    g{u}{k}_{n(dw)} = tl.load(rp{k} - {dw}, mask=c_{n(dw)} & rv{u}, other=0.0).to(tl.float32)")
+                L.append(f"{ind}else:")
+                L.append(f"{ind}    g{u}{k}_{n(dw)} = tl.zeros([BW], dtype=tl.float32)")
+    for u in range(MAXROWS):
+        ind = "        "
+        if u:
+            L.append(f"        if ROWS > {u}:")
+            ind += "    "
+        for e in R:
+            d = e
+            for k in range(NK):
+                for dw in R:
+                    L.append(f"{ind}if {guard(k, d, dw)}:")
+                    L.append(f"{ind}    a_{n(e)} += w{k}_{n(d)}_{n(dw)} * g{u}{k}_{n(dw)}")
+        L += [
+            f"{ind}om = wv & (hv{u} - 2 >= h0) & (hv{u} - 2 < h1)",
+            f"{ind}optr = dx_ptr + plane * HW + (hb + {u} - 2) * W + ww",
+            f"{ind}if ACC:",
+            f"{ind}    a_m2 += tl.load(optr, mask=om, other=0.0).to(tl.float32)",
+            f"{ind}tl.store(optr, a_m2.to(dx_ptr.dtype.element_ty), mask=om)",
+            f"{ind}a_m2 = a_m1",
+            f"{ind}a_m1 = a_p0",
+            f"{ind}a_p0 = a_p1",
+            f"{ind}a_p1 = a_p2",
+            f"{ind}a_p2 = tl.zeros([BW], dtype=tl.float32)",
+        ]
     return L
 
 

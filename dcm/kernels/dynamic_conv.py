@@ -27,7 +27,6 @@ Both paths capture in CUDA graphs (no host synchronisation).
 from __future__ import annotations
 
 import functools
-import os
 from typing import List, Sequence, Tuple
 
 
@@ -35,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTS
+from . import LAUNCH_OPTS, tuning
 from ._dynconv_rolling import _dw_dw_roll, _dw_dx_roll, _dw_fwd_roll
 
 __all__ = ["dynamic_depthwise_conv2d_multi", "supported"]
@@ -242,7 +241,11 @@ def _rolling_ok(ws) -> bool:
     return all(w.shape[-2] <= 5 and w.shape[-1] <= 5 for w in ws)
 
 
-_TARGET_PROGRAMS = int(os.environ.get("DCM_DW_PROGRAMS", 132 * 24))
+#: programs the rolling kernels aim for (row chunks per plane follow from it)
+_TARGET_PROGRAMS = tuning("DW_PROGRAMS", 132 * 24)
+#: input rows the rolling forward / dx kernels load per loop step, all before the step's stores, so
+#: that ROWS row loads per warp are in flight (the loop is bound by load latency at ROWS = 1)
+_ROWS = tuning("DW_ROWS", 4, 1, 4)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -267,7 +270,9 @@ def _fwd_launch(x: torch.Tensor, ws: Sequence[torch.Tensor], out_dtype: torch.dt
         for s, wg in _groups(ws):
             meta, _, _ = _meta(wg)
             og = outs[s : s + _MAX_PER_LAUNCH]
-            _dw_fwd_roll[(B * C, nsplit, ncb)](x, *_pad3(wg), *_pad3(og), H, W, rchunk, BW=BW, **LAUNCH_OPTS, num_warps=nw, **meta)
+            _dw_fwd_roll[(B * C, nsplit, ncb)](
+                x, *_pad3(wg), *_pad3(og), H, W, rchunk, BW=BW, ROWS=_ROWS, **LAUNCH_OPTS, num_warps=nw, **meta
+            )
         return outs
     BH, BW, nwarps = _tile(H, W)
     grid = (B * C, triton.cdiv(H, BH), triton.cdiv(W, BW))
@@ -290,7 +295,9 @@ def _bwd_launch(x: torch.Tensor, ws: Sequence[torch.Tensor], gs: Sequence[torch.
         for s, wg in _groups(ws):
             gg = list(gs[s : s + _MAX_PER_LAUNCH])
             meta, _, _ = _meta(wg)
-            _dw_dx_roll[(planes, nsplit, ncb)](*_pad3(gg), *_pad3(wg), dx, H, W, rchunk, ACC=s > 0, BW=BW, **LAUNCH_OPTS, num_warps=nw, **meta)
+            _dw_dx_roll[(planes, nsplit, ncb)](
+                *_pad3(gg), *_pad3(wg), dx, H, W, rchunk, ACC=s > 0, BW=BW, ROWS=_ROWS, **LAUNCH_OPTS, num_warps=nw, **meta
+            )
             parts = [torch.empty((nsplit * ncb, planes, w.shape[-2] * w.shape[-1]), device=x.device, dtype=torch.float32) for w in wg]
             _dw_dw_roll[(planes, nsplit, ncb)](x, *_pad3(gg), *_pad3(parts), H, W, rchunk, planes, BW=BW, **LAUNCH_OPTS, num_warps=nw, **meta)
             for w, p in zip(wg, parts):

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTS
+from . import LAUNCH_OPTS, tuning
 
 __all__ = ["sam_raw", "support_activation_raw", "supported", "gemm_mode"]
 
@@ -262,10 +262,7 @@ def _ceil8(n: int) -> int:
 
 
 def _tune(name: str, default: int) -> int:
-    import os
-
-    v = os.environ.get(f"DCM_SAM_{name}")
-    return int(v) if v else default
+    return tuning(f"SAM_{name}", default)
 
 
 @functools.lru_cache(maxsize=None)
