@@ -24,6 +24,11 @@ Usage (from the repository root)::
     python benchmarks/speed.py --dtype bfloat16 --ops sam,dynconv --json speed.json
     python benchmarks/speed.py --device cpu --batch 1 --size 8   # tiny CPU smoke run
     python benchmarks/speed.py --ops models              # DPCN / PFENet train step + 1-shot inference
+    python benchmarks/speed.py --ops dynconv --sweep DW_ROWS=1,2,4   # time launch configurations
+
+``--sweep NAME=v1,v2,...`` (repeatable; every combination) runs the selected ops once per
+configuration of the kernel knobs of :data:`dcm.kernels.KNOBS` (each in a fresh process with
+``DCM_<NAME>`` set), times only ``ours``, and prints one table with a column per configuration.
 """
 from __future__ import annotations
 
@@ -284,6 +289,8 @@ def op_ffm(bench: Bench, a, dtype, B, K, size, C, add):
 def run_op(bench, a, add, name, variants, inputs, floor, floor_note, scale=None, note=""):
     scale = scale or {}
     ctx = a.ctx
+    if a.variants is not None:
+        variants = {k: v for k, v in variants.items() if k in a.variants}
     for mode in ("fwd", "fwd+bwd"):
         rows = {}
         for vname, fn in variants.items():
@@ -391,7 +398,12 @@ def main(argv=None):
     p.add_argument("--ops", default="sam,dynconv,fgpool,ffm", help=f"comma list of {','.join(ALL_OPS)}")
     p.add_argument("--json", default=None, help="write all rows here")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--variants", default=None, help="comma list of variants to time (default: all)")
+    p.add_argument("--sweep", action="append", default=[], metavar="NAME=v1,v2",
+                   help="time ours under each value of a dcm.kernels knob (repeatable: every combination)")
     args = p.parse_args(argv)
+    if args.sweep:
+        return sweep(p, args, argv if argv is not None else sys.argv[1:])
 
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
@@ -416,6 +428,7 @@ def main(argv=None):
         pass
 
     a = A()
+    a.variants = {v.strip() for v in args.variants.split(",") if v.strip()} if args.variants else None
     a.bw = bench.bandwidth()
     a.gemm = bench.gemm_rate()
     a.ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if (cuda and dtype != torch.float32) else contextlib.nullcontext
@@ -447,6 +460,101 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
         print(f"[speed] wrote {args.json}")
     return rows
+
+
+def _parse_sweep(p, specs):
+    """``["DW_ROWS=1,2", ...]`` -> [(name, [values])], each name a knob of dcm.kernels.KNOBS."""
+    from dcm.kernels import KNOBS
+
+    out = []
+    for spec in specs:
+        name, _, vals = spec.partition("=")
+        name = name.strip().upper().removeprefix("DCM_")
+        if name not in KNOBS:
+            p.error(f"--sweep {spec!r}: unknown knob {name!r}; choose from {sorted(KNOBS)}")
+        try:
+            values = [int(v) for v in vals.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values:
+            p.error(f"--sweep {spec!r}: expected NAME=v1,v2,... with integer values")
+        out.append((name, values))
+    return out
+
+
+def _without(argv, flags):
+    """``argv`` without the options in ``flags`` (and their values)."""
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        name = tok.split("=", 1)[0]
+        if name in flags:
+            skip = "=" not in tok
+            continue
+        out.append(tok)
+    return out
+
+
+def sweep(p, args, argv):
+    """Run this script once per knob configuration (fresh process, ``DCM_<NAME>`` set), ``ours`` only,
+    and print the times side by side; ``--json`` gets every run's rows."""
+    import itertools
+    import os
+    import subprocess
+    import tempfile
+
+    knobs = _parse_sweep(p, args.sweep)
+    base = _without(argv, {"--sweep", "--json", "--variants"}) + ["--variants", args.variants or "ours"]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, combo in enumerate(itertools.product(*[v for _, v in knobs])):
+            cfg = {name: v for (name, _), v in zip(knobs, combo)}
+            label = " ".join(f"{k}={v}" for k, v in cfg.items())
+            out = Path(tmp) / f"run{i}.json"
+            env = dict(os.environ, **{f"DCM_{k}": str(v) for k, v in cfg.items()})
+            print(f"[speed] sweep: {label}", flush=True)
+            res = subprocess.run([sys.executable, str(Path(__file__).resolve())] + base + ["--json", str(out)], env=env)
+            if res.returncode != 0 or not out.exists():
+                print(f"[speed] sweep: {label} failed (exit {res.returncode})", flush=True)
+                runs.append(dict(config=cfg, label=label, env=None, rows=[]))
+                continue
+            data = json.loads(out.read_text())
+            runs.append(dict(config=cfg, label=label, env=data["env"], rows=data["rows"]))
+    _sweep_table(runs)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"sweep": runs}, indent=1))
+        print(f"[speed] wrote {args.json}")
+    return runs
+
+
+def _sweep_table(runs):
+    """One line per (op, mode, variant), one column per configuration: ``eager / graph`` ms, the fastest
+    (graph time where there is one) marked with ``*``."""
+    keys = []
+    for r in runs:
+        for row in r["rows"]:
+            k = (row["op"], row["mode"], row["variant"])
+            if k not in keys:
+                keys.append(k)
+    width = max([24] + [len(r["label"]) for r in runs])
+    print(f"{'op':38s} {'mode':8s} {'variant':10s} " + " ".join(f"{r['label']:>{width}s}" for r in runs))
+    for k in keys:
+        cells = []
+        for r in runs:
+            row = next((x for x in r["rows"] if (x["op"], x["mode"], x["variant"]) == k), None)
+            t = None if row is None else (row.get("graph_ms") or row.get("ms"))
+            cells.append((row, t))
+        best = min((t for _, t in cells if t), default=None)
+        line = []
+        for row, t in cells:
+            if row is None or row.get("ms") is None:
+                line.append(f"{'-':>{width}s}")
+                continue
+            txt = f"{row['ms']:.4f}" + (f" / {row['graph_ms']:.4f}" if row.get("graph_ms") else "") + ("*" if t == best else " ")
+            line.append(f"{txt:>{width}s}")
+        print(f"{k[0][:38]:38s} {k[1][:8]:8s} {k[2][:10]:10s} " + " ".join(line))
 
 
 def _triton_version():

@@ -112,13 +112,18 @@ def test_every_kernel_compiles_for_sm90(launches):
 
 
 def test_tuning_knobs_read_and_validate_the_environment(monkeypatch):
-    from dcm.kernels import tuning
+    from dcm.kernels import KNOBS, tuning
 
     monkeypatch.delenv("DCM_DW_ROWS", raising=False)
-    assert tuning("DW_ROWS", 4, 1, 4) == 4
+    assert tuning("DW_ROWS") == KNOBS["DW_ROWS"][0] == 4
     monkeypatch.setenv("DCM_DW_ROWS", " 2 ")
-    assert tuning("DW_ROWS", 4, 1, 4) == 2
+    assert tuning("DW_ROWS") == 2
     for bad in ("5", "0", "two", "2.0"):
         monkeypatch.setenv("DCM_DW_ROWS", bad)
         with pytest.raises(ValueError, match=r"DCM_DW_ROWS=.*\[1, 4\]"):
-            tuning("DW_ROWS", 4, 1, 4)
+            tuning("DW_ROWS")
+    monkeypatch.setenv("DCM_SAM_WARPS", "6")
+    with pytest.raises(ValueError, match="DCM_SAM_WARPS='6'.*power of two"):
+        tuning("SAM_WARPS")
+    monkeypatch.setenv("DCM_SAM_WARPS", "8")
+    assert tuning("SAM_WARPS") == 8

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["available", "interpreted", "tuning"]
+__all__ = ["KNOBS", "available", "interpreted", "tuning"]
 
 #: Compile options every dcm kernel launch passes. ``enable_fp_fusion=True`` (a·b + c contracted to
 #: FMA, as nvcc does by default) pins the numerics the kernels were tested with: Triton 3.9 warns that
@@ -18,12 +18,26 @@ __all__ = ["available", "interpreted", "tuning"]
 LAUNCH_OPTS = {"enable_fp_fusion": True}
 
 
-def tuning(name: str, default: int, lo: int = 1, hi: int = 1 << 30) -> int:
-    """A launch-configuration knob: the integer in the environment variable ``DCM_<name>``, or ``default``.
+#: Launch-configuration knobs: name -> (default, smallest, largest, power of two only, what it sets).
+#: Each is read from the environment variable ``DCM_<name>`` (:func:`tuning`), to time configurations on
+#: a GPU without editing code (``python benchmarks/speed.py --sweep DW_ROWS=1,2,4``). The defaults are
+#: the configurations dcm ships; docs/SPEED.md says which of them each measured number used.
+KNOBS = {
+    "DW_ROWS": (4, 1, 4, False, "input rows the rolling dynamic-conv forward / dx kernels load per loop step"),
+    "DW_PROGRAMS": (132 * 24, 1, 1 << 30, False, "programs the rolling dynamic-conv kernels aim for (row chunks)"),
+    "SAM_BP": (32, 16, 256, True, "support positions per program of the SAM window kernel"),
+    "SAM_BR": (64, 16, 256, True, "query positions per program of the SAM window kernel"),
+    "SAM_WARPS": (4, 1, 16, True, "warps per program of the SAM window kernel"),
+    "SAM_PROGS": (4 * 132, 1, 1 << 30, False, "programs the SAM window kernel aims for (support splits)"),
+}
 
-    For timing configurations on a GPU without editing code (``benchmarks/speed.py --sweep`` sets them
-    per run); the defaults are the configurations the speed table was measured with. A value that is
-    not an integer in ``[lo, hi]`` raises ``ValueError`` naming the variable."""
+
+def tuning(name: str) -> int:
+    """The value of knob ``name`` of :data:`KNOBS`: the integer in ``DCM_<name>``, or the default.
+
+    A value that is not an integer in the knob's range (or not a power of two where one is needed)
+    raises ``ValueError`` naming the variable."""
+    default, lo, hi, pow2, _ = KNOBS[name]
     v = os.environ.get(f"DCM_{name}", "").strip()
     if not v:
         return default
@@ -31,14 +45,22 @@ def tuning(name: str, default: int, lo: int = 1, hi: int = 1 << 30) -> int:
         n = int(v)
     except ValueError:
         n = None
-    if n is None or not lo <= n <= hi:
-        raise ValueError(f"environment variable DCM_{name}={v!r}: expected an integer in [{lo}, {hi}]")
+    if n is None or not lo <= n <= hi or (pow2 and n & (n - 1)):
+        need = f"an integer in [{lo}, {hi}]" + (", a power of two" if pow2 else "")
+        raise ValueError(f"environment variable DCM_{name}={v!r}: expected {need}")
     return n
+
+
+def _check_knobs() -> None:
+    for name in KNOBS:
+        tuning(name)
 
 
 @functools.lru_cache(maxsize=None)
 def _importable() -> bool:
-    """Triton and the three kernel modules import."""
+    """Triton and the three kernel modules import. A bad ``DCM_<knob>`` value raises (not a silent
+    fall back to the PyTorch path)."""
+    _check_knobs()
     try:
         import triton  # noqa: F401
 
@@ -50,9 +72,11 @@ def _importable() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """True when CUDA, Triton and the dcm Triton kernels are usable here."""
+    """True when CUDA, Triton and the dcm Triton kernels are usable here (``ValueError`` on a bad
+    ``DCM_<knob>`` environment variable, even without a GPU)."""
     import torch
 
+    _check_knobs()
     return torch.cuda.is_available() and _importable()
 
 

@@ -242,10 +242,10 @@ def _rolling_ok(ws) -> bool:
 
 
 #: programs the rolling kernels aim for (row chunks per plane follow from it)
-_TARGET_PROGRAMS = tuning("DW_PROGRAMS", 132 * 24)
+_TARGET_PROGRAMS = tuning("DW_PROGRAMS")
 #: input rows the rolling forward / dx kernels load per loop step, all before the step's stores, so
-#: that ROWS row loads per warp are in flight (the loop is bound by load latency at ROWS = 1)
-_ROWS = tuning("DW_ROWS", 4, 1, 4)
+#: that ROWS row loads per warp are in flight (at ROWS = 1 the loop waits for one row load per step)
+_ROWS = tuning("DW_ROWS")
 
 
 @functools.lru_cache(maxsize=1024)

@@ -261,10 +261,6 @@ def _ceil8(n: int) -> int:
     return (n + 7) // 8 * 8
 
 
-def _tune(name: str, default: int) -> int:
-    return tuning(f"SAM_{name}", default)
-
-
 @functools.lru_cache(maxsize=None)
 def _has_dtype_mm(dev: str) -> Tuple[bool, bool]:
     """(bmm with out_dtype works, baddbmm with out_dtype works) on this torch build."""
@@ -346,9 +342,9 @@ def _forward(query, support, mask, wins, eps, mode):
     gram = _bmm32(s_cat, q_cat.transpose(1, 2))  # [B, K·HWs, npad] fp32
     del s_cat, q_cat
     G = B * K
-    BP, BR = _tune("BP", 32), _tune("BR", 64)
+    BP, BR = tuning("SAM_BP"), tuning("SAM_BR")
     nr = triton.cdiv(HWq, BR)
-    nsplit = max(1, min(triton.cdiv(HWs, BP), triton.cdiv(_tune("PROGS", 4 * 132), nr * G)))
+    nsplit = max(1, min(triton.cdiv(HWs, BP), triton.cdiv(tuning("SAM_PROGS"), nr * G)))
     pchunk = triton.cdiv(triton.cdiv(HWs, nsplit), BP) * BP
     nsplit = triton.cdiv(HWs, pchunk)
     val = torch.empty((G, nw, nsplit, HWq), device=q.device, dtype=torch.float32)
@@ -358,7 +354,7 @@ def _forward(query, support, mask, wins, eps, mode):
         pwm = max(w[1] for w in grp) // 2
         _win_kernel[(nr, nsplit, G)](
             gram, val, arg, Hs, Ws, HWs, Hq, Wq, HWq, npad, pchunk, nsplit, nw, woff,
-            PHM=phm, PWM=pwm, BP=BP, BR=BR, **LAUNCH_OPTS, num_warps=_tune("WARPS", 4), **meta,
+            PHM=phm, PWM=pwm, BP=BP, BR=BR, **LAUNCH_OPTS, num_warps=tuning("SAM_WARPS"), **meta,
         )
     if nsplit > 1:
         v, idx = val.max(dim=2)
