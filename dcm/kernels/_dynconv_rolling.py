@@ -5,7 +5,8 @@ Rolling-row Triton kernels for up to three depthwise kernel sets of size ≤ 5×
 ``(b, c)`` plane and a chunk of ``RCHUNK`` rows; it walks down the rows loading each input row
 once at its five column shifts and keeps the five partial output rows (forward / dx) or the
 five last gradient rows (dW) in registers, so every input element is loaded ~5 times from L1
-instead of once per tap.
+instead of once per tap. The forward and dx kernels load ``ROWS`` (1 to 4) input rows per loop
+step before storing that step's output rows, so that ``ROWS`` row loads are in flight at once.
 """
 import triton
 import triton.language as tl

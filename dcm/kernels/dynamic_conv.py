@@ -8,7 +8,10 @@ Kernels up to 5×5 (the paper's sizes) use the *rolling-row* kernels of
 ``(b, c)`` plane and a chunk of rows, walks down the rows, loads each input row once at its five
 column shifts and keeps the five partial output rows in registers, so ``x`` is read from device
 memory once, each output is written once, and each element is loaded ~5 times from L1 instead of
-once per tap (25 for 5×5). Accumulation is float32 whatever the input dtype.
+once per tap (25 for 5×5). Accumulation is float32 whatever the input dtype. Each loop step loads
+``ROWS`` input rows (knob ``DW_ROWS``, default 4) before it stores any output row: the compiler cannot
+move loads past stores that may alias, so with one row per step every step waits a full memory
+latency with a single row load in flight per warp.
 
 Backward (two kernels): ``dx`` is the same rolling stencil with the taps mirrored (a transposed
 correlation, summed over the kernel sets); the weight gradient
