@@ -110,6 +110,32 @@ def test_dynamic_conv_forward_backward(dtype, shape, kset):
         assert rel(g, r) < 2 * tol
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dynamic_conv_every_rows_per_step(monkeypatch, rows, dtype):
+    """Each value of the ``DW_ROWS`` knob on the GPU, with several row chunks per plane."""
+    from dcm.kernels import dynamic_conv as K
+
+    monkeypatch.setattr(K, "_ROWS", rows)
+    K._roll_cfg.cache_clear()
+    try:
+        x, ws = _dw_case((2, 24, 37, 45), KSETS["four"], dtype, seed=rows)
+        assert K._roll_cfg(2 * 24, 37, 45)[-1] > 1
+        x.requires_grad_()
+        for w in ws:
+            w.requires_grad_()
+        outs = DF.dynamic_depthwise_conv2d_multi(x, ws)
+        gs = [torch.randn_like(o) for o in outs]
+        grads = torch.autograd.grad(outs, [x] + ws, gs)
+        ref, rgrads = _dw_ref(x, ws, gs)
+        for o, r in zip(outs, ref):
+            assert rel(o, r) < DW_TOL[dtype]
+        for g, r in zip(grads, rgrads):
+            assert rel(g, r) < 2 * DW_TOL[dtype]
+    finally:
+        K._roll_cfg.cache_clear()
+
+
 def test_dynamic_conv_noncontiguous_and_empty():
     x, ws = _dw_case((2, 8, 13, 11), KSETS["vhs5"], torch.float32, seed=3)
     xc = x.contiguous(memory_format=torch.channels_last)
