@@ -65,6 +65,26 @@ def colmasks(sign=1):
     return [f"    c_{n(dw)} = wv & (ww + {sign * dw} >= 0) & (ww + {sign * dw} < W)" for dw in R]
 
 
+def row_steps(L):
+    """The ``ROWS`` rows of one loop step: appends the ``if ROWS > u:`` guard of row ``u > 0`` to ``L``
+    and yields ``(u, indent)`` for the lines of that row."""
+    for u in range(MAXROWS):
+        if u:
+            L.append(f"        if ROWS > {u}:")
+        yield u, "        " + "    " * (u > 0)
+
+
+def row_index(u, ind):
+    """Row ``hb + u`` of the step as a vector (``hv{u}``) and whether it is inside the plane (``rv{u}``)."""
+    return [f"{ind}hv{u} = ww * 0 + (hb + {u})", f"{ind}rv{u} = (hv{u} >= 0) & (hv{u} < H)"]
+
+
+def roll(acc, ind):
+    """Shift the five partial output rows ``{acc}_m2 .. {acc}_p2`` by one row (``m2`` was just stored)."""
+    names = [f"{acc}_{n(e)}" for e in R]
+    return [f"{ind}{a} = {b}" for a, b in zip(names, names[1:])] + [f"{ind}{names[-1]} = tl.zeros([BW], dtype=tl.float32)"]
+
+
 def fwd():
     L = header("_dw_fwd_roll", "x_ptr, w0_ptr, w1_ptr, w2_ptr, o0_ptr, o1_ptr, o2_ptr, H, W, RCHUNK", rows=True)
     L += guards() + weights() + colmasks()
@@ -79,23 +99,11 @@ def fwd():
     ]
     # all ROWS input rows are loaded before any output row is stored (the loads cannot be moved
     # past the stores by the compiler: the pointers may alias), so ROWS row loads are in flight
-    for u in range(MAXROWS):
-        ind = "        "
-        if u:
-            L.append(f"        if ROWS > {u}:")
-            ind += "    "
-        L += [
-            f"{ind}hv{u} = ww * 0 + (hb + {u})",
-            f"{ind}rv{u} = (hv{u} >= 0) & (hv{u} < H)",
-            f"{ind}rp{u} = xb + (hb + {u}) * W + ww",
-        ]
+    for u, ind in row_steps(L):
+        L += row_index(u, ind) + [f"{ind}rp{u} = xb + (hb + {u}) * W + ww"]
         for dw in R:
             L.append(f"{ind}x{u}_{n(dw)} = tl.load(rp{u} + {dw}, mask=c_{n(dw)} & rv{u}, other=0.0).to(tl.float32)")
-    for u in range(MAXROWS):
-        ind = "        "
-        if u:
-            L.append(f"        if ROWS > {u}:")
-            ind += "    "
+    for u, ind in row_steps(L):
         # output row hin + e gets tap d = -e: a_k_e += Σ_dw w_k[-e, dw] · x[hin, w + dw]
         for k in range(NK):
             for e in R:
@@ -110,11 +118,7 @@ def fwd():
                 f"{ind}    tl.store(o{k}_ptr + plane * HW + (hb + {u} - 2) * W + ww, a{k}_m2.to(o{k}_ptr.dtype.element_ty), mask=om)"
             )
         for k in range(NK):
-            L.append(f"{ind}a{k}_m2 = a{k}_m1")
-            L.append(f"{ind}a{k}_m1 = a{k}_p0")
-            L.append(f"{ind}a{k}_p0 = a{k}_p1")
-            L.append(f"{ind}a{k}_p1 = a{k}_p2")
-            L.append(f"{ind}a{k}_p2 = tl.zeros([BW], dtype=tl.float32)")
+            L += roll(f"a{k}", ind)
     return L
 
 
@@ -132,12 +136,8 @@ def dx():
     ]
     # dx[o, w] = Σ_k Σ_{d,dw} w_k[d, dw] g_k[o - d, w - dw]; input row hin feeds output row hin + d.
     # The gradient rows of all ROWS steps are loaded first (as in the forward).
-    for u in range(MAXROWS):
-        ind = "        "
-        if u:
-            L.append(f"        if ROWS > {u}:")
-            ind += "    "
-        L += [f"{ind}hv{u} = ww * 0 + (hb + {u})", f"{ind}rv{u} = (hv{u} >= 0) & (hv{u} < H)"]
+    for u, ind in row_steps(L):
+        L += row_index(u, ind)
         for k in range(NK):
             L.append(f"{ind}rp{k} = g{k}_ptr + plane * HW + (hb + {u}) * W + ww")
             for dw in R:
@@ -145,11 +145,7 @@ def dx():
                 L.append(f"{ind}    g{u}{k}_{n(dw)} = tl.load(rp{k} - {dw}, mask=c_{n(dw)} & rv{u}, other=0.0).to(tl.float32)")
                 L.append(f"{ind}else:")
                 L.append(f"{ind}    g{u}{k}_{n(dw)} = tl.zeros([BW], dtype=tl.float32)")
-    for u in range(MAXROWS):
-        ind = "        "
-        if u:
-            L.append(f"        if ROWS > {u}:")
-            ind += "    "
+    for u, ind in row_steps(L):
         for e in R:
             d = e
             for k in range(NK):
@@ -162,12 +158,7 @@ def dx():
             f"{ind}if ACC:",
             f"{ind}    a_m2 += tl.load(optr, mask=om, other=0.0).to(tl.float32)",
             f"{ind}tl.store(optr, a_m2.to(dx_ptr.dtype.element_ty), mask=om)",
-            f"{ind}a_m2 = a_m1",
-            f"{ind}a_m1 = a_p0",
-            f"{ind}a_p0 = a_p1",
-            f"{ind}a_p1 = a_p2",
-            f"{ind}a_p2 = tl.zeros([BW], dtype=tl.float32)",
-        ]
+        ] + roll("a", ind)
     return L
 
 
