@@ -186,11 +186,16 @@ def test_foreground_pool_fp32(bins, K, H, W):
     compare(lambda f, m: DF.foreground_pool(f, m, bins=bins), [feat, m], tol=1e-5, gtol=1e-5)
 
 
-@pytest.mark.parametrize("bins, dtype", [((5, 25), torch.float32), ((3, 100), torch.float32), ((5, 25), torch.bfloat16)])
+@pytest.mark.parametrize("bins, dtype", [((5, 25), torch.float32), ((3, 100), torch.float32), ((5, 25), torch.bfloat16),
+                                         ((5, 25), torch.float16)])
 def test_foreground_pool_chunks(bins, dtype):
     """Several position chunks per sample (partial sums added by the finishing kernel), the wide-bin
-    block sizes (> 64 output columns) and bfloat16 features (tensor-core product in bf16)."""
+    block sizes (> 64 output columns) and half features: fp16 through the product in its own dtype
+    (the GPU path of bf16 and fp16), bf16 converted to float32 first (the interpreter's bf16 tl.dot is
+    wrong)."""
     from dcm.kernels import foreground as fk
+
+    assert fk._half_dot(torch.empty(1, dtype=dtype)) == (dtype == torch.float16)  # CPU tensors
 
     B, K, C, H, W = 2, 2, 20, 13, 11
     NB, BC, BL, chunk, nsplit = fk._fwd_meta(B, C, K * H * W, bins, torch.device("cpu"), dtype == torch.float32)
@@ -201,6 +206,25 @@ def test_foreground_pool_chunks(bins, dtype):
     m[1, 0] = 0.0  # an empty shot next to a non-empty one
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     compare(lambda f, m: DF.foreground_pool(f, m, bins=bins), [feat, m], tol=tol, gtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_foreground_pool_several_blocks_per_chunk(monkeypatch, dtype):
+    """Few programs (FG_SM_PROGRAMS = 1 on a pretend 16-SM device): each program adds several position
+    blocks into its accumulator before writing its partial sums, and each sample has several chunks."""
+    from dcm.kernels import foreground as fk
+
+    monkeypatch.setattr(fk, "_SM_PROGRAMS", 1)
+    monkeypatch.setattr(fk, "_sm_count", lambda device: 16)
+    B, K, C, H, W = 3, 2, 40, 17, 13  # 3 samples x 2 channel blocks x 3 chunks of 3-5 blocks
+    NB, BC, BL, chunk, nsplit = fk._fwd_meta(B, C, K * H * W, (5, 25), torch.device("cpu"), dtype == torch.float32)
+    assert chunk >= 2 * BL and nsplit > 1, (chunk, BL, nsplit)
+    g = torch.Generator().manual_seed(11)
+    feat = torch.randn(B, K, C, H, W, generator=g).to(dtype).requires_grad_()
+    m = torch.tensor([0.0, 0.3, 0.7, 1.0])[torch.randint(0, 4, (B, K, H, W), generator=g)]
+    m[2] = 0.0  # no foreground: every position, in raster order
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    compare(lambda f, m: DF.foreground_pool(f, m, bins=(5, 25)), [feat, m], tol=tol, gtol=tol)
 
 
 def _blob_masks(B, K, h, w, g):

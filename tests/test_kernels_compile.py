@@ -69,6 +69,9 @@ def launches(monkeypatch):
     monkeypatch.setattr(dcm.config, "_triton_interpreted", lambda: True)  # CPU tensors -> the launchers
     monkeypatch.setattr(kernels, "interpreted", lambda: True)
     monkeypatch.setitem(dcm.config._state, "data_checks", False)  # the recorded launches write nothing
+    from dcm.kernels import foreground
+
+    monkeypatch.setattr(foreground, "_half_dot", lambda feat: True)  # what CUDA tensors get (bf16 included)
     g = torch.Generator().manual_seed(0)
     with dcm.use_backend("triton"):
         for dt in (torch.float32, torch.bfloat16, torch.float16):

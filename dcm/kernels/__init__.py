@@ -29,6 +29,7 @@ KNOBS = {
     "SAM_BR": (64, 16, 256, True, "query positions per program of the SAM window kernel"),
     "SAM_WARPS": (4, 1, 16, True, "warps per program of the SAM window kernel"),
     "SAM_PROGS": (4 * 132, 1, 1 << 30, False, "programs the SAM window kernel aims for (support splits)"),
+    "FG_SM_PROGRAMS": (2, 1, 64, False, "programs per SM the foreground pooling kernel aims for (position chunks)"),
 }
 
 

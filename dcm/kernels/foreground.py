@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTS
+from . import LAUNCH_OPTS, tuning
 
 __all__ = ["foreground_pool", "supported"]
 
@@ -134,7 +134,7 @@ def _fg_pool_fwd_kernel(
     f_ptr, rank_ptr, n_ptr, part_ptr,
     C, HW, L, CHUNK,
     S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, S4: tl.constexpr, NB: tl.constexpr,
-    BC: tl.constexpr, BL: tl.constexpr, FP32: tl.constexpr,
+    BC: tl.constexpr, BL: tl.constexpr, FP32: tl.constexpr, HALF_DOT: tl.constexpr,
 ):
     # one program per (sample, channel block, chunk of positions): one pass over the chunk,
     # part[b, chunk, c, j] = Σ_{l in chunk, start_j ≤ rank_l < end_j} feat[b, c, l] as a
@@ -161,11 +161,16 @@ def _fg_pool_fwd_kernel(
         k = p // HW
         poff = k.to(tl.int64) * C * HW + (p - k * HW)
         x = tl.load(fb + coff[:, None] + poff[None, :], mask=cm[:, None] & (r >= 0)[None, :], other=0.0)
-        # tensor cores, float32 accumulation; the 0/1 matrix is exact in tf32, and so are bf16 / fp16
-        # features (at most 10 mantissa bits): one tf32 pass; float32 features: tf32x3 (split into a
-        # high and a low tf32 part), float32-level sums
+        # tensor cores, float32 accumulation, exact products (the 0/1 matrix is exact in every dtype):
+        # bf16 / fp16 features in their own dtype (the load then feeds the product directly, which
+        # lets Triton pipeline it with asynchronous copies); float32 features: tf32x3 (split into a
+        # high and a low tf32 part), float32-level sums. HALF_DOT is off only for bf16 under Triton's
+        # CPU interpreter, whose tl.dot on bf16 operands is wrong: there the features are converted to
+        # float32 first (exact in tf32, the same sums)
         if FP32:
             acc = tl.dot(x, ind.to(tl.float32), acc, input_precision="tf32x3")
+        elif HALF_DOT:
+            acc = tl.dot(x, ind.to(x.dtype), acc)
         else:
             acc = tl.dot(x.to(tl.float32), ind.to(tl.float32), acc, input_precision="tf32")
     j = tl.arange(0, NB)
@@ -296,6 +301,11 @@ def _select_launch(mask: torch.Tensor, H: int, W: int, threshold: float):
     return rank, n
 
 
+#: programs per SM the pooling kernel aims for (knob FG_SM_PROGRAMS): each sample's positions are split
+#: into as many chunks as that needs (at least one block each); a program walks its chunk block by block
+_SM_PROGRAMS = tuning("FG_SM_PROGRAMS")
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -305,16 +315,22 @@ def _sm_count(device: torch.device) -> int:
 
 def _fwd_meta(B: int, C: int, L: int, bins: Sequence[int], device: torch.device, fp32: bool = True):
     """Block sizes and the split of the positions into chunks: enough programs to fill the GPU
-    (about two per SM) whatever the batch size, without splitting finer than one block. Block sizes
+    (about ``FG_SM_PROGRAMS`` per SM) whatever the batch size, without splitting finer than one block. Block sizes
     chosen from ptxas's register counts for sm_90 (float32: the three tf32 products of a
     [32, 64] x [64, 32] block need 255 registers, [32, 32] 168), not yet timed."""
     NB = max(16, triton.next_power_of_2(sum(bins)))
     BC = 32 if NB <= 64 else 16
     BL = 32 if NB > 64 or fp32 else 64
     blocks = triton.cdiv(L, BL)
-    split = max(1, min(blocks, triton.cdiv(2 * _sm_count(device), B * triton.cdiv(C, BC))))
+    split = max(1, min(blocks, triton.cdiv(_SM_PROGRAMS * _sm_count(device), B * triton.cdiv(C, BC))))
     chunk = BL * triton.cdiv(blocks, split)
     return NB, BC, BL, chunk, triton.cdiv(L, chunk)
+
+
+def _half_dot(feat: torch.Tensor) -> bool:
+    """bf16 / fp16 features go to the pooling product in their own dtype, except bf16 on CPU tensors
+    (Triton's interpreter computes tl.dot on bf16 wrongly; see _fg_pool_fwd_kernel)."""
+    return feat.dtype == torch.float16 or (feat.dtype == torch.bfloat16 and feat.is_cuda)
 
 
 def _fwd_launch(feat: torch.Tensor, rank: torch.Tensor, n: torch.Tensor, bins: Sequence[int]) -> List[torch.Tensor]:
@@ -329,6 +345,7 @@ def _fwd_launch(feat: torch.Tensor, rank: torch.Tensor, n: torch.Tensor, bins: S
     sets = _sets(bins)
     _fg_pool_fwd_kernel[(B, triton.cdiv(C, BC), nsplit)](
         feat, rank, n, part, C, H * W, L, chunk, NB=NB, BC=BC, BL=BL, FP32=fp32,
+        HALF_DOT=_half_dot(feat),
         **LAUNCH_OPTS, num_warps=4, **sets
     )
     o = outs + [outs[0]] * (_MAX_SETS - len(outs))
