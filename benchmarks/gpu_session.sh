@@ -52,6 +52,10 @@ sweep() {
     --sweep DW_ROWS=1,2,4 --json "$out/sweep-dynconv-fp32.json"
   log sweep-sam-bf16 $py benchmarks/speed.py --ops sam --dtype bfloat16 --quick \
     --sweep SAM_WARPS=4,8 --sweep SAM_BP=16,32 --json "$out/sweep-sam-bf16.json"
+  for dt in bfloat16 float32; do
+    log "sweep-fgpool-$dt" $py benchmarks/speed.py --ops fgpool --dtype "$dt" --quick \
+      --sweep FG_SM_PROGRAMS=1,2,4,8 --json "$out/sweep-fgpool-$dt.json"
+  done
 }
 
 models() {
