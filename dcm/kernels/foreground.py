@@ -17,7 +17,7 @@ Four kernels, no host synchronisation, no full-resolution temporaries:
   ``[channels, positions] x [positions, bins]`` product with the 0/1 membership matrix, built in
   registers from the ranks and :func:`torch.nn.functional.adaptive_avg_pool1d`'s bin boundaries
   (``floor(i·n/S)``, ``ceil((i+1)·n/S)``), on tensor cores with float32 accumulation (bf16 / fp16
-  features are exact in tf32; float32 features use ``tf32x3``, float32-level sums). All requested
+  features in their own dtype, exact products; float32 features use ``tf32x3``, float32-level sums). All requested
   ``S`` side by side in one matrix. The chunks give the GPU enough programs at any batch size; they
   write float32 partial sums.
 * ``_fg_pool_finish_kernel`` adds the chunks' partial sums, divides by the bin sizes and writes each
@@ -162,8 +162,8 @@ def _fg_pool_fwd_kernel(
         poff = k.to(tl.int64) * C * HW + (p - k * HW)
         x = tl.load(fb + coff[:, None] + poff[None, :], mask=cm[:, None] & (r >= 0)[None, :], other=0.0)
         # tensor cores, float32 accumulation, exact products (the 0/1 matrix is exact in every dtype):
-        # bf16 / fp16 features in their own dtype (the load then feeds the product directly, which
-        # lets Triton pipeline it with asynchronous copies); float32 features: tf32x3 (split into a
+        # bf16 / fp16 features in their own dtype (no conversion, half the MMA instructions of a
+        # tf32 pass); float32 features: tf32x3 (split into a
         # high and a low tf32 part), float32-level sums. HALF_DOT is off only for bf16 under Triton's
         # CPU interpreter, whose tl.dot on bf16 operands is wrong: there the features are converted to
         # float32 first (exact in tf32, the same sums)
