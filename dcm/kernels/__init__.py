@@ -19,9 +19,10 @@ LAUNCH_OPTS = {"enable_fp_fusion": True}
 
 
 #: Launch-configuration knobs: name -> (default, smallest, largest, power of two only, what it sets).
-#: Each is read from the environment variable ``DCM_<name>`` (:func:`tuning`), to time configurations on
-#: a GPU without editing code (``python benchmarks/speed.py --sweep DW_ROWS=1,2,4``). The defaults are
-#: the configurations dcm ships; docs/SPEED.md says which of them each measured number used.
+#: Each is read from the environment variable ``DCM_<name>`` (:func:`tuning`) when the kernel modules
+#: are imported, to time configurations on a GPU without editing code (``python benchmarks/speed.py
+#: --sweep DW_ROWS=1,2,4``). The defaults are the configurations dcm ships; docs/SPEED.md says which
+#: of them each measured number used.
 KNOBS = {
     "DW_ROWS": (4, 1, 4, False, "input rows the rolling dynamic-conv forward / dx kernels load per loop step"),
     "DW_PROGRAMS": (132 * 24, 1, 1 << 30, False, "programs the rolling dynamic-conv kernels aim for (row chunks)"),

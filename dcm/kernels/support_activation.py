@@ -257,6 +257,10 @@ def _norm_bwd_kernel(x_ptr, dn_ptr, sc_ptr, nc_ptr, dx_ptr, C, HW, ROWS, LD, BP:
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
+#: launch configuration of the window kernel (knobs SAM_BP, SAM_BR, SAM_WARPS, SAM_PROGS), read at import
+_WIN_BP, _WIN_BR, _WIN_WARPS, _WIN_PROGRAMS = (tuning(f"SAM_{k}") for k in ("BP", "BR", "WARPS", "PROGS"))
+
+
 def _ceil8(n: int) -> int:
     return (n + 7) // 8 * 8
 
@@ -342,9 +346,9 @@ def _forward(query, support, mask, wins, eps, mode):
     gram = _bmm32(s_cat, q_cat.transpose(1, 2))  # [B, K·HWs, npad] fp32
     del s_cat, q_cat
     G = B * K
-    BP, BR = tuning("SAM_BP"), tuning("SAM_BR")
+    BP, BR = _WIN_BP, _WIN_BR
     nr = triton.cdiv(HWq, BR)
-    nsplit = max(1, min(triton.cdiv(HWs, BP), triton.cdiv(tuning("SAM_PROGS"), nr * G)))
+    nsplit = max(1, min(triton.cdiv(HWs, BP), triton.cdiv(_WIN_PROGRAMS, nr * G)))
     pchunk = triton.cdiv(triton.cdiv(HWs, nsplit), BP) * BP
     nsplit = triton.cdiv(HWs, pchunk)
     val = torch.empty((G, nw, nsplit, HWq), device=q.device, dtype=torch.float32)
@@ -354,7 +358,7 @@ def _forward(query, support, mask, wins, eps, mode):
         pwm = max(w[1] for w in grp) // 2
         _win_kernel[(nr, nsplit, G)](
             gram, val, arg, Hs, Ws, HWs, Hq, Wq, HWq, npad, pchunk, nsplit, nw, woff,
-            PHM=phm, PWM=pwm, BP=BP, BR=BR, **LAUNCH_OPTS, num_warps=tuning("SAM_WARPS"), **meta,
+            PHM=phm, PWM=pwm, BP=BP, BR=BR, **LAUNCH_OPTS, num_warps=_WIN_WARPS, **meta,
         )
     if nsplit > 1:
         v, idx = val.max(dim=2)
