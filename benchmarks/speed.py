@@ -499,7 +499,8 @@ def _without(argv, flags):
 
 def sweep(p, args, argv):
     """Run this script once per knob configuration (fresh process, ``DCM_<NAME>`` set), ``ours`` only,
-    and print the times side by side; ``--json`` gets every run's rows."""
+    and print the times side by side; ``--json`` gets every run's rows. Exits non-zero (after the
+    table) when a configuration failed."""
     import itertools
     import os
     import subprocess
@@ -526,6 +527,9 @@ def sweep(p, args, argv):
     if args.json:
         Path(args.json).write_text(json.dumps({"sweep": runs}, indent=1))
         print(f"[speed] wrote {args.json}")
+    failed = [r["label"] for r in runs if r["env"] is None]
+    if failed:
+        sys.exit(f"[speed] sweep: {len(failed)} of {len(runs)} configurations failed: {', '.join(failed)}")
     return runs
 
 

@@ -77,3 +77,11 @@ def test_gpu_session_script_plumbing(tmp_path):
     log = (tmp_path / "tests.log").read_text()
     assert "test_kernels_cuda.py" in log and "== tests: exit " in log
     assert "skipped" in log or "passed" in log
+
+
+def test_speed_script_sweep_exits_nonzero_when_a_configuration_fails(tmp_path):
+    # an unknown op in the child runs makes each configuration fail; the sweep reports it and exits 1
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cpu", "--ops", "nope",
+           "--sweep", "DW_ROWS=1,2"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "2 of 2 configurations failed" in res.stderr, res.stderr[-1000:]

@@ -163,10 +163,10 @@ def _fg_pool_fwd_kernel(
         x = tl.load(fb + coff[:, None] + poff[None, :], mask=cm[:, None] & (r >= 0)[None, :], other=0.0)
         # tensor cores, float32 accumulation, exact products (the 0/1 matrix is exact in every dtype):
         # bf16 / fp16 features in their own dtype (no conversion, half the MMA instructions of a
-        # tf32 pass); float32 features: tf32x3 (split into a
-        # high and a low tf32 part), float32-level sums. HALF_DOT is off only for bf16 under Triton's
-        # CPU interpreter, whose tl.dot on bf16 operands is wrong: there the features are converted to
-        # float32 first (exact in tf32, the same sums)
+        # tf32 pass); float32 features: tf32x3 (split into a high and a low tf32 part), float32-level
+        # sums. HALF_DOT is off only for bf16 under Triton's CPU interpreter, whose tl.dot on bf16
+        # operands is wrong: there the features are converted to float32 first (exact in tf32, the
+        # same sums)
         if FP32:
             acc = tl.dot(x, ind.to(tl.float32), acc, input_precision="tf32x3")
         elif HALF_DOT:
