@@ -52,6 +52,9 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "train_size": None,            # PFENet training crop (473); None = the dataset's own transform
         "scale": [0.9, 1.1],           # RandScale range (COCO: [0.8, 1.25])
         "rotate": [-10.0, 10.0],
+        "augment": "pfenet",           # training augmentation with train_size: pfenet (scale, rotate, blur, flip,
+                                       # crop) | flip (test_resize to train_size + horizontal flip: repeatable
+                                       # inputs, what train.cache_backbone needs to pay off)
         "test_size": None,             # test letterbox size (473); None = the dataset's own transform
         "test_resize": "letterbox",    # letterbox | shrink | squash | none (SPEC §1.8)
         "train_episodes": None,        # episodes per training epoch; None = one per query image
@@ -81,11 +84,15 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "val_seed": 321,
         "val_batch_size": 8,
         "checkpoint_every_iters": 0,   # also checkpoint inside an epoch every N iterations (0 = only at epoch end)
+        "val_split": "val",            # split of the per-epoch validation (val | test)
+        "cache_backbone": False,       # memoise the frozen backbone's features per input (benchmarks/feature_cache.py)
+        "cache_backbone_gb": 8.0,      # memory cap of that cache (GiB)
         "deterministic": True,         # torch.use_deterministic_algorithms(warn_only) + cudnn.deterministic
     },
     "eval": {
         "enabled": True,               # evaluate the best checkpoint after training
         "preset": None,                # a published protocol (pfenet | bam | hsnet | dpcn) instead of the keys below
+        "split": "val",                # split of the final test (val | test); pascal image_split: val, test
         "episodes": 1000,
         "seeds": [321],
         "batch_size": 1,
@@ -267,6 +274,14 @@ def _validate(cfg: dict) -> dict:
         raise ConfigError(f"data.root: dataset '{d['dataset']}' needs its folder (--data-root PATH)")
     if not isinstance(m["flags"], dict):
         raise ConfigError(f"model.flags: expected a mapping, got {m['flags']!r}")
+    if d["augment"] not in ("pfenet", "flip"):
+        raise ConfigError(f"data.augment: expected pfenet or flip, got {d['augment']!r}")
+    for sec, key, v in (("train", "val_split", t["val_split"]), ("eval", "split", e["split"])):
+        if v not in ("val", "test"):
+            raise ConfigError(f"{sec}.{key}: expected val or test, got {v!r}")
+    if not isinstance(t["cache_backbone"], bool):
+        raise ConfigError(f"train.cache_backbone: expected true or false, got {t['cache_backbone']!r}")
+    pos("train", "cache_backbone_gb", t["cache_backbone_gb"], zero=True)
     return cfg
 
 

@@ -309,8 +309,13 @@ def build_train_dataset(cfg: dict):
     if d["dataset"] not in ("fss", "fss1000"):
         kw["fold"] = d["fold"]
     if d["train_size"]:
-        from .transforms import train_transform
-        kw["transform"] = train_transform(int(d["train_size"]), tuple(d["scale"]), tuple(d["rotate"]))
+        from .transforms import flip_transform, train_transform
+        if d["augment"] == "flip":
+            kw["transform"] = flip_transform(int(d["train_size"]), d["test_resize"])
+        else:
+            kw["transform"] = train_transform(int(d["train_size"]), tuple(d["scale"]), tuple(d["rotate"]))
+    elif d["augment"] != "pfenet":
+        raise ValueError("data.augment=flip needs data.train_size (the size training inputs are resized to)")
     return build_dataset(d["dataset"], **kw)
 
 
@@ -318,9 +323,11 @@ def eval_protocol(cfg: dict, *, validation: bool = False, shot: Optional[int] = 
     """The :class:`Protocol` of the final test (``eval.*``) or of the per-epoch validation (``train.val_*``)."""
     d, e, t = cfg["data"], cfg["eval"], cfg["train"]
     size = test_size(cfg)
+    split = t["val_split"] if validation else e["split"]
     kw = dict(dataset=d["dataset"], fold=None if d["dataset"] in ("fss", "fss1000") else d["fold"],
               shot=int(shot or cfg["model"]["shot"]), resize=d["test_resize"],
-              split="test" if d["dataset"] in ("fss", "fss1000") else "val")
+              split="test" if d["dataset"] in ("fss", "fss1000") else split,
+              images=_image_split_text(cfg))
     if validation:
         kw.update(episodes=int(t["val_episodes"]), seeds=(int(t["val_seed"]),), scales=(size,),
                   resolution=e["resolution"])
@@ -329,8 +336,18 @@ def eval_protocol(cfg: dict, *, validation: bool = False, shot: Optional[int] = 
         kw.update(episodes=e["episodes"], seeds=tuple(int(s) for s in e["seeds"]), scales=scales,
                   resolution=e["resolution"], episode_iou=bool(e.get("episode_iou", False)))
         if e.get("preset"):
-            return Protocol.preset(e["preset"], **{k: v for k, v in kw.items() if k in ("dataset", "fold", "shot", "split")})
+            return Protocol.preset(e["preset"], **{k: v for k, v in kw.items() if k in ("dataset", "fold", "shot", "split",
+                                                                                          "images")})
     return Protocol(**kw)
+
+
+def _image_split_text(cfg: dict) -> str:
+    """How the images were split (``data.args.image_split``), for the protocol line; '' when not split."""
+    spec = (cfg["data"]["args"] or {}).get("image_split")
+    if not spec:
+        return ""
+    from .datasets.pascal import describe_image_split
+    return describe_image_split(spec)
 
 
 def _memo_factory(factory: Callable) -> Callable:
@@ -338,6 +355,7 @@ def _memo_factory(factory: Callable) -> Callable:
 
     def make(protocol, seed, size):
         key = (protocol.dataset, protocol.fold, protocol.shot, protocol.split, protocol.episodes, protocol.resize,
+               protocol.images,
                protocol.fold_scheme, seed, size)
         if key not in cache:
             cache[key] = factory(protocol, seed, size)
@@ -586,6 +604,10 @@ class Trainer:
         self.model = model if model is not None else build_model_from_config(self.cfg)
         self.model._registry_name = self.cfg["model"]["name"]
         self.model.to(self.device)
+        self.feature_cache = None
+        if t["cache_backbone"]:
+            from .feature_cache import attach_feature_cache
+            self.feature_cache = attach_feature_cache(self.model, int(float(t["cache_backbone_gb"]) * 2 ** 30))
         self.net = self.model  # possibly DDP-wrapped
         self.layer4_on = False
 
@@ -814,8 +836,9 @@ class Trainer:
                         atomic_save(self._state(), self.run_dir / "best.pth")
                     val = (f"  val mIoU {rec['val_miou']:.2f} FB-IoU {rec['val_fbiou']:.2f}"
                            f" (best {self.best['miou']:.2f} @ epoch {self.best['epoch']})" if "val_miou" in rec else "")
+                    cache = f"  [feature cache: {self.feature_cache.stats()}]" if self.feature_cache is not None else ""
                     self.echo(f"epoch {self.epoch}/{self.epochs}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.2e}"
-                              f"{val}  [{secs:.0f}s train]")
+                              f"{val}  [{secs:.0f}s train]{cache}")
                 self.dist.barrier()
         finally:
             for s, h in old_handlers.items():

@@ -65,6 +65,8 @@ class Protocol:
         episode_iou: also report the episode-wise mean foreground IoU.
         fold_scheme: COCO folds, 'interleaved' (default) or 'consecutive'.
         name: preset name ('' for a custom protocol).
+        images: which images the split holds when the dataset's images are split by a rule of ours
+            (e.g. PASCAL's ``image_split``), in words; '' for the dataset's own lists.
 
     Example:
         >>> p = Protocol.preset("dpcn", dataset="pascal", fold=1)
@@ -85,6 +87,7 @@ class Protocol:
     episode_iou: bool = False
     fold_scheme: str = "interleaved"
     name: str = ""
+    images: str = ""
 
     def __post_init__(self):
         seeds = (self.seeds,) if isinstance(self.seeds, int) else tuple(int(s) for s in self.seeds)
@@ -156,7 +159,8 @@ class Protocol:
         return (f"{ds}{fold}{scheme} {self.shot}-shot {self.split}: {eps} episodes × {len(self.seeds)} seed(s) "
                 f"[{seeds}], {self.resize} {'+'.join(map(str, self.scales))}"
                 f"{' (multi-scale)' if len(self.scales) > 1 else ''}, {where}, label {self.ignore_index} ignored"
-                + (f", preset {self.name}" if self.name else ""))
+                + (f", preset {self.name}" if self.name else "")
+                + (f", images: {self.images}" if self.images else ""))
 
 
 @dataclass

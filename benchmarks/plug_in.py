@@ -1,19 +1,31 @@
-"""The paper's Table 6: plug the Dynamic Convolution Module into another few-shot network.
+"""The paper's Table 6: plug the Dynamic Convolution Module into another few-shot network, with seeds.
 
-Trains the host network (PFENet or CANet) and the same host with DCM under identical data, seeds,
-schedule and evaluation episodes, and prints per-fold class mIoU, the mean, FB-IoU and the difference
-beside the paper's numbers (1-shot, ResNet-50, PASCAL-5i)::
+Trains the host network (PFENet or CANet) and the host with DCM -- or any list of arms -- under the
+same recipe, with ``--seeds N`` training seeds per arm and fold, evaluates every run on the same test
+episodes and prints, per fold, every seed's mIoU / FB-IoU, the mean ± std over seeds, and the paired
+difference of each arm from the first (seed by seed) with its 95 % Student-t interval over seeds; over
+folds, the mean of the fold means with the interval from the within-fold seed variances
+(:mod:`benchmarks.stats`)::
 
-    python benchmarks/plug_in.py --host pfenet                  # small synthetic run, a few CPU minutes
-    python benchmarks/plug_in.py --host canet
-    python benchmarks/plug_in.py --host pfenet --dataset pascal --data-root /data/VOC2012 \
-        --backbone resnet50_v2 --backbone-weights initmodel/resnet50_v2.pth --folds 0 1 2 3
+    python benchmarks/plug_in.py --host pfenet                  # synthetic set, a few CPU minutes per run
+    python benchmarks/plug_in.py --host pfenet --config plug_in_pfenet_voc_lite0 --data-root VOC2012 --folds 1 2 3
+    python benchmarks/plug_in.py --host canet --arms canet "canet+dcm[paper]" "canet+dcm[residual+l1]"
+    python benchmarks/plug_in.py --host dpcn --config dpcn_voc_lite0 --data-root VOC2012   # Baseline, DPCN w/o DCM, DPCN
 
-Without ``--dataset`` the run uses the synthetic few-shot set with the EfficientNet-Lite0 backbone
-(configs/plug_in_<host>_synthetic.yaml); with ``--dataset pascal|coco`` the host's own recipe
-(configs/<host>_<dataset>.yaml: PFENet's or CANet's published training settings). Results go to
-``<out>/table6_<host>.json`` and ``.md`` and each training run keeps its own folder (checkpoints,
-config.yaml, log.jsonl), so an interrupted comparison continues with ``--resume``.
+An arm is a registry model name with an optional DCM variant in brackets, tokens joined by ``+``:
+``paper`` (the DCM as the paper describes it: PFENet's fused feature *replaces* the query feature,
+CANet concatenates the maps to its fusion layer's input, raw kernels), ``residual`` (zero-initialised
+residual fusion), ``replace`` / ``concat``, ``l1`` / ``l2`` / ``raw`` (kernel normalisation),
+``clean`` (PFENet: kernels from the support feature before dropout), ``lr<x>`` / ``wd<x>`` (kernel
+generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM). ``pfenet+dcm`` alone is
+the model's default.
+
+``--split val|test`` picks the split of the final evaluation (recipes that split their images have
+both). Model choices are made on ``val``; ``--split test --resume`` afterwards evaluates the finished
+runs' best checkpoints on the test split without training again. Each run keeps its folder
+(``<out>/plug_in_<host>/<arm>_f<fold>_seed<seed>``: checkpoints, config.yaml, log.jsonl,
+``results_<split>.json``), so an interrupted comparison continues with ``--resume``. Everything goes
+to ``<out>/plug_in_<host>/table6_<host>_<split>.json`` and ``.md``.
 """
 import sys
 import pathlib
@@ -23,12 +35,16 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Dict, List, Optional  # noqa: E402
 
 from benchmarks.config import CONFIG_DIR, ConfigError, add_config_args, load_config, overrides_from_args  # noqa: E402
+from benchmarks.stats import fold_average, format_interval, paired_difference  # noqa: E402
 
-#: DPCN Table 6 (1-shot, ResNet-50, PASCAL-5i): per-fold mIoU, mean, FB-IoU (SPEC §4.8).
+#: DPCN Table 6 (1-shot, ResNet-50, PASCAL-5i): per-fold mIoU, mean, FB-IoU (docs/MODELS_HOSTS.md).
 #: The paper prints CANet fold 0 as 53.5, but its mean 55.4 (and the CANet paper) imply 52.5.
 PAPER_TABLE6 = {
     "canet": {"folds": [53.5, 65.9, 51.3, 51.9], "mean": 55.4, "fbiou": 66.2},
@@ -37,136 +53,310 @@ PAPER_TABLE6 = {
     "pfenet+dcm": {"folds": [62.2, 69.6, 59.2, 58.0], "mean": 62.3, "fbiou": 73.5},
 }
 
+DEFAULT_ARMS = {"pfenet": ["pfenet", "pfenet+dcm"], "canet": ["canet", "canet+dcm"],
+                "dpcn": ["baseline", "dpcn[nodcm]", "dpcn"]}
+_HOST_MODELS = {"pfenet": ("pfenet", "pfenet+dcm"), "canet": ("canet", "canet+dcm"), "dpcn": ("dpcn", "baseline")}
+
+
+@dataclass
+class Arm:
+    spec: str          # as given, e.g. "pfenet+dcm[residual+l1]"
+    model: str         # registry name
+    variant: str       # "" or the bracket content
+    overrides: List[str]
+
+    @property
+    def tag(self) -> str:
+        return self.model.replace("+", "_") + (f"_{self.variant.replace('+', '-')}" if self.variant else "")
+
+
+def variant_overrides(model: str, variant: str) -> List[str]:
+    """Config overrides of a DCM variant (module docstring) for registry model ``model``."""
+    if not variant:
+        return []
+    family = "dpcn" if model in ("dpcn", "baseline") else model.split("+")[0]
+    has_dcm = model in ("dpcn", "pfenet+dcm", "canet+dcm")
+    norm_key = "model.flags.dcm_kernel_norm" if family == "dpcn" else "model.flags.dcm_kwargs.kernel_norm"
+    paper_fusion = {"pfenet": "replace", "canet": "concat"}.get(family)
+    out: List[str] = []
+    for tok in variant.split("+"):
+        if tok == "nodcm" and model == "dpcn":
+            out.append("model.flags.use_dcm=false")
+            continue
+        if not has_dcm:
+            raise ValueError(f"arm '{model}[{variant}]': '{tok}' is a DCM variant but '{model}' has no DCM")
+        if tok == "paper":
+            out += ([f"model.flags.dcm_fusion={paper_fusion}"] if paper_fusion else []) + [f"{norm_key}=null"]
+        elif tok in ("replace", "residual", "concat") and family != "dpcn":
+            if tok != "residual" and tok != paper_fusion:
+                raise ValueError(f"arm '{model}[{variant}]': {family} takes dcm_fusion '{paper_fusion}' or 'residual'")
+            out.append(f"model.flags.dcm_fusion={tok}")
+        elif tok in ("l1", "l2", "raw"):
+            out.append(f"{norm_key}={'null' if tok == 'raw' else tok}")
+        elif tok == "clean" and family == "pfenet":
+            out.append("model.flags.dcm_support=clean")
+        elif re.fullmatch(r"lr[0-9.e-]+", tok):
+            out.append(f"model.flags.dcm_lr_scale={float(tok[2:])}")
+        elif re.fullmatch(r"wd[0-9.e-]+", tok):
+            out.append(f"model.flags.dcm_weight_decay={float(tok[2:])}")
+        else:
+            raise ValueError(f"arm '{model}[{variant}]': unknown variant token '{tok}' (paper, residual, "
+                             f"replace/concat, l1, l2, raw, clean, lr<x>, wd<x>, nodcm)")
+    return out
+
+
+def parse_arm(spec: str, host: str) -> Arm:
+    m = re.fullmatch(r"([a-z0-9+_]+)(?:\[([a-z0-9.+\-]*)\])?", spec.strip())
+    if not m:
+        raise ValueError(f"--arms: cannot read '{spec}' (expected NAME or NAME[variant], e.g. pfenet+dcm[residual+l1])")
+    model, variant = m.group(1), m.group(2) or ""
+    if model not in _HOST_MODELS[host]:
+        raise ValueError(f"--arms: '{model}' is not a {host} arm (one of {', '.join(_HOST_MODELS[host])})")
+    return Arm(spec.strip(), model, variant, variant_overrides(model, variant))
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--host", required=True, choices=["pfenet", "canet"], help="the host network")
+    p.add_argument("--host", required=True, choices=sorted(DEFAULT_ARMS), help="the host network")
+    p.add_argument("--arms", nargs="+", default=None,
+                   help="arms to compare, the first is the reference (default: host, host+dcm; dpcn: baseline, "
+                        "dpcn[nodcm], dpcn)")
     p.add_argument("--folds", type=int, nargs="+", default=None,
-                   help="folds to run (default: 0 on the synthetic set, 0 1 2 3 on PASCAL/COCO)")
+                   help="folds to run (default: 0 on the synthetic set, 1 2 3 on recipes that split their images, "
+                        "else 0 1 2 3)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="training seeds per arm and fold: train.seed, train.seed + 1, ... (default 3)")
+    p.add_argument("--split", choices=["val", "test"], default=None,
+                   help="split of the final evaluation (default: the recipe's eval.split)")
     add_config_args(p, include=["backbone", "backbone_weights", "shot", "dataset", "data_root", "epochs",
                                 "batch_size", "lr", "lr_multiplier", "seed", "workers", "train_episodes",
                                 "val_episodes", "episodes", "device", "out"])
     p.add_argument("--resume", action="store_true", help="continue interrupted runs; finished runs are reused")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds: expected >= 1, got {args.seeds}")
+    return args
 
 
 def recipe_for(host: str, dataset: str, config) -> str:
     if config:
         return config
-    name = f"plug_in_{host}_synthetic" if dataset in (None, "synthetic") else f"{host}_{dataset}"
+    if host == "dpcn":
+        name = "synthetic" if dataset in (None, "synthetic") else f"dpcn_{dataset}"
+    else:
+        name = f"plug_in_{host}_synthetic" if dataset in (None, "synthetic") else f"{host}_{dataset}"
     if not (CONFIG_DIR / f"{name}.yaml").is_file():
         raise ConfigError(f"no recipe configs/{name}.yaml for host '{host}' on '{dataset}'; pass --config FILE")
     return name
+
+
+def _evaluate_checkpoint(cfg: dict, run_dir: Path) -> dict:
+    """The final evaluation of a finished run's best checkpoint under ``cfg``'s protocol (no training)."""
+    from benchmarks.engine import (eval_factory, eval_protocol, evaluate_model, load_checkpoint_model,
+                                   resolve_device)
+    device = resolve_device(cfg["run"]["device"])
+    model, _ = load_checkpoint_model(run_dir / "best.pth", device=device, cfg=cfg)
+    if cfg["train"]["cache_backbone"]:
+        from benchmarks.feature_cache import attach_feature_cache
+        attach_feature_cache(model, int(float(cfg["train"]["cache_backbone_gb"]) * 2 ** 30))
+    protocol = eval_protocol(cfg)
+    r = evaluate_model(model, protocol, eval_factory(cfg), device=device, fusion=cfg["eval"]["fusion"],
+                       amp=cfg["train"]["amp"], batch_size=int(cfg["eval"]["batch_size"]),
+                       num_workers=int(cfg["data"]["num_workers"]))
+    prev = json.loads((run_dir / "results.json").read_text())
+    out = {"protocol": protocol.as_dict(), "protocol_text": protocol.describe(), "fusion": cfg["eval"]["fusion"],
+           "rows": [{"label": f"trained {cfg['model']['name']} (best epoch {prev['best'].get('epoch')})", **r.as_dict()}],
+           "best": prev["best"], "train_seconds": prev.get("train_seconds"), "from_checkpoint": True}
+    return out
+
+
+def run_one(cfg: dict, run_dir: Path, split: str, resume: bool) -> Optional[dict]:
+    """Train (or reuse) one run and return its results on ``split`` (``None`` on a non-zero rank)."""
+    from benchmarks.engine import _json_default, train
+    res_file = run_dir / f"results_{split}.json"
+    if resume and res_file.is_file():
+        print(f"[{run_dir.name}] reusing {res_file}")
+        return json.loads(res_file.read_text())
+    if resume and (run_dir / "results.json").is_file() and (run_dir / "best.pth").is_file():
+        print(f"[{run_dir.name}] finished run: evaluating its best checkpoint on the {split} split")
+        results = _evaluate_checkpoint(cfg, run_dir)
+    else:
+        print(f"\n=== {run_dir.name} ===")
+        resume_from = True if (resume and (run_dir / "last.pth").is_file()) else None
+        out = train(cfg, run_dir, resume=resume_from)
+        results = out.get("results")
+        if results is None:  # a non-zero rank under torchrun: rank 0 evaluates and reports
+            return None
+        results["train_seconds"] = out.get("seconds")
+    res_file.write_text(json.dumps(results, indent=1, default=_json_default))
+    return results
 
 
 def _fmt(v) -> str:
     return "   -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.2f}"
 
 
-def table(host: str, folds, res: dict, protocol_text: str) -> str:
-    """Fixed-width Table 6 with the paper's rows."""
-    names = [host, host + "+dcm"]
-    head = f"{'':22}" + "".join(f"{'fold' + str(f):>8}" for f in folds) + f"{'mean':>8}{'FB-IoU':>8}"
-    lines = [f"Table 6 — {host} vs {host}+DCM | {protocol_text}", head]
-    for n in names:
-        r = res[n]
-        lines.append(f"{'ours ' + n:22}" + "".join(f"  {_fmt(r['folds'][f])}" for f in folds)
-                     + f"  {_fmt(r['mean'])}  {_fmt(r['fbiou'])}")
-    d = {f: res[names[1]]["folds"][f] - res[names[0]]["folds"][f] for f in folds}
-    lines.append(f"{'ours difference':22}" + "".join(f"  {d[f]:+6.2f}" for f in folds)
-                 + f"  {res[names[1]]['mean'] - res[names[0]]['mean']:+6.2f}  {res[names[1]]['fbiou'] - res[names[0]]['fbiou']:+6.2f}")
-    for n in names:
-        p = PAPER_TABLE6[n]
-        lines.append(f"{'paper ' + n:22}" + "".join(f"  {_fmt(p['folds'][f])}" for f in folds)
-                     + f"  {_fmt(p['mean'])}  {_fmt(p['fbiou'])}")
-    p0, p1 = PAPER_TABLE6[names[0]], PAPER_TABLE6[names[1]]
-    lines.append(f"{'paper difference':22}" + "".join(f"  {p1['folds'][f] - p0['folds'][f]:+6.2f}" for f in folds)
-                 + f"  {p1['mean'] - p0['mean']:+6.2f}  {p1['fbiou'] - p0['fbiou']:+6.2f}")
-    lines.append("(paper: 1-shot, ResNet-50, PASCAL-5i, 4 folds; its 'mean' is over all four folds)")
+def _pm(ms) -> str:
+    return f"{ms['mean']:.2f}" + (f" ± {ms['std']:.2f}" if ms.get("std") is not None else "")
+
+
+def summarise(arms: List[str], folds, res: dict) -> dict:
+    """Per-arm fold averages and the paired differences of every arm from the first (and DPCN from each)."""
+    summary = {a: {"miou": fold_average(res[a]["miou"]), "fbiou": fold_average(res[a]["fbiou"])} for a in arms}
+    pairs = [(arms[0], b) for b in arms[1:]]
+    if len(arms) > 2:  # the last arm (e.g. DPCN) against every other one as well
+        pairs += [(a, arms[-1]) for a in arms[1:-1]]
+    diffs = {f"{b} - {a}": {"a": a, "b": b, "miou": paired_difference(res[a]["miou"], res[b]["miou"]),
+                            "fbiou": paired_difference(res[a]["fbiou"], res[b]["fbiou"])} for a, b in pairs}
+    return {"arms": summary, "differences": diffs}
+
+
+INTERVAL_TEXT = ("95 % Student-t interval over training seeds of the paired (same seed, same test episodes) "
+                 "difference; across folds: mean of the fold means, SE from the within-fold seed variances, "
+                 "df = sum over folds of (seeds - 1)")
+
+
+def table(host: str, folds, seeds, res: dict, stats: dict, protocol_text: str) -> str:
+    arms = list(res)
+    w = max(24, max(len(a) for a in arms) + 2)
+    head = f"{'':{w}}" + "".join(f"{'fold ' + str(f):>16}" for f in folds) + f"{'mean':>16}{'FB-IoU':>9}"
+    lines = [f"Table 6 — {host}: {', '.join(arms)} | seeds {','.join(map(str, seeds))} | {protocol_text}",
+             "mIoU, mean ± std over seeds", head]
+    for a in arms:
+        s = stats["arms"][a]
+        lines.append(f"{a:{w}}" + "".join(f"{_pm(s['miou']['folds'][f]):>16}" for f in folds)
+                     + f"{_pm(s['miou']):>16}{s['fbiou']['mean']:9.2f}")
+    lines.append("")
+    lines.append("paired difference (mIoU), mean [95 % interval]")
+    for name, d in stats["differences"].items():
+        m = d["miou"]
+        lines.append(f"{name:{w}}" + "".join(f"{m['folds'][f]['mean']:+7.2f} {format_interval(m['folds'][f]['ci95']):>8}"
+                                                for f in folds)
+                     + f"   mean {m['mean']:+.2f} {format_interval(m['ci95'])}   FB-IoU {d['fbiou']['mean']:+.2f}")
+    lines.append(f"({INTERVAL_TEXT})")
+    lines.append("")
+    lines.append("per-seed mIoU / FB-IoU")
+    for a in arms:
+        for f in folds:
+            vals = "  ".join(f"s{s}: {res[a]['miou'][f][s]:.2f}/{res[a]['fbiou'][f][s]:.2f}" for s in sorted(res[a]["miou"][f]))
+            lines.append(f"  {a} fold {f}: {vals}")
+    names = [n for n in (host, host + "+dcm") if n in PAPER_TABLE6]
+    if names:
+        lines.append("")
+        lines.append("paper (1-shot, ResNet-50, PASCAL-5i, one number per fold, no seeds reported):")
+        for n in names:
+            p = PAPER_TABLE6[n]
+            lines.append(f"  {n:12}" + "".join(f"  fold {i} {v:.1f}" for i, v in enumerate(p["folds"]))
+                         + f"  mean {p['mean']:.1f}  FB-IoU {p['fbiou']:.1f}")
     return "\n".join(lines)
 
 
-def markdown(host: str, folds, res: dict, protocol_text: str, minutes: float, device: str) -> str:
-    names = [host, host + "+dcm"]
-    out = [f"### Table 6: {host} with and without DCM", "",
-           f"Protocol: {protocol_text}. Both networks trained with the same recipe, seeds and episodes; "
-           f"{minutes:.1f} min on {device}.", "",
-           "| | " + " | ".join(f"fold {f}" for f in folds) + " | mean | FB-IoU |",
+def markdown(host: str, folds, seeds, res: dict, stats: dict, protocol_text: str, minutes: float, device: str,
+             versions: str) -> str:
+    arms = list(res)
+    out = [f"### {host}: {', '.join(arms)}", "",
+           f"Protocol: {protocol_text}. Seeds {', '.join(map(str, seeds))} per arm and fold, identical test episodes; "
+           f"{minutes:.1f} min on {device} ({versions}).", "",
+           "mIoU, mean ± std over seeds:", "",
+           "| arm | " + " | ".join(f"fold {f}" for f in folds) + " | mean | FB-IoU |",
            "|---|" + "---|" * (len(folds) + 2)]
-    for tag, src in (("ours", res), ("paper", PAPER_TABLE6)):
-        for n in names:
-            r = src[n]
-            out.append(f"| {tag} {n} | " + " | ".join(_fmt(r["folds"][f]).strip() for f in folds)
-                       + f" | {_fmt(r['mean']).strip()} | {_fmt(r['fbiou']).strip()} |")
-        a, b = src[names[0]], src[names[1]]
-        out.append(f"| {tag} difference | " + " | ".join(f"{b['folds'][f] - a['folds'][f]:+.2f}" for f in folds)
-                   + f" | {b['mean'] - a['mean']:+.2f} | {b['fbiou'] - a['fbiou']:+.2f} |")
+    for a in arms:
+        s = stats["arms"][a]
+        out.append(f"| {a} | " + " | ".join(_pm(s["miou"]["folds"][f]) for f in folds)
+                   + f" | {_pm(s['miou'])} | {s['fbiou']['mean']:.2f} |")
+    out += ["", "Paired difference (mIoU), mean [95 % interval]:", "",
+            "| difference | " + " | ".join(f"fold {f}" for f in folds) + " | mean over folds | FB-IoU |",
+            "|---|" + "---|" * (len(folds) + 2)]
+    for name, d in stats["differences"].items():
+        m = d["miou"]
+        out.append(f"| {name} | " + " | ".join(f"{m['folds'][f]['mean']:+.2f} {format_interval(m['folds'][f]['ci95'])}"
+                                              for f in folds)
+                   + f" | **{m['mean']:+.2f}** {format_interval(m['ci95'])} | {d['fbiou']['mean']:+.2f} |")
+    out += ["", f"Interval: {INTERVAL_TEXT}.", "", "Per-seed mIoU:", ""]
+    for a in arms:
+        for f in folds:
+            out.append(f"- {a}, fold {f}: " + ", ".join(f"seed {s} {res[a]['miou'][f][s]:.2f}" for s in sorted(res[a]["miou"][f])))
     return "\n".join(out) + "\n"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from benchmarks.engine import TrainingInterrupted, default_run_name, resolve_device, train
+    from benchmarks.engine import TrainingInterrupted, resolve_device
+    import torch
     t0 = time.perf_counter()
     try:
+        arms = [parse_arm(a, args.host) for a in (args.arms or DEFAULT_ARMS[args.host])]
+        if len({a.spec for a in arms}) != len(arms):
+            raise ValueError(f"--arms: an arm is listed twice: {[a.spec for a in arms]}")
         recipe = recipe_for(args.host, args.dataset, args.config)
         base = overrides_from_args(args)
         if args.no_progress:
             base.append("run.progress=false")
+        if args.split:
+            base.append(f"eval.split={args.split}")
         cfg0 = load_config(recipe, base)
-        folds = args.folds if args.folds is not None else ([0] if cfg0["data"]["dataset"] == "synthetic" else [0, 1, 2, 3])
+        split = cfg0["eval"]["split"]
+        image_split = bool((cfg0["data"]["args"] or {}).get("image_split"))
+        if args.folds is not None:
+            folds = args.folds
+        elif cfg0["data"]["dataset"] == "synthetic":
+            folds = [0]
+        else:
+            folds = [1, 2, 3] if image_split else [0, 1, 2, 3]
+        seed0 = int(cfg0["train"]["seed"])
+        seeds = [seed0 + i for i in range(args.seeds)]
         out_dir = Path(cfg0["run"]["out_dir"]) / f"plug_in_{args.host}"
-        names = [args.host, args.host + "+dcm"]
-        res = {n: {"folds": {}, "fbiou_folds": {}, "runs": {}} for n in names}
+        res: Dict[str, dict] = {a.spec: {"miou": {}, "fbiou": {}, "runs": {}, "train_seconds": {}} for a in arms}
         protocol_text = None
         for fold in folds:
-            for n in names:
-                cfg = load_config(recipe, base + [f"model.name={n}", f"data.fold={fold}",
-                                                  f"run.out_dir={out_dir}", "eval.reference=none"])
-                run_dir = out_dir / default_run_name(cfg)
-                done = run_dir / "results.json"
-                if args.resume and done.is_file():
-                    results = json.loads(done.read_text())
-                    print(f"[{n} fold {fold}] reusing {done}")
-                else:
-                    print(f"\n=== {n}, fold {fold} ({run_dir}) ===")
-                    resume = True if (args.resume and (run_dir / "last.pth").is_file()) else None
-                    results = train(cfg, run_dir, resume=resume).get("results")
-                    if results is None:  # a non-zero rank under torchrun: rank 0 evaluates and reports
+            for seed in seeds:
+                for arm in arms:
+                    cfg = load_config(recipe, base + [f"model.name={arm.model}", *arm.overrides, f"data.fold={fold}",
+                                                      f"train.seed={seed}", f"run.out_dir={out_dir}",
+                                                      "eval.reference=none"])
+                    run_dir = out_dir / f"{arm.tag}_f{fold}_seed{seed}"
+                    results = run_one(cfg, run_dir, split, args.resume)
+                    if results is None:
                         continue
-                row = results["rows"][-1]
-                res[n]["folds"][fold] = row["miou"]
-                res[n]["fbiou_folds"][fold] = row["fbiou"]
-                res[n]["runs"][fold] = str(run_dir)
-                protocol_text = results["protocol_text"]
+                    row = results["rows"][-1]
+                    r = res[arm.spec]
+                    r["miou"].setdefault(fold, {})[seed] = row["miou"]
+                    r["fbiou"].setdefault(fold, {})[seed] = row["fbiou"]
+                    r["runs"].setdefault(fold, {})[seed] = str(run_dir)
+                    r["train_seconds"].setdefault(fold, {})[seed] = results.get("train_seconds")
+                    protocol_text = results["protocol_text"]
     except TrainingInterrupted as e:
         print(f"\ninterrupted: {e}; continue with --resume", file=sys.stderr)
         return 130
     except (ConfigError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if any(not res[n]["folds"] for n in names):
+    if any(not res[a.spec]["miou"] for a in arms):
         return 0  # non-zero rank
-    for n in names:
-        f = res[n]["folds"]
-        res[n]["mean"] = sum(f.values()) / len(f)
-        res[n]["fbiou"] = sum(res[n]["fbiou_folds"].values()) / len(f)
+    stats = summarise([a.spec for a in arms], folds, res)
     minutes = (time.perf_counter() - t0) / 60
     device = str(resolve_device(cfg0["run"]["device"]))
+    if device == "cpu":
+        device = f"cpu ({torch.get_num_threads()} threads)"
+    versions = f"torch {torch.__version__}"
     folds_txt = f"fold{'s' if len(folds) > 1 else ''} {','.join(map(str, folds))}"
-    ptxt = protocol_text.replace(f"fold {folds[-1]}", folds_txt) if protocol_text else folds_txt
+    ptxt = protocol_text.replace(f"fold {folds[-1]}", folds_txt, 1) if protocol_text else folds_txt
     print()
-    print(table(args.host, folds, res, ptxt))
-    print(f"({minutes:.1f} min on {device})")
+    print(table(args.host, folds, seeds, res, stats, ptxt))
+    print(f"({minutes:.1f} min on {device}, {versions})")
     out_dir.mkdir(parents=True, exist_ok=True)
-    js = out_dir / f"table6_{args.host}.json"
-    md = out_dir / f"table6_{args.host}.md"
-    js.write_text(json.dumps({"host": args.host, "folds": folds, "protocol": ptxt, "recipe": recipe,
-                              "overrides": base, "minutes": minutes, "device": device, "results": res, "paper": PAPER_TABLE6}, indent=1))
-    md.write_text(markdown(args.host, folds, res, ptxt, minutes, device))
+    js = out_dir / f"table6_{args.host}_{split}.json"
+    md = out_dir / f"table6_{args.host}_{split}.md"
+    js.write_text(json.dumps({"host": args.host, "arms": {a.spec: {"model": a.model, "variant": a.variant,
+                                                                    "overrides": a.overrides} for a in arms},
+                              "folds": folds, "seeds": seeds, "split": split, "protocol": ptxt, "recipe": recipe,
+                              "overrides": base, "interval": INTERVAL_TEXT, "minutes": minutes, "device": device,
+                              "versions": versions, "results": res, "summary": stats, "paper": PAPER_TABLE6},
+                             indent=1))
+    md.write_text(markdown(args.host, folds, seeds, res, stats, ptxt, minutes, device, versions))
     print(f"wrote {js} and {md}")
     return 0
 

@@ -319,6 +319,23 @@ def train_transform(crop_size=473, scale: Tuple[float, float] = (0.9, 1.1),
     return Compose(ops)
 
 
+def flip_transform(size: int = 473, resize: str = "letterbox") -> Compose:
+    """Training pipeline with only a horizontal flip (p .5) as augmentation: the evaluation resize
+    ``resize`` at ``size``, then the flip, then Normalize. Every image has exactly two possible inputs,
+    so a frozen backbone's features can be memoised (``train.cache_backbone``).
+
+    Example:
+        >>> t = flip_transform(24)
+        >>> img = np.zeros((30, 60, 3), np.uint8); img[:, :30] = 255
+        >>> a, _ = t(img, np.ones((30, 60), np.uint8), np.random.default_rng(0))
+        >>> b, _ = t(img, np.ones((30, 60), np.uint8), np.random.default_rng(2))
+        >>> tuple(a.shape), bool(torch.equal(a, b) or torch.equal(a, b.flip(-1)))
+        ((3, 24, 24), True)
+    """
+    ops = test_transform(size, resize).transforms
+    return Compose(ops[:-1] + [RandomHorizontalFlip(0.5), ops[-1]])
+
+
 def test_transform(size: int = 473, resize: str = "letterbox") -> Compose:
     """Evaluation pipeline: ``'letterbox'`` (PFENet, default), ``'shrink'`` (PFENet ``resized_val: False``),
     ``'squash'`` (HSNet ``size × size``) or ``'none'``; then Normalize.

@@ -118,8 +118,12 @@ def dynamic_convolution_loop(
     variants: Sequence[str] = ("v", "h", "s"),
     square_source: str = "serial",
     threshold: float = 0.5,
+    kernel_norm=None,
 ):
-    """DCM per sample (Eq. 5–8): foreground by boolean indexing, pooling, generators, per-sample conv."""
+    """DCM per sample (Eq. 5–8): foreground by boolean indexing, pooling, generators, per-sample conv.
+
+    ``kernel_norm`` (``None``, ``"l1"``, ``"l2"``): each kernel of each channel divided by the sum of its
+    absolute taps / the square root of the sum of its squared taps, one channel at a time."""
     S = kernel_size
     outs = {v: [] for v in variants}
     for b in range(query.shape[0]):
@@ -135,7 +139,14 @@ def dynamic_convolution_loop(
             src = F.adaptive_avg_pool1d(torch.cat([kv, kh], 2), S * S) if square_source == "serial" else p_s2
             ker["s"] = generators["s"](src).reshape(1, -1, S, S)
         for v in variants:
-            outs[v].append(dynamic_conv_loop(query[b : b + 1], ker[v]))
+            k = ker[v]
+            if kernel_norm is not None:
+                k = k.clone()
+                for c in range(k.shape[1]):
+                    taps = k[0, c]
+                    n = taps.abs().sum() if kernel_norm == "l1" else (taps * taps).sum().sqrt()
+                    k[0, c] = taps / torch.clamp(n, min=1e-12)
+            outs[v].append(dynamic_conv_loop(query[b : b + 1], k))
     return tuple(torch.cat(outs[v]) for v in variants)
 
 

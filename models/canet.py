@@ -32,7 +32,9 @@ import dcm.functional as DF
 from dcm import DynamicConvModule
 
 from .common import (
+    DCMFusion,
     FewShotSegmenter,
+    check_dcm_training_flags,
     check_episode,
     resolve_backbone,
     segmentation_loss,
@@ -78,9 +80,16 @@ class CANet(FewShotSegmenter):
         use_dcm: add the DCM: kernels from the support embeddings after ``layer5`` and their masks
             (foreground vectors of all shots pooled together), depthwise dynamic convolutions of
             the query embedding after ``layer5``; the three maps are concatenated to ``layer55``'s
-            input, which widens from ``2r`` to ``(2 + n_variants)·r`` (1280 for r = 256).
+            input, which widens from ``2r`` to ``(2 + n_variants)·r`` (1280 for r = 256)
+            (``dcm_fusion="concat"``).
         reduce_dim: ``r`` (CANet: 256).
         dcm_kwargs: extra keyword arguments of :class:`dcm.DynamicConvModule`.
+        dcm_fusion: ``"concat"`` (above) or ``"residual"``: the query embedding becomes
+            ``q + γ ⊙ ReLU(Conv1x1([q, q_v, q_h, q_s]))`` with ``γ`` initialised to 0 and ``layer55``
+            keeps its ``2r`` input, so that CANet+DCM equals CANet at initialisation
+            (:class:`models.common.DCMFusion`).
+        dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the kernel
+            generators (an optimiser group of their own).
         iom_iterations: IOM passes per forward in training (official: 1, with the history mask
             given as input; DENet: 3, unrolled). Each pass after the first takes the softmax of the
             previous pass's logits (at feature resolution, not detached) as history mask.
@@ -121,6 +130,9 @@ class CANet(FewShotSegmenter):
         use_dcm: bool = False,
         reduce_dim: int = 256,
         dcm_kwargs: Optional[Dict] = None,
+        dcm_fusion: str = "concat",
+        dcm_lr_scale: float = 1.0,
+        dcm_weight_decay: Optional[float] = None,
         iom_iterations: int = 1,
         eval_iom_iterations: Optional[int] = None,
         shot_fusion: str = "prototype",
@@ -145,6 +157,12 @@ class CANet(FewShotSegmenter):
         dcm_kwargs = dict(dcm_kwargs or {})
         if "channels" in dcm_kwargs:
             raise ValueError("dcm_kwargs: 'channels' is fixed to reduce_dim by the host")
+        if dcm_fusion not in ("concat", "residual"):
+            raise ValueError(f"dcm_fusion: expected 'concat' or 'residual', got {dcm_fusion!r}")
+        check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
+        self.dcm_fusion = dcm_fusion
+        self.dcm_lr_scale = float(dcm_lr_scale)
+        self.dcm_weight_decay = None if dcm_weight_decay is None else float(dcm_weight_decay)
         bkw = dict(backbone_kwargs or {})
         if bkw.pop("layer4_trainable", False):
             raise ValueError("layer4_trainable: CANet uses no layer4 (layer2 + layer3 only)")
@@ -163,7 +181,10 @@ class CANet(FewShotSegmenter):
         fuse_in = 2 * r
         if self.use_dcm:
             self.dcm = DynamicConvModule(r, **dcm_kwargs)
-            fuse_in += self.dcm.out_channels
+            if dcm_fusion == "concat":
+                fuse_in += self.dcm.out_channels
+            else:
+                self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), "residual")
         self.layer55 = _conv_block(fuse_in, r, k=3, dilation=2)
         self.residule1 = _residual_block(r + 2, r)
         self.residule2 = _residual_block(r, r)
@@ -230,6 +251,8 @@ class CANet(FewShotSegmenter):
         extra = []
         if self.use_dcm:
             extra = list(self.dcm(q, s, support_masks))
+            if self.dcm_fusion == "residual":
+                q, extra = self.dcm_fuse(q, extra), []
 
         if self.shot_fusion == "prototype" or K == 1:
             z = protos.mean(1)[:, :, None, None].expand(-1, -1, h, w)
@@ -258,6 +281,7 @@ class CANet(FewShotSegmenter):
     def extra_repr(self) -> str:
         return (
             f"reduce_dim={self.reduce_dim}, shot={self.shot}, use_dcm={self.use_dcm}, "
-            f"iom_iterations={self.iom_iterations}, eval_iom_iterations={self.eval_iom_iterations}, "
+            + (f"dcm_fusion={self.dcm_fusion!r}, " if self.use_dcm else "")
+            + f"iom_iterations={self.iom_iterations}, eval_iom_iterations={self.eval_iom_iterations}, "
             f"shot_fusion={self.shot_fusion!r}"
         )

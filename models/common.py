@@ -21,6 +21,8 @@ __all__ = [
     "check_episode",
     "check_mask_labels",
     "resolve_backbone",
+    "DCMFusion",
+    "DCM_FUSIONS",
 ]
 
 
@@ -98,6 +100,10 @@ class FewShotSegmenter(nn.Module):
     """
 
     backbone: nn.Module
+    #: learning-rate factor of the DCM's kernel generators (``self.dcm``) relative to the head
+    dcm_lr_scale: float = 1.0
+    #: weight decay of the kernel generators (``None``: the optimiser's)
+    dcm_weight_decay: Optional[float] = None
 
     def head_parameters(self) -> List[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
@@ -111,8 +117,18 @@ class FewShotSegmenter(nn.Module):
     def param_groups(self, lr: float, layer4_lr_scale: float = 1.0, include_layer4: bool = False) -> List[Dict]:
         """Optimiser groups: ``head`` at ``lr``; with ``include_layer4`` also ``layer4`` at
         ``lr * layer4_lr_scale`` (its parameters are listed even while frozen, so a schedule can
-        unfreeze layer4 later without rebuilding the optimiser)."""
-        groups = [{"params": self.head_parameters(), "lr": lr, "name": "head"}]
+        unfreeze layer4 later without rebuilding the optimiser). With ``dcm_lr_scale != 1`` or a
+        ``dcm_weight_decay``, the DCM's parameters form a ``dcm`` group at ``lr * dcm_lr_scale``."""
+        head = self.head_parameters()
+        groups = [{"params": head, "lr": lr, "name": "head"}]
+        dcm_mod = getattr(self, "dcm", None)
+        if isinstance(dcm_mod, nn.Module) and (self.dcm_lr_scale != 1.0 or self.dcm_weight_decay is not None):
+            ids = {id(p) for p in dcm_mod.parameters()}
+            groups[0]["params"] = [p for p in head if id(p) not in ids]
+            g = {"params": [p for p in head if id(p) in ids], "lr": lr * self.dcm_lr_scale, "name": "dcm"}
+            if self.dcm_weight_decay is not None:
+                g["weight_decay"] = float(self.dcm_weight_decay)
+            groups.append(g)
         if include_layer4:
             l4 = list(self.backbone.layer4_parameters())
             if l4:
@@ -162,3 +178,52 @@ def resolve_backbone(backbone, weights=None, layer4_trainable: bool = False, **k
     raise TypeError(
         f"backbone: expected a backbone name (str) or a models.backbones.Backbone, got {type(backbone).__name__}"
     )
+
+
+#: how a host network takes in the DCM maps (see :class:`DCMFusion`)
+DCM_FUSIONS = ("replace", "residual")
+
+
+def check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay) -> None:
+    """Validate the ``dcm_lr_scale`` / ``dcm_weight_decay`` host flags."""
+    if isinstance(dcm_lr_scale, bool) or not isinstance(dcm_lr_scale, (int, float)) or not dcm_lr_scale >= 0:
+        raise ValueError(f"dcm_lr_scale: expected a number >= 0, got {dcm_lr_scale!r}")
+    if dcm_weight_decay is not None and (isinstance(dcm_weight_decay, bool)
+                                         or not isinstance(dcm_weight_decay, (int, float)) or not dcm_weight_decay >= 0):
+        raise ValueError(f"dcm_weight_decay: expected None or a number >= 0, got {dcm_weight_decay!r}")
+
+
+class DCMFusion(nn.Module):
+    r"""Merge a host's query feature ``q [B, r, h, w]`` with the DCM maps (``n`` tensors ``[B, r, h, w]``).
+
+    * ``"replace"`` (DPCN's description for PFENet): ``q' = ReLU(Conv1x1([q, maps]))``; the host loses
+      its own ``q`` at initialisation (a random projection takes its place).
+    * ``"residual"``: ``q' = q + γ ⊙ ReLU(Conv1x1([q, maps]))`` with a per-channel ``γ`` initialised to
+      ``gamma_init`` (default 0, as timm's ``LayerScale`` with zero init / ControlNet's zero
+      convolutions): at initialisation host+DCM computes exactly the host, and the DCM branch enters
+      as ``γ`` learns.
+
+    Example:
+        >>> f = DCMFusion(4, 3, "residual")
+        >>> q = torch.randn(2, 4, 5, 5)
+        >>> torch.equal(f(q, [torch.randn(2, 4, 5, 5)] * 3), q)
+        True
+    """
+
+    def __init__(self, channels: int, n_maps: int, mode: str = "replace", gamma_init: float = 0.0):
+        super().__init__()
+        if mode not in DCM_FUSIONS:
+            raise ValueError(f"dcm_fusion: expected one of {DCM_FUSIONS}, got {mode!r}")
+        self.mode, self.channels, self.n_maps = mode, int(channels), int(n_maps)
+        self.proj = nn.Sequential(nn.Conv2d((1 + n_maps) * channels, channels, 1, bias=False), nn.ReLU(inplace=True))
+        if mode == "residual":
+            self.gamma = nn.Parameter(torch.full((channels,), float(gamma_init)))
+
+    def forward(self, q: torch.Tensor, maps) -> torch.Tensor:
+        y = self.proj(torch.cat([q, *maps], 1))
+        if self.mode == "replace":
+            return y
+        return q + self.gamma.view(1, -1, 1, 1).to(y.dtype) * y
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, n_maps={self.n_maps}, mode={self.mode!r}"

@@ -47,6 +47,7 @@ from dcm import DynamicConvModule, FeatureFiltering, SupportActivation
 
 from .common import (
     FewShotSegmenter,
+    check_dcm_training_flags,
     check_episode,
     reduce_block,
     resolve_backbone,
@@ -145,6 +146,10 @@ class DPCN(FewShotSegmenter):
         dcm_square_source: ``"serial"`` (5→25, default) or ``"parallel"`` (5/25; Table A1).
         dcm_kgen_kernel_size: kernel size of the kernel generators' 1-D convolutions (3).
         dcm_fg_threshold: foreground threshold on the resized support mask in DCM (0.5).
+        dcm_kernel_norm: ``None`` (the paper), ``"l1"`` or ``"l2"``: normalise each generated kernel
+            over its taps (:class:`dcm.DynamicConvModule`'s ``kernel_norm``).
+        dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the DCM's kernel
+            generators (an optimiser group of their own).
         dcm_off_feature: with ``use_dcm=False``: ``"query"`` (``x̃_q`` replaces the DCM maps in
             ``x_out``; gives the Baseline ``[x_q, x_p]`` when everything is off) or ``"none"``.
         decoder_dim: decoder width ``D`` (256).
@@ -209,6 +214,9 @@ class DPCN(FewShotSegmenter):
         dcm_square_source: str = "serial",
         dcm_kgen_kernel_size: int = 3,
         dcm_fg_threshold: float = 0.5,
+        dcm_kernel_norm: Optional[str] = None,
+        dcm_lr_scale: float = 1.0,
+        dcm_weight_decay: Optional[float] = None,
         dcm_off_feature: str = "query",
         decoder_dim: int = 256,
         aspp_rates: Sequence[int] = (6, 12, 18),
@@ -264,6 +272,9 @@ class DPCN(FewShotSegmenter):
         self.use_sam, self.use_ffm, self.use_dcm, self.use_prior = bool(use_sam), bool(use_ffm), bool(use_dcm), bool(use_prior)
         self.sam_mask_before_layer4 = bool(sam_mask_before_layer4)
         self.dcm_off_feature = dcm_off_feature
+        check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
+        self.dcm_lr_scale = float(dcm_lr_scale)
+        self.dcm_weight_decay = None if dcm_weight_decay is None else float(dcm_weight_decay)
         self.support_branch_weight = float(support_branch_weight)
         self.support_branch_mask = support_branch_mask
         self.support_branch_shots = support_branch_shots
@@ -285,6 +296,7 @@ class DPCN(FewShotSegmenter):
                 square_source=dcm_square_source,
                 kgen_kernel_size=dcm_kgen_kernel_size,
                 fg_threshold=dcm_fg_threshold,
+                kernel_norm=dcm_kernel_norm,
             )
             if self.use_dcm
             else None

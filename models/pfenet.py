@@ -32,7 +32,9 @@ import dcm.functional as DF
 from dcm import DynamicConvModule, SupportActivation
 
 from .common import (
+    DCMFusion,
     FewShotSegmenter,
+    check_dcm_training_flags,
     check_episode,
     reduce_block,
     resolve_backbone,
@@ -117,7 +119,15 @@ class PFENet(FewShotSegmenter):
             mask (all shots' foreground vectors pooled together), three depthwise dynamic
             convolutions of the reduced query feature ``q``, then
             ``q' = ReLU(Conv1x1([q, q_v, q_h, q_s]; (1 + n_variants)·r -> r, no bias))`` replaces
-            ``q`` as the FEM input. Everything else is unchanged.
+            ``q`` as the FEM input (``dcm_fusion="replace"``). Everything else is unchanged.
+        dcm_fusion: ``"replace"`` (above) or ``"residual"``: ``q' = q + γ ⊙ ReLU(Conv1x1([q, q_v,
+            q_h, q_s]))`` with ``γ`` initialised to 0, so that PFENet+DCM equals PFENet at
+            initialisation (:class:`models.common.DCMFusion`).
+        dcm_support: what the kernel generators see of the support: ``"dropout"`` (the reduced
+            support feature after ``down_supp``'s Dropout2d, as the prototype does) or ``"clean"``
+            (the same feature before the dropout).
+        dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the DCM's kernel
+            generators (an optimiser group of their own, :meth:`param_groups`).
         reduce_dim: ``r`` (PFENet: 256).
         dcm_kwargs: extra keyword arguments of :class:`dcm.DynamicConvModule` (``kernel_size``,
             ``variants``, ``square_source``, ``kgen_kernel_size``, ``fg_threshold``).
@@ -159,6 +169,10 @@ class PFENet(FewShotSegmenter):
         use_dcm: bool = False,
         reduce_dim: int = 256,
         dcm_kwargs: Optional[Dict] = None,
+        dcm_fusion: str = "replace",
+        dcm_support: str = "dropout",
+        dcm_lr_scale: float = 1.0,
+        dcm_weight_decay: Optional[float] = None,
         ppm_scales: Sequence[float] = (60, 30, 15, 8),
         aux_weight: float = 1.0,
         prior_eps: float = 1e-7,
@@ -176,6 +190,14 @@ class PFENet(FewShotSegmenter):
         dcm_kwargs = dict(dcm_kwargs or {})
         if "channels" in dcm_kwargs:
             raise ValueError("dcm_kwargs: 'channels' is fixed to reduce_dim by the host")
+        if dcm_fusion not in ("replace", "residual"):
+            raise ValueError(f"dcm_fusion: expected 'replace' or 'residual', got {dcm_fusion!r}")
+        if dcm_support not in ("dropout", "clean"):
+            raise ValueError(f"dcm_support: expected 'dropout' or 'clean', got {dcm_support!r}")
+        check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
+        self.dcm_fusion, self.dcm_support = dcm_fusion, dcm_support
+        self.dcm_lr_scale = float(dcm_lr_scale)
+        self.dcm_weight_decay = None if dcm_weight_decay is None else float(dcm_weight_decay)
         bkw = dict(backbone_kwargs or {})
         if isinstance(backbone, str):
             bkw.setdefault("freeze_bn", bool(freeze_backbone_bn))
@@ -195,10 +217,7 @@ class PFENet(FewShotSegmenter):
         self.down_supp = reduce_block(fea_dim, r, dropout=0.5)
         if self.use_dcm:
             self.dcm = DynamicConvModule(r, **dcm_kwargs)
-            self.dcm_fuse = nn.Sequential(
-                nn.Conv2d(r + self.dcm.out_channels, r, 1, bias=False),
-                nn.ReLU(inplace=True),
-            )
+            self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), dcm_fusion)
         n = len(self.ppm_scales)
         self.init_merge = nn.ModuleList(
             nn.Sequential(nn.Conv2d(2 * r + 1, r, 1, bias=False), nn.ReLU(inplace=True)) for _ in range(n)
@@ -257,7 +276,8 @@ class PFENet(FewShotSegmenter):
         h3, w3 = s3.shape[-2:]
         m3 = DF.prepare_mask(support_masks, (h3, w3), dtype=s3.dtype)  # [B, K, h3, w3], (mask==1) resized
         s4 = self.backbone.forward_high(s3 * m3.reshape(B * K, 1, h3, w3))
-        supp_feat = self.down_supp(torch.cat([s3, s2], 1)).reshape(B, K, r, h3, w3)
+        supp_pre = self.down_supp[:-1](torch.cat([s3, s2], 1))  # 1x1 conv + ReLU
+        supp_feat = self.down_supp[-1](supp_pre).reshape(B, K, r, h3, w3)  # + Dropout2d
         proto = DF.masked_average_pool(supp_feat, m3, eps=WEIGHTED_GAP_EPS).mean(1)  # [B, r]
 
         # ---- prior (masked again inside, at layer4's size)
@@ -266,8 +286,9 @@ class PFENet(FewShotSegmenter):
 
         # ---- DCM (option A): enhance the reduced query feature
         if self.use_dcm:
-            enhanced = self.dcm(query_feat, supp_feat, support_masks)
-            query_feat = self.dcm_fuse(torch.cat([query_feat, *enhanced], 1))
+            dcm_supp = supp_feat if self.dcm_support == "dropout" else supp_pre.reshape(B, K, r, h3, w3)
+            enhanced = self.dcm(query_feat, dcm_supp, support_masks)
+            query_feat = self.dcm_fuse(query_feat, enhanced)
 
         # ---- FEM
         bins = resolve_bins(self.ppm_scales, (fh, fw))
@@ -300,4 +321,6 @@ class PFENet(FewShotSegmenter):
         return (
             f"reduce_dim={self.reduce_dim}, ppm_scales={list(self.ppm_scales)}, shot={self.shot}, "
             f"use_dcm={self.use_dcm}, aux_weight={self.aux_weight}"
+            + (f", dcm_fusion={self.dcm_fusion!r}, dcm_support={self.dcm_support!r}, dcm_lr_scale={self.dcm_lr_scale}"
+               if self.use_dcm else "")
         )

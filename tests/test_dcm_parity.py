@@ -124,6 +124,56 @@ def test_dynamic_conv_module_matches_loop(square_source, variants, S):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kernel_norm", ["l1", "l2"])
+@pytest.mark.parametrize("variants", [("v", "h", "s"), ("s",)])
+def test_dynamic_conv_module_kernel_norm_matches_loop(kernel_norm, variants):
+    torch.manual_seed(0)
+    mod = dcm.DynamicConvModule(6, kernel_size=3, variants=variants, kernel_norm=kernel_norm, dtype=D)
+    q, s = feats(4, 6, 8, 7, relu=False), feats(4, 5, 6, 7, 9, seed=2)
+    m = edge_masks()["K5"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dcm.EmptyForegroundWarning)
+        got = mod(q, s, m)
+        exp = R.dynamic_convolution_loop(q, s, m, dict(mod.generators), 3, variants, kernel_norm=kernel_norm)
+        raw = R.dynamic_convolution_loop(q, s, m, dict(mod.generators), 3, variants)
+        kernels = mod.generate_kernels(s, m)
+    for g, e, r in zip(got, exp, raw):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(g, r)  # the normalisation changes the output
+    p = 1 if kernel_norm == "l1" else 2
+    for k in kernels.values():
+        norms = k.abs().pow(p).sum((-2, -1)).pow(1 / p)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_dynamic_conv_l1_kernel_output_bounded_and_degree_one():
+    """With L1-normalised kernels every output is bounded by the largest |query| value and scaling the
+    query and support features by a scales the output by a (raw kernels: by more)."""
+    torch.manual_seed(0)
+    mod = dcm.DynamicConvModule(5, kernel_norm="l1", dtype=D)
+    q, s = feats(2, 5, 9, 9, relu=False), feats(2, 1, 5, 9, 9, seed=4)
+    m = torch.zeros(2, 1, 9, 9, dtype=D)
+    m[:, :, 2:7, 3:8] = 1
+    outs = mod(q, s, m)
+    for o in outs:
+        assert o.abs().max() <= q.abs().max() + 1e-12
+    gen = mod.generators
+    for g in gen.values():  # a positively homogeneous generator (no bias) makes the scale visible exactly
+        for c in g:
+            if isinstance(c, torch.nn.Conv1d):
+                torch.nn.init.zeros_(c.bias)
+    a = 3.0
+    for o1, o2 in zip(mod(q, s, m), mod(a * q, a * s, m)):
+        torch.testing.assert_close(o2, a * o1)
+
+
+def test_dynamic_conv_kernel_norm_rejects_unknown():
+    with pytest.raises(ValueError, match="kernel_norm"):
+        dcm.DynamicConvModule(4, kernel_norm="max")
+    with pytest.raises(ValueError, match="kernel_norm"):
+        DF.normalize_kernel(torch.ones(1, 1, 3, 3), "l3")
+
+
 def test_dynamic_conv_module_4d_support_and_3d_mask():
     torch.manual_seed(0)
     mod = dcm.DynamicConvModule(4, dtype=D)

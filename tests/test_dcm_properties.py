@@ -62,6 +62,9 @@ def test_gradcheck_modules():
     m[:, :, 1:4, 1:3] = 1
     dcm_layer = dcm.DynamicConvModule(4, kernel_size=3, dtype=D)
     assert torch.autograd.gradcheck(lambda a, b: dcm_layer(a, b, m), (q, s))
+    for norm in ("l1", "l2"):
+        normed = dcm.DynamicConvModule(4, kernel_size=3, kernel_norm=norm, dtype=D)
+        assert torch.autograd.gradcheck(lambda a, b: normed(a, b, m), (q, s))
     ffm = dcm.FeatureFiltering(4, dtype=D)
     pm = _t(2, 1, 5, 5, seed=2)
     assert torch.autograd.gradcheck(lambda a, b, c: tuple(ffm(a, b, m, c)), (q, s, pm))

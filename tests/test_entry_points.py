@@ -101,21 +101,21 @@ def test_evaluate_cli_errors(tmp_path):
 
 
 def test_plug_in_cli_tiny(tmp_path):
-    out = ok(run("benchmarks/plug_in.py", "--host", "pfenet", "--out", tmp_path, "--no-progress",
+    out = ok(run("benchmarks/plug_in.py", "--host", "pfenet", "--out", tmp_path, "--no-progress", "--seeds", "1",
                  "--backbone-weights", "random", *sets(["data.args={image_size: 32, num_images: 120}",
                                                          "data.train_episodes=8", "data.num_workers=0",
                                                          "train.epochs=1", "train.batch_size=4",
                                                          "train.val_episodes=4", "eval.episodes=4",
                                                          "model.flags.reduce_dim=8"]), timeout=400))
-    for w in ("Table 6", "ours pfenet", "ours pfenet+dcm", "ours difference", "paper pfenet+dcm", "62.30", "60.80"):
+    for w in ("Table 6", "pfenet+dcm - pfenet", "paired difference", "n/a", "paper", "62.3", "60.8"):
         assert w in out, out
-    res = json.loads((tmp_path / "plug_in_pfenet" / "table6_pfenet.json").read_text())
-    assert set(res["results"]) == {"pfenet", "pfenet+dcm"} and res["folds"] == [0]
-    assert (tmp_path / "plug_in_pfenet" / "table6_pfenet.md").is_file()
+    res = json.loads((tmp_path / "plug_in_pfenet" / "table6_pfenet_val.json").read_text())
+    assert set(res["results"]) == {"pfenet", "pfenet+dcm"} and res["folds"] == [0] and res["seeds"] == [321]
+    assert (tmp_path / "plug_in_pfenet" / "table6_pfenet_val.md").is_file()
     # identical recipe apart from the model name
     import yaml
-    c0 = yaml.safe_load(Path(res["results"]["pfenet"]["runs"]["0"] + "/config.yaml").read_text())
-    c1 = yaml.safe_load(Path(res["results"]["pfenet+dcm"]["runs"]["0"] + "/config.yaml").read_text())
+    c0 = yaml.safe_load(Path(res["results"]["pfenet"]["runs"]["0"]["321"] + "/config.yaml").read_text())
+    c1 = yaml.safe_load(Path(res["results"]["pfenet+dcm"]["runs"]["0"]["321"] + "/config.yaml").read_text())
     assert c0["model"]["name"] == "pfenet" and c1["model"]["name"] == "pfenet+dcm"
     c0["model"].pop("name"), c1["model"].pop("name"), c0["run"].pop("name"), c1["run"].pop("name")
     assert c0 == c1

@@ -1,6 +1,7 @@
 """PASCAL-5i (SPEC §1.1–1.5): VOC2012 + SBD "SegmentationClassAug" index masks, 4 folds of 5 classes."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -9,7 +10,8 @@ from ._io import DatasetError, PathLike, check_root, parse_list, resolve_cache_d
 from .base import FewShotDataset
 from .sources import PngLabelSource
 
-__all__ = ["PascalFewShot", "VOC_CLASSES", "pascal_fold_classes"]
+__all__ = ["PascalFewShot", "VOC_CLASSES", "pascal_fold_classes", "image_split_of", "describe_image_split",
+           "check_image_split"]
 
 log = logging.getLogger("benchmarks.datasets")
 
@@ -35,6 +37,54 @@ def pascal_fold_classes(fold: int) -> List[int]:
     return list(range(5 * fold + 1, 5 * fold + 6))
 
 
+def check_image_split(spec) -> Tuple[int, float, float]:
+    """``image_split`` mapping ``{seed, val, test}`` -> ``(seed, val, test)``, validated."""
+    if not isinstance(spec, dict) or set(spec) - {"seed", "val", "test"} or "seed" not in spec:
+        raise ValueError(f"image_split: expected a mapping {{seed: int, val: fraction, test: fraction}}, got {spec!r}")
+    seed, val, test = spec["seed"], spec.get("val", 0.15), spec.get("test", 0.25)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"image_split.seed: expected a non-negative int, got {seed!r}")
+    for k, v in (("val", val), ("test", test)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(f"image_split.{k}: expected a fraction in [0, 1), got {v!r}")
+    if val + test >= 1:
+        raise ValueError(f"image_split: val + test must leave images for training, got {val} + {test}")
+    return seed, float(val), float(test)
+
+
+def _unit(seed: int, stem: str) -> float:
+    h = hashlib.blake2b(f"{seed}:{stem}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2.0 ** 64
+
+
+def image_split_of(stem: str, spec, in_val_list: Optional[bool] = None) -> str:
+    """Which part (``'train'``, ``'val'``, ``'test'``) of an ``image_split`` the image ``stem`` is in.
+
+    Each image gets ``u = BLAKE2b("<seed>:<stem>")`` as a number in ``[0, 1)``. Without a val list
+    (``in_val_list=None``): ``u < test`` -> test, ``u < test + val`` -> val, else train. With the
+    folder's own val list (full VOC2012), its images are the test part and the others split by
+    ``u < val`` -> val, else train. A pure function of the name: adding or removing images never
+    moves another image.
+
+    Example:
+        >>> spec = {"seed": 0, "val": 0.15, "test": 0.25}
+        >>> image_split_of("2008_000019", spec), image_split_of("2008_000019", spec, in_val_list=True)
+        ('train', 'test')
+    """
+    seed, val, test = check_image_split(spec)
+    u = _unit(seed, stem)
+    if in_val_list is not None:
+        return "test" if in_val_list else ("val" if u < val else "train")
+    return "test" if u < test else ("val" if u < test + val else "train")
+
+
+def describe_image_split(spec) -> str:
+    """The rule of :func:`image_split_of` in words (printed with every result)."""
+    seed, val, test = check_image_split(spec)
+    return (f"split by image name, seed {seed}: test = {test:.0%} and val = {val:.0%} of the images, train = the rest "
+            f"(with ImageSets/Segmentation/val.txt in the folder: test = that list, val = {val:.0%} of the others)")
+
+
 class PascalFewShot(FewShotDataset):
     """PASCAL-5i episodes from a ``VOC2012/`` folder.
 
@@ -50,6 +100,11 @@ class PascalFewShot(FewShotDataset):
             Without either, the list is built from the folder: ``ImageSets/Segmentation/val.txt`` is the val
             split and every other image with a mask the train split (≈ the 10582 "trainaug" set, not
             PFENet's 5953 list); without ``val.txt`` every image is used for both (with a warning).
+        image_split: instead of lists, split the folder's images into disjoint ``train`` / ``val`` /
+            ``test`` parts by name (:func:`image_split_of`; ``{seed, val, test}`` fractions): for a
+            folder without its own val list (e.g. a VOC2012 train-side subset) the three parts are drawn
+            from its images; with ``ImageSets/Segmentation/val.txt`` that list is the test part and
+            ``val`` is carved from the training images. ``split`` then picks the part.
         min_pixels: support-pool area filter (SPEC §1.3); default 2048 for PFENet lists / folder lists,
             0 for HSNet pair lists (HSNet applies none).
         exclude_novel_in_train: BAM's rule: drop training images that contain any novel-class pixel.
@@ -69,7 +124,8 @@ class PascalFewShot(FewShotDataset):
 
     def __init__(self, root: PathLike, fold: int = 0, shot: int = 1, split: str = "val", *,
                  list_file: Union[PathLike, Sequence[PathLike], None] = None, list_format: str = "auto",
-                 split_dir: Optional[PathLike] = None, min_pixels: Optional[int] = None,
+                 split_dir: Optional[PathLike] = None, image_split: Optional[dict] = None,
+                 min_pixels: Optional[int] = None,
                  exclude_novel_in_train: bool = False, episodes: Optional[int] = None, seed: int = 321,
                  transform: Optional[Callable] = None, sampling: str = "sequential", cache_dir=None,
                  on_small_pool: str = "raise", on_error: Optional[str] = None):
@@ -85,6 +141,11 @@ class PascalFewShot(FewShotDataset):
 
         if list_file is not None and split_dir is not None:
             raise ValueError("give either list_file or split_dir, not both")
+        if image_split is not None:
+            if list_file is not None or split_dir is not None:
+                raise ValueError("image_split: splits the folder's images; give it without list_file / split_dir")
+            check_image_split(image_split)
+        self.image_split = image_split
         if split_dir is not None:
             sd = Path(split_dir)
             if self.training:
@@ -168,7 +229,14 @@ class PascalFewShot(FewShotDataset):
             raise DatasetError(f"PascalFewShot: no <id>.png in '{seg}' with a matching '{jpg}/<id>.jpg'. "
                                f"Expected layout:\n{PASCAL_LAYOUT}", seg)
         val_file = self.root / "ImageSets" / "Segmentation" / "val.txt"
-        if val_file.is_file():
+        if self.image_split is not None:
+            val = ({ln.strip() for ln in val_file.read_text().splitlines() if ln.strip()} if val_file.is_file() else None)
+            stems = [s for s in stems
+                     if image_split_of(s, self.image_split, None if val is None else s in val) == self.split]
+            if not stems:
+                raise DatasetError(f"PascalFewShot: image_split {self.image_split} leaves no image in the "
+                                   f"{self.split!r} part of '{seg}'", seg)
+        elif val_file.is_file():
             val = {ln.strip() for ln in val_file.read_text().splitlines() if ln.strip()}
             stems = [s for s in stems if (s in val) != self.training]
         else:
@@ -177,4 +245,5 @@ class PascalFewShot(FewShotDataset):
         return [("", 0, f"JPEGImages/{s}.jpg", f"SegmentationClassAug/{s}.png") for s in stems]
 
     def extra_repr(self) -> str:
-        return f"root='{self.root}', format={self.list_format!r}, min_pixels={self.min_pixels}"
+        split = f", image_split={self.image_split}" if self.image_split is not None else ""
+        return f"root='{self.root}', format={self.list_format!r}, min_pixels={self.min_pixels}{split}"

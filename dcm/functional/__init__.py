@@ -5,10 +5,12 @@ shots (no Python loop over samples, no ``.item()``, no boolean indexing), so it 
 ``torch.compile(fullgraph=True)`` and CUDA graphs.
 """
 from .dynamic_conv import (
+    KERNEL_NORMS,
     dynamic_convolution,
     dynamic_depthwise_conv2d,
     dynamic_depthwise_conv2d_multi,
     generate_dynamic_kernels,
+    normalize_kernel,
 )
 from .feature_filtering import FilterOutput, feature_filtering, support_prototype
 from .foreground import foreground_pool, foreground_pool_weights, foreground_selection
@@ -25,6 +27,7 @@ __all__ = [
     "foreground_pool_weights",
     "foreground_selection",
     "generate_dynamic_kernels",
+    "normalize_kernel",
     "masked_average_pool",
     "normalize_minmax",
     "prepare_mask",

@@ -1,7 +1,7 @@
 """Dynamic depthwise convolution with per-sample kernels (DPCN Eq. 8) and the DCM kernel pipeline."""
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence, Tuple
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ __all__ = [
     "dynamic_depthwise_conv2d_multi",
     "generate_dynamic_kernels",
     "dynamic_convolution",
+    "normalize_kernel",
 ]
 
 
@@ -102,6 +103,7 @@ def generate_dynamic_kernels(
     variants: Sequence[str] = ("v", "h", "s"),
     square_source: str = "serial",
     threshold: float = 0.5,
+    kernel_norm: Optional[str] = None,
 ) -> dict:
     r"""The DCM kernel generator (DPCN Eq. 5–7, 11): support foreground -> per-sample kernels.
 
@@ -110,6 +112,11 @@ def generate_dynamic_kernels(
     3. Square kernel ``S×S`` (row-major from ``S²`` values): ``square_source="serial"`` (default,
        paper Table A1 "5→25"): ``g_s`` applied to the ``2S`` vectors ``[ker_v, ker_h]`` adaptively
        pooled to ``S²``; ``"parallel"`` ("5/25"): ``g_s`` applied to the foreground pooled to ``S²``.
+    4. Optional kernel normalisation (``kernel_norm``, not in the paper), per sample and channel over
+       the taps of each kernel: ``"l1"``: ``k / max(Σ|k|, eps)``, ``"l2"``: ``k / max(‖k‖₂, eps)``
+       (:data:`KERNEL_NORM_EPS`). With ``"l1"`` a dynamic-conv output is bounded by the largest
+       absolute input value of its window and homogeneous of degree 1 in the feature scale (the raw
+       kernels make it grow with the square of the scale and with the number of taps).
 
     Args:
         support: ``Tensor[B, K, C, H, W]`` or ``Tensor[B, C, H, W]``.
@@ -120,6 +127,7 @@ def generate_dynamic_kernels(
         variants: subset of ``("v", "h", "s")``.
         square_source: ``"serial"`` or ``"parallel"``.
         threshold: foreground threshold.
+        kernel_norm: ``None`` (the paper: raw generated kernels), ``"l1"`` or ``"l2"`` (step 4).
 
     Returns:
         ``{"v": Tensor[B, C, S, 1], "h": Tensor[B, C, 1, S], "s": Tensor[B, C, S, S]}`` restricted to
@@ -142,6 +150,7 @@ def generate_dynamic_kernels(
         raise ValueError(f"variants: expected a non-empty subset of ('v', 'h', 's'), got {variants!r}")
     if square_source not in ("serial", "parallel"):
         raise ValueError(f"square_source: expected 'serial' or 'parallel', got {square_source!r}")
+    _check_kernel_norm(kernel_norm)
     need_asym = any(v in variants for v in "vh") or ("s" in variants and square_source == "serial")
     bins = ((S,) if need_asym else ()) + ((S * S,) if "s" in variants and square_source == "parallel" else ())
     pooled = dict(zip(bins, _foreground_pool(support, support_mask, bins, threshold)))
@@ -160,7 +169,35 @@ def generate_dynamic_kernels(
         else:
             src = pooled[S * S]
         out["s"] = generators["s"](src).reshape(B, C, S, S)
-    return {v: out[v] for v in variants}
+    return {v: normalize_kernel(out[v], kernel_norm) for v in variants}
+
+
+#: lower bound of the kernel norm in :func:`normalize_kernel` (a zero kernel stays zero)
+KERNEL_NORM_EPS = 1e-12
+KERNEL_NORMS = (None, "l1", "l2")
+
+
+def _check_kernel_norm(kernel_norm) -> None:
+    if kernel_norm not in KERNEL_NORMS:
+        raise ValueError(f"kernel_norm: expected None, 'l1' or 'l2', got {kernel_norm!r}")
+
+
+def normalize_kernel(weight: torch.Tensor, kernel_norm: Optional[str]) -> torch.Tensor:
+    """Per-(sample, channel) normalisation of dynamic kernels ``Tensor[B, C, kh, kw]`` over their taps.
+
+    ``None``: unchanged; ``"l1"``: ``w / max(Σ|w|, eps)``; ``"l2"``: ``w / max(‖w‖₂, eps)``.
+
+    Example:
+        >>> w = torch.tensor([[[[1.0], [-3.0]]]])
+        >>> normalize_kernel(w, "l1").flatten().tolist()
+        [0.25, -0.75]
+    """
+    _check_kernel_norm(kernel_norm)
+    if kernel_norm is None:
+        return weight
+    p = 1 if kernel_norm == "l1" else 2
+    norm = torch.linalg.vector_norm(weight, ord=p, dim=(-2, -1), keepdim=True)
+    return weight / norm.clamp_min(KERNEL_NORM_EPS)
 
 
 def dynamic_convolution(
@@ -172,13 +209,14 @@ def dynamic_convolution(
     variants: Sequence[str] = ("v", "h", "s"),
     square_source: str = "serial",
     threshold: float = 0.5,
+    kernel_norm: Optional[str] = None,
 ) -> Tuple[torch.Tensor, ...]:
     r"""Functional twin of :class:`dcm.DynamicConvModule`: kernels from the support, convolved over the query.
 
     Args:
         query: ``Tensor[B, C, H, W]`` (the filtered query feature in DPCN).
-        support, support_mask, generators, kernel_size, variants, square_source, threshold: as
-            :func:`generate_dynamic_kernels`.
+        support, support_mask, generators, kernel_size, variants, square_source, threshold,
+            kernel_norm: as :func:`generate_dynamic_kernels`.
 
     Returns:
         one ``Tensor[B, C, H, W]`` per variant, in the order of ``variants``.
@@ -192,6 +230,7 @@ def dynamic_convolution(
     query = _check.query("query", query)
     support = _check.support("support", support, batch=query.shape[0], channels=query.shape[1])
     _check.same_device("support", support, "query", query)
-    kernels = generate_dynamic_kernels(support, support_mask, generators, kernel_size, variants, square_source, threshold)
+    kernels = generate_dynamic_kernels(support, support_mask, generators, kernel_size, variants, square_source, threshold,
+                                       kernel_norm)
     weights = [kernels[v].to(query.dtype) for v in kernels]
     return dynamic_depthwise_conv2d_multi(query, weights)

@@ -1,7 +1,7 @@
 """DynamicConvModule: kernels generated from the support foreground, convolved over the query (DPCN §3.5)."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -53,6 +53,10 @@ class DynamicConvModule(nn.Module):
             generators still exist as the first stage of the square kernel.
         kgen_kernel_size: kernel size of the generators' 1-D convolutions.
         fg_threshold: foreground threshold on the resized support mask.
+        kernel_norm: ``None`` (the paper: raw generated kernels), ``"l1"`` or ``"l2"``: each generated
+            kernel divided by its L1 / L2 norm over its taps, per sample and channel
+            (:func:`dcm.functional.normalize_kernel`). ``"l1"`` keeps every output within the range of
+            the query feature whatever the kernel size and feature scale.
 
     Shape:
         - query: ``Tensor[B, C, H, W]``
@@ -80,6 +84,7 @@ class DynamicConvModule(nn.Module):
         square_source: str = "serial",
         kgen_kernel_size: int = 3,
         fg_threshold: float = 0.5,
+        kernel_norm: Optional[str] = None,
         device=None,
         dtype=None,
     ):
@@ -95,7 +100,10 @@ class DynamicConvModule(nn.Module):
         if square_source not in ("serial", "parallel"):
             raise ValueError(f"square_source: expected 'serial' or 'parallel', got {square_source!r}")
         self.channels, self.kernel_size, self.variants = channels, kernel_size, variants
+        if kernel_norm not in DF.KERNEL_NORMS:
+            raise ValueError(f"kernel_norm: expected None, 'l1' or 'l2', got {kernel_norm!r}")
         self.square_source, self.fg_threshold = square_source, float(fg_threshold)
+        self.kernel_norm = kernel_norm
         need = [v for v in ("v", "h") if v in variants or ("s" in variants and square_source == "serial")]
         need += ["s"] if "s" in variants else []
         self.generators = nn.ModuleDict({v: KernelGenerator(channels, kgen_kernel_size, device, dtype) for v in need})
@@ -109,7 +117,8 @@ class DynamicConvModule(nn.Module):
         """``{"v": Tensor[B, C, S, 1], "h": Tensor[B, C, 1, S], "s": Tensor[B, C, S, S]}`` (the used variants)."""
         support = _check.support("support", support, channels=self.channels)
         return DF.generate_dynamic_kernels(
-            support, support_mask, self.generators, self.kernel_size, self.variants, self.square_source, self.fg_threshold
+            support, support_mask, self.generators, self.kernel_size, self.variants, self.square_source, self.fg_threshold,
+            self.kernel_norm,
         )
 
     def forward(self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -117,11 +126,12 @@ class DynamicConvModule(nn.Module):
         if query.shape[1] != self.channels:
             raise ValueError(f"query: expected C={self.channels} channels in (B, C, H, W), got {tuple(query.shape)}")
         return DF.dynamic_convolution(
-            query, support, support_mask, self.generators, self.kernel_size, self.variants, self.square_source, self.fg_threshold
+            query, support, support_mask, self.generators, self.kernel_size, self.variants, self.square_source, self.fg_threshold,
+            self.kernel_norm,
         )
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, kernel_size={self.kernel_size}, variants={self.variants}, "
-            f"square_source={self.square_source!r}"
+            f"square_source={self.square_source!r}, fg_threshold={self.fg_threshold}, kernel_norm={self.kernel_norm!r}"
         )

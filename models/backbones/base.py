@@ -120,6 +120,9 @@ class Backbone(nn.Module):
         self.freeze_bn = bool(freeze_bn)
         self.input_norm = input_norm
         self.load_report = None
+        #: optional memo of the frozen stages (``benchmarks.feature_cache.FeatureCache``): an object with
+        #: ``lookup(kind, x, compute) -> output of compute(x)``; ``None`` computes every call
+        self.feature_cache = None
 
     # ------------------------------------------------------------------ subclass hooks
     def _forward_mid(self, x: Tensor) -> Tuple[Tensor, Tensor]:  # pragma: no cover - abstract
@@ -230,8 +233,26 @@ class Backbone(nn.Module):
             parameter of this part (or ``x``) requires grad.
         """
         self._check_images(x)
-        with self._grad_context(list(self.mid_level_parameters()), x):
+        params = list(self.mid_level_parameters())
+        if self.feature_cache is not None and self._cacheable(params, x):
+            return self.feature_cache.lookup("mid", x, self._forward_mid_frozen)
+        with self._grad_context(params, x):
             return self._forward_mid(self.prepare_input(x))
+
+    def _forward_mid_frozen(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return self._forward_mid(self.prepare_input(x))
+
+    def _forward_high_frozen(self, layer3: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._forward_high(layer3)
+
+    def _cacheable(self, params, x: Tensor) -> bool:
+        """Whether a stage is a pure function of its input: no trainable parameter, no input
+        gradient and no BatchNorm in training mode (the cache is bypassed otherwise)."""
+        if x.requires_grad or any(p.requires_grad for p in params):
+            return False
+        return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.modules())
 
     def forward_high(self, layer3: Tensor) -> Tensor:
         """High-level stage: ``Tensor[B, C3, H3, W3] -> Tensor[B, C4, H3, W3]``.
@@ -243,7 +264,10 @@ class Backbone(nn.Module):
                 f"{self.name}.forward_high: layer3 must be Tensor[B, {self.channels['layer3']}, H, W], "
                 f"got shape {tuple(layer3.shape)}"
             )
-        with self._grad_context(list(self.high_level_parameters()), layer3):
+        params = list(self.high_level_parameters())
+        if self.feature_cache is not None and self._cacheable(params, layer3):
+            return self.feature_cache.lookup("high", layer3, self._forward_high_frozen)
+        with self._grad_context(params, layer3):
             return self._forward_high(layer3)
 
     def forward(self, x: Tensor) -> BackboneFeatures:

@@ -1,0 +1,309 @@
+"""The comparison harness: feature cache, image split, flip-only augmentation, seed statistics,
+DCM fusion variants of the hosts and plug_in.py's arms."""
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.config import load_config
+from benchmarks.feature_cache import FeatureCache, attach_feature_cache, detach_feature_cache
+from benchmarks.stats import fold_average, paired_difference, t_quantile_975
+
+from conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+VOC_SAMPLE = SHARED_DATA / "voc-sample" / "VOC2012"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = [
+    "model.backbone_weights=random", "model.flags={reduce_dim: 8, decoder_dim: 8}",
+    "data.args={image_size: 32, num_images: 120}", "data.train_episodes=16", "data.num_workers=0",
+    "train.epochs=2", "train.batch_size=4", "train.val_episodes=8", "train.val_batch_size=8",
+    "eval.episodes=8", "eval.batch_size=8", "eval.reference=none", "run.progress=false",
+]
+
+
+# ------------------------------------------------------------------------------ feature cache
+def _lite0():
+    from models.backbones import build_backbone
+    torch.manual_seed(0)
+    return build_backbone("efficientnet_lite0", weights="random")
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, bb):
+        super().__init__()
+        self.backbone = bb
+
+
+def test_feature_cache_returns_what_the_backbone_computes():
+    bb = _lite0().eval()
+    x = torch.randn(3, 3, 40, 40)
+    ref_mid = bb.forward_mid(x)
+    ref_high = bb.forward_high(ref_mid[1])
+    cache = attach_feature_cache(_Holder(bb), shared=False)
+    for _ in range(2):  # first call fills, second hits
+        mid = bb.forward_mid(x)
+        high = bb.forward_high(mid[1])
+        for a, b in zip(mid + (high,), ref_mid + (ref_high,)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert cache.hits == 6 and cache.misses == 6 and len(cache) == 6
+    # a batch mixing a seen and an unseen input computes only the unseen one
+    y = torch.cat([x[:1], torch.randn(1, 3, 40, 40)])
+    bb.forward_mid(y)
+    assert (cache.hits, cache.misses) == (7, 7)
+    torch.testing.assert_close(bb.forward_mid(y)[0][0], ref_mid[0][0], rtol=1e-5, atol=1e-6)
+    # a model copy shares the cache; detaching restores plain calls
+    h = _Holder(bb)
+    assert copy.deepcopy(h).backbone.feature_cache is cache
+    assert detach_feature_cache(h) is cache and bb.feature_cache is None
+
+
+def test_feature_cache_is_bypassed_when_the_stage_is_not_frozen():
+    bb = _lite0().eval()
+    cache = attach_feature_cache(_Holder(bb), shared=False)
+    x = torch.randn(2, 3, 32, 32)
+    bb.set_layer4_trainable(True)
+    l3 = bb.forward_mid(x)[1]
+    out = bb.forward_high(l3)
+    assert out.requires_grad and cache.misses == 2  # only the mid-level stage went through the cache
+    xg = x.clone().requires_grad_(True)
+    bb.forward_mid(xg)
+    assert cache.misses == 2
+    with pytest.raises(ValueError, match="cache_backbone"):
+        from models.backbones import build_backbone
+        attach_feature_cache(_Holder(build_backbone("efficientnet_lite0", weights="random", freeze_bn=False)))
+
+
+def test_feature_cache_memory_cap():
+    bb = _lite0().eval()
+    cache = FeatureCache(max_bytes=0)
+    bb.feature_cache = cache
+    x = torch.randn(2, 3, 32, 32)
+    a = bb.forward_mid(x)
+    b = bb.forward_mid(x)
+    assert len(cache) == 0 and cache.misses == 4 and cache.hits == 0
+    torch.testing.assert_close(a[1], b[1])
+
+
+def test_cached_training_matches_uncached(tmp_path):
+    """The same tiny run with and without train.cache_backbone: same losses, validation and test scores."""
+    from benchmarks.engine import train
+    outs = []
+    for cached in (False, True):
+        cfg = load_config("synthetic", TINY + [f"train.cache_backbone={str(cached).lower()}"])
+        outs.append(train(cfg, tmp_path / f"c{int(cached)}", echo=lambda *_: None))
+    (u, c) = outs
+    for hu, hc in zip(u["history"], c["history"]):
+        assert math.isclose(hu["train_loss"], hc["train_loss"], rel_tol=1e-5, abs_tol=1e-6)
+        assert math.isclose(hu["val_miou"], hc["val_miou"], abs_tol=1e-3)
+    assert math.isclose(u["results"]["rows"][-1]["miou"], c["results"]["rows"][-1]["miou"], abs_tol=1e-3)
+
+
+def test_flip_augmentation_gives_two_inputs_per_image():
+    from benchmarks.transforms import flip_transform, test_transform
+    rs = np.random.default_rng(0)
+    img = rs.integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    mask = (rs.random((30, 50)) > 0.5).astype(np.uint8)
+    t = flip_transform(24)
+    outs = {}
+    for seed in range(20):
+        x, m = t(img, mask, np.random.default_rng(seed))
+        outs[x.numpy().tobytes()] = (x, m)
+    assert len(outs) == 2
+    plain, pm = test_transform(24)(img, mask)
+    got = sorted(outs.values(), key=lambda xm: not torch.equal(xm[0], plain))
+    assert torch.equal(got[0][0], plain) and torch.equal(got[0][1], pm)
+    assert torch.equal(got[1][0], plain.flip(-1)) and torch.equal(got[1][1], pm.flip(-1))
+
+
+def test_flip_augmentation_config():
+    cfg = load_config("plug_in_pfenet_voc_lite0", ["data.root=/d"])
+    assert cfg["data"]["augment"] == "flip" and cfg["train"]["cache_backbone"]
+    from benchmarks.config import ConfigError
+    with pytest.raises(ConfigError, match="data.augment"):
+        load_config(None, ["data.augment=rotate"])
+    with pytest.raises(ConfigError, match="eval.split"):
+        load_config(None, ["eval.split=train"])
+
+
+# ------------------------------------------------------------------------------ image split
+@pytest.mark.skipif(not VOC_SAMPLE.is_dir(), reason=f"real VOC sample not found at {VOC_SAMPLE}")
+def test_image_split_is_disjoint_and_complete_on_real_masks(tmp_path):
+    from benchmarks.datasets.pascal import PascalFewShot, image_split_of
+    spec = {"seed": 3, "val": 0.2, "test": 0.3}
+    parts = {}
+    for split in ("train", "val", "test"):
+        ds = PascalFewShot(VOC_SAMPLE, fold=1, split=split, image_split=spec, min_pixels=0, on_small_pool="skip",
+                           episodes=4, cache_dir=tmp_path)
+        parts[split] = set(ds._names)
+    stems = {p.stem for p in (VOC_SAMPLE / "SegmentationClassAug").glob("*.png")}
+    assert parts["train"].isdisjoint(parts["val"]) and parts["train"].isdisjoint(parts["test"])
+    assert parts["val"].isdisjoint(parts["test"])
+    assert parts["train"] | parts["val"] | parts["test"] <= stems
+    # every image lands where the rule says (train keeps only images with a base class, eval novel ones)
+    for split, names in parts.items():
+        assert all(image_split_of(n, spec) == split for n in names)
+    n = len(stems)
+    counts = {s: sum(image_split_of(x, spec) == s for x in stems) for s in ("train", "val", "test")}
+    assert abs(counts["test"] / n - 0.3) < 0.12 and abs(counts["val"] / n - 0.2) < 0.12
+    # another seed moves images
+    assert any(image_split_of(x, spec) != image_split_of(x, {**spec, "seed": 4}) for x in stems)
+
+
+@pytest.mark.skipif(not VOC_SAMPLE.is_dir(), reason=f"real VOC sample not found at {VOC_SAMPLE}")
+def test_image_split_uses_the_folders_val_list(tmp_path):
+    from benchmarks.datasets.pascal import PascalFewShot
+    root = tmp_path / "VOC2012"
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "JPEGImages").symlink_to(VOC_SAMPLE / "JPEGImages")
+    (root / "SegmentationClassAug").symlink_to(VOC_SAMPLE / "SegmentationClassAug")
+    stems = sorted(p.stem for p in (VOC_SAMPLE / "SegmentationClassAug").glob("*.png"))
+    val_list = stems[::3]
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(val_list) + "\n")
+    spec = {"seed": 0, "val": 0.2, "test": 0.25}
+    test = PascalFewShot(root, fold=1, split="test", image_split=spec, min_pixels=0, on_small_pool="skip",
+                         episodes=4, cache_dir=tmp_path)
+    val = PascalFewShot(root, fold=1, split="val", image_split=spec, min_pixels=0, on_small_pool="skip",
+                        episodes=4, cache_dir=tmp_path)
+    assert set(test._names) <= set(val_list) and set(test._names)
+    assert set(val._names).isdisjoint(val_list)
+
+
+def test_image_split_arguments_are_checked():
+    from benchmarks.datasets.pascal import check_image_split
+    for bad in ({"val": 0.1}, {"seed": 0, "val": 0.6, "test": 0.5}, {"seed": -1}, {"seed": 0, "tset": 0.2}):
+        with pytest.raises(ValueError, match="image_split"):
+            check_image_split(bad)
+
+
+# ------------------------------------------------------------------------------ statistics
+def test_paired_difference_by_hand():
+    a = {1: {0: 10.0, 1: 12.0}, 2: {0: 20.0, 1: 20.0}}
+    b = {1: {0: 11.0, 1: 14.0}, 2: {0: 21.0, 1: 23.0}}
+    d = paired_difference(a, b)
+    # fold 1: diffs 1, 2 -> mean 1.5, sd 0.7071; fold 2: 1, 3 -> mean 2, sd 1.4142
+    assert d["folds"][1]["mean"] == 1.5 and d["folds"][2]["mean"] == 2.0
+    lo, hi = d["folds"][1]["ci95"]
+    assert math.isclose(hi - 1.5, 12.7062 * 0.70710678 / math.sqrt(2), rel_tol=1e-5)
+    se = math.sqrt(0.5 / 2 + 2.0 / 2) / 2
+    assert d["df"] == 2 and math.isclose(d["se"], se, rel_tol=1e-9)
+    assert math.isclose(d["ci95"][0], 1.75 - 4.3027 * se, rel_tol=1e-6)
+    one = paired_difference({1: {0: 1.0}}, {1: {0: 2.0}})
+    assert one["ci95"] is None and one["mean"] == 1.0
+    with pytest.raises(ValueError):
+        paired_difference({1: {0: 1.0}}, {2: {0: 1.0}})
+    avg = fold_average(a)
+    assert avg["mean"] == 15.5 and math.isclose(avg["std"], math.sqrt(0.5), rel_tol=1e-9)
+    assert math.isclose(t_quantile_975(8), 2.306, abs_tol=1e-3) and abs(t_quantile_975(1000) - 1.96) < 0.01
+
+
+# ------------------------------------------------------------------------------ DCM fusion in the hosts
+@pytest.mark.parametrize("host, flags", [
+    ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5]}),
+    ("canet", {"reduce_dim": 16}),
+])
+def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
+    from models import build_model
+    plain = build_model(host, backbone=resnet, **flags).eval()
+    with_dcm = build_model(host + "+dcm", backbone=resnet, dcm_fusion="residual", **flags).eval()
+    missing, unexpected = with_dcm.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("dcm.", "dcm_fuse.")) for k in missing)
+    torch.manual_seed(0)
+    q, s = torch.randn(2, 3, 65, 65), torch.randn(2, 1, 3, 65, 65)
+    m = torch.zeros(2, 1, 65, 65)
+    m[:, :, 10:50, 15:45] = 1
+    a, b = plain(q, s, m)["logits"], with_dcm(q, s, m)["logits"]
+    assert torch.equal(a, b)
+    # ... and the DCM branch receives a gradient through its gate
+    with_dcm.train()
+    out = with_dcm(q, s, m, query_mask=(torch.rand(2, 65, 65) > 0.5).long())
+    out["loss"].backward()
+    assert with_dcm.dcm_fuse.gamma.grad.abs().sum() > 0
+    # the paper form is not the host at initialisation
+    paper = build_model(host + "+dcm", backbone=resnet, **flags).eval()
+    own = paper.state_dict()
+    paper.load_state_dict({k: v for k, v in plain.state_dict().items() if own[k].shape == v.shape}, strict=False)
+    assert not torch.allclose(paper(q, s, m)["logits"], a)
+
+
+def test_dcm_training_flags_make_an_optimiser_group(resnet):
+    from models import build_model
+    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm_lr_scale=0.1, dcm_weight_decay=0.0)
+    groups = {g["name"]: g for g in m.param_groups(0.01)}
+    assert groups["dcm"]["lr"] == pytest.approx(0.001) and groups["dcm"]["weight_decay"] == 0.0
+    ids = {id(p) for p in m.dcm.parameters()}
+    assert {id(p) for p in groups["dcm"]["params"]} == ids
+    assert not ids & {id(p) for p in groups["head"]["params"]}
+    with pytest.raises(ValueError, match="dcm_lr_scale"):
+        build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, dcm_lr_scale=-1)
+    with pytest.raises(ValueError, match="dcm_fusion"):
+        build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_fusion="replace")
+
+
+def test_pfenet_clean_support_skips_dropout_for_the_kernels(resnet):
+    from models import build_model
+    torch.manual_seed(0)
+    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm_support="clean").train()
+    seen = []
+    m.dcm.register_forward_hook(lambda mod, args, out: seen.append(args[1]))
+    q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
+    m(q, s, torch.ones(1, 1, 65, 65))
+    pre = m.down_supp[:-1](torch.cat(m._mid_features(s.flatten(0, 1))[::-1], 1))
+    torch.testing.assert_close(seen[0][:, 0], pre)
+
+
+# ------------------------------------------------------------------------------ plug_in arms
+def test_arm_variants_parse():
+    from benchmarks.plug_in import parse_arm
+    a = parse_arm("pfenet+dcm[residual+l1+lr0.1]", "pfenet")
+    assert a.model == "pfenet+dcm" and a.tag == "pfenet_dcm_residual-l1-lr0.1"
+    assert a.overrides == ["model.flags.dcm_fusion=residual", "model.flags.dcm_kwargs.kernel_norm=l1",
+                           "model.flags.dcm_lr_scale=0.1"]
+    assert parse_arm("canet+dcm[paper]", "canet").overrides == ["model.flags.dcm_fusion=concat",
+                                                                "model.flags.dcm_kwargs.kernel_norm=null"]
+    assert parse_arm("dpcn[nodcm]", "dpcn").overrides == ["model.flags.use_dcm=false"]
+    assert parse_arm("dpcn[l1]", "dpcn").overrides == ["model.flags.dcm_kernel_norm=l1"]
+    for bad, host, word in (("pfenet[l1]", "pfenet", "no DCM"), ("pfenet+dcm[foo]", "pfenet", "unknown"),
+                            ("canet", "pfenet", "not a pfenet arm"), ("canet+dcm[replace]", "canet", "concat"),
+                            ("pfenet+dcm[", "pfenet", "cannot read")):
+        with pytest.raises(ValueError, match=word):
+            parse_arm(bad, host)
+
+
+def test_plug_in_seeds_and_intervals_tiny(tmp_path):
+    env = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, str(ROOT / "benchmarks/plug_in.py"), "--host", "pfenet", "--out", str(tmp_path),
+           "--no-progress", "--seeds", "2", "--arms", "pfenet", "pfenet+dcm[residual+l1]",
+           "--backbone-weights", "random"]
+    for o in ("data.args={image_size: 32, num_images: 120}", "data.train_episodes=8", "data.num_workers=0",
+              "train.epochs=1", "train.batch_size=4", "train.val_episodes=4", "eval.episodes=8",
+              "model.flags.reduce_dim=8", "train.cache_backbone=true"):
+        cmd += ["--set", o]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for w in ("seeds 321,322", "paired difference", "pfenet+dcm[residual+l1] - pfenet", "per-seed mIoU",
+              "95 % Student-t interval"):
+        assert w in p.stdout, p.stdout
+    res = json.loads((tmp_path / "plug_in_pfenet" / "table6_pfenet_val.json").read_text())
+    assert res["seeds"] == [321, 322] and res["folds"] == [0]
+    arm = res["results"]["pfenet+dcm[residual+l1]"]
+    assert set(arm["miou"]["0"]) == {"321", "322"}
+    d = res["summary"]["differences"]["pfenet+dcm[residual+l1] - pfenet"]["miou"]
+    assert d["ci95"] is not None and d["df"] == 1
+    ms = [res["results"][a]["miou"]["0"][s] for a in ("pfenet", "pfenet+dcm[residual+l1]") for s in ("321", "322")]
+    assert math.isclose(d["mean"], ((ms[2] - ms[0]) + (ms[3] - ms[1])) / 2, abs_tol=1e-9)
+    cfg = (tmp_path / "plug_in_pfenet" / "pfenet_dcm_residual-l1_f0_seed322" / "config.yaml").read_text()
+    assert "dcm_fusion: residual" in cfg and "kernel_norm: l1" in cfg and "seed: 322" in cfg
+    # resume reuses every run and writes the same table
+    p2 = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+    assert p2.returncode == 0 and p2.stdout.count("reusing") == 4, p2.stdout[-2000:]
+    res2 = json.loads((tmp_path / "plug_in_pfenet" / "table6_pfenet_val.json").read_text())
+    assert res2["results"] == res["results"]
