@@ -62,8 +62,8 @@ from .datasets import build_dataset, collate_episodes
 from .evaluation import EvaluationResult, Protocol, dataset_factory, evaluate_many
 
 __all__ = [
-    "train", "Trainer", "TrainingInterrupted", "PolyLR", "ResumableDistributedSampler", "DistInfo",
-    "init_distributed", "seed_everything", "atomic_save", "resolve_device", "build_model_from_config",
+    "train", "Trainer", "TrainingInterrupted", "ValidationFailed", "PolyLR", "ResumableDistributedSampler", "DistInfo",
+    "init_distributed", "exit_process", "teardown", "all_ranks_finite", "seed_everything", "atomic_save", "resolve_device", "build_model_from_config",
     "build_train_dataset", "eval_protocol", "make_predict_fn", "make_fusions_predict_fn", "evaluate_model",
     "evaluate_fusions", "evaluate_reference",
     "load_checkpoint_model", "format_table", "amp_context", "unwrap",
@@ -182,7 +182,24 @@ def init_distributed(device_spec="auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    global _GROUP_OWNED
+    _GROUP_OWNED = True
     return DistInfo(rank, world, local, True)
+
+
+_GROUP_OWNED = False  # init_distributed created the process group (teardown destroys it)
+
+
+def exit_process(code: int) -> None:
+    """End a script: ``sys.exit`` for one process; under ``torchrun`` flush and ``os._exit`` so that no
+    communication thread left by a process group is torn down during interpreter shutdown (which can
+    abort with "terminate called without an active exception")."""
+    import sys
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code))
+    sys.exit(code)
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -547,6 +564,10 @@ class TrainingInterrupted(RuntimeError):
     """Raised by :meth:`Trainer.fit` when told to stop early (``stop_after_iters``, SIGINT/SIGTERM)."""
 
 
+class ValidationFailed(RuntimeError):
+    """The per-epoch validation raised; the epoch's ``last.pth`` is already written (resume validates first)."""
+
+
 def default_run_name(cfg: dict) -> str:
     m, d = cfg["model"], cfg["data"]
     fold = f"_f{d['fold']}" if d["dataset"] not in ("fss", "fss1000") else ""
@@ -574,10 +595,16 @@ class Trainer:
         if cfg["run"].get("threads"):
             torch.set_num_threads(int(cfg["run"]["threads"]))
         t = self.cfg["train"]
+        self._deterministic_before = None
         if t["deterministic"]:
+            # cuBLAS needs its workspace configured before the first GEMM for deterministic results
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
+            self._deterministic_before = (torch.are_deterministic_algorithms_enabled(),
+                                          torch.is_deterministic_algorithms_warn_only_enabled())
+            # warn_only: an op without a deterministic implementation warns instead of failing the run
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg["run"]["out_dir"]) / (
             cfg["run"]["name"] or default_run_name(cfg))
         self.main = self.dist.is_main
@@ -631,6 +658,8 @@ class Trainer:
         self.best = {"miou": -math.inf, "fbiou": None, "epoch": None}
         self.history: List[dict] = []
         self._resume_rng = None
+        self._epoch_loss = (0.0, 0)  # (sum, count) of finite losses of the current epoch so far
+        self._pending_val = False    # an epoch ended, its checkpoint is written, its validation not done yet
         self.resumed_from = None
         if resume:
             self._load(self.run_dir / "last.pth" if resume is True else Path(resume))
@@ -694,7 +723,8 @@ class Trainer:
             "epoch": self.epoch, "iter_in_epoch": self.iter_in_epoch, "global_step": self.global_step,
             "layer4_on": self.layer4_on, "best": dict(self.best), "history": list(self.history),
             "rng": rng_state(), "config": self.cfg, "world_size": self.dist.world_size,
-            "torch_version": torch.__version__,
+            "torch_version": torch.__version__, "epoch_loss": list(self._epoch_loss),
+            "pending_val": self._pending_val,
         }
 
     def save(self, name: str = "last.pth") -> Optional[Path]:
@@ -706,7 +736,14 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"--resume: checkpoint '{path}' not found (a run writes last.pth at the end of "
                                     f"every epoch)")
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"--resume: '{path}' cannot be read as a checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'truncated or not a torch file'}); delete it "
+                             f"to start the run again") from None
+        if not isinstance(ck, dict):
+            raise ValueError(f"--resume: '{path}' is not a training checkpoint (a {type(ck).__name__})")
         for k in ("model", "optimizer", "scheduler", "epoch", "iter_in_epoch"):
             if k not in ck:
                 raise ValueError(f"--resume: '{path}' is not a training checkpoint (no '{k}')")
@@ -715,8 +752,15 @@ class Trainer:
                           "the episode split across processes changes", RuntimeWarning)
         self.layer4_on = bool(ck.get("layer4_on", False))
         self._set_layer4_state_only()
-        self.model.load_state_dict(strip_module_prefix(ck["model"]))
-        self.optimizer.load_state_dict(ck["optimizer"])
+        try:
+            self.model.load_state_dict(strip_module_prefix(ck["model"]))
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            saved = (ck.get("config") or {}).get("model", {})
+            raise ValueError(f"--resume: '{path}' holds a different network than this run's config "
+                             f"(checkpoint: {saved.get('name')} / {saved.get('backbone')} {saved.get('flags')}; "
+                             f"config: {self.cfg['model']['name']} / {self.cfg['model']['backbone']} "
+                             f"{self.cfg['model']['flags']}): {_first_line(e)}") from None
         self.scheduler.load_state_dict(ck["scheduler"])
         if self.scaler is not None and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
@@ -724,6 +768,8 @@ class Trainer:
         self.best = dict(ck.get("best") or self.best)
         self.history = list(ck.get("history") or [])
         self._resume_rng = ck.get("rng") if self.iter_in_epoch > 0 else None
+        self._epoch_loss = tuple(ck.get("epoch_loss") or (0.0, 0)) if self.iter_in_epoch > 0 else (0.0, 0)
+        self._pending_val = bool(ck.get("pending_val", False))
         self.resumed_from = str(path)
 
     def _epoch_seed(self, epoch: int) -> int:
@@ -764,6 +810,13 @@ class Trainer:
                             train_episodes=len(self.train_set), val_protocol=self.val_protocol.describe())
         if self.resumed_from:
             self.echo(f"resumed from {self.resumed_from}: epoch {self.epoch + 1}, iteration {self.iter_in_epoch}")
+        if self._pending_val and self.history:  # the run stopped between an epoch's checkpoint and its validation
+            if self.main:
+                self.echo(f"validating epoch {self.epoch} (its validation did not finish before the run stopped)")
+                self._validate_epoch(self.history[-1])
+                self._report_epoch(self.history[-1], self.history[-1].get("seconds", 0.0))
+            self._pending_val = False
+            self.dist.barrier()
         old_handlers = self._install_signal_handlers()
         done_iters = 0
         ckpt_every = int(t["checkpoint_every_iters"])
@@ -780,7 +833,7 @@ class Trainer:
                     self._resume_rng = None
                 self.net.train()
                 t0 = time.perf_counter()
-                loss_sum, loss_n = 0.0, 0
+                loss_sum, loss_n = self._epoch_loss
                 bar = None
                 if self.progress:
                     from tqdm import tqdm
@@ -794,6 +847,7 @@ class Trainer:
                     if math.isfinite(loss):
                         loss_sum += loss
                         loss_n += 1
+                    self._epoch_loss = (loss_sum, loss_n)
                     lr = self.optimizer.param_groups[0]["lr"]
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -821,30 +875,46 @@ class Trainer:
                     rec["train_loss"] = float(v[0] / max(1.0, float(v[1])))
                 self.epoch += 1
                 self.iter_in_epoch = 0
+                self._epoch_loss = (0.0, 0)
                 last = self.epoch == self.epochs
-                if self.main and (self.epoch % val_every == 0 or last):
-                    r = self.validate()
-                    rec.update(val_miou=r.miou, val_fbiou=r.fbiou, val_seconds=round(r.per_seed[0]["seconds"], 2))
-                    if r.miou > self.best["miou"]:
-                        self.best = {"miou": r.miou, "fbiou": r.fbiou, "epoch": self.epoch}
-                        rec["best"] = True
                 self.history.append(rec)
+                self._pending_val = self.epoch % val_every == 0 or last
                 if self.main:
-                    self.logger.log("epoch", step=self.global_step, **rec)
-                    self.save("last.pth")
-                    if rec.get("best"):
-                        atomic_save(self._state(), self.run_dir / "best.pth")
-                    val = (f"  val mIoU {rec['val_miou']:.2f} FB-IoU {rec['val_fbiou']:.2f}"
-                           f" (best {self.best['miou']:.2f} @ epoch {self.best['epoch']})" if "val_miou" in rec else "")
-                    cache = f"  [feature cache: {self.feature_cache.stats()}]" if self.feature_cache is not None else ""
-                    self.echo(f"epoch {self.epoch}/{self.epochs}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.2e}"
-                              f"{val}  [{secs:.0f}s train]{cache}")
+                    self.save("last.pth")  # the epoch's weights are safe before the validation can fail
+                    if self._pending_val:
+                        self._validate_epoch(rec)
+                    self._report_epoch(rec, secs)
                 self.dist.barrier()
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             self.logger.close()
         return {"best": dict(self.best), "history": list(self.history), "run_dir": str(self.run_dir)}
+
+    def _validate_epoch(self, rec: dict) -> None:
+        """Validate the epoch just finished (``rec`` is its history record), update the best checkpoint."""
+        try:
+            r = self.validate()
+        except Exception as e:
+            raise ValidationFailed(f"validation after epoch {self.epoch} failed: {short_error(e)} -- the epoch's checkpoint "
+                                   f"{self.run_dir / 'last.pth'} is saved; fix the problem and continue with --resume "
+                                   f"(the validation runs first)") from e
+        rec.update(val_miou=r.miou, val_fbiou=r.fbiou, val_seconds=round(r.per_seed[0]["seconds"], 2))
+        if r.miou > self.best["miou"]:
+            self.best = {"miou": r.miou, "fbiou": r.fbiou, "epoch": self.epoch}
+            rec["best"] = True
+        self._pending_val = False
+        self.save("last.pth")
+        if rec.get("best"):
+            atomic_save(self._state(), self.run_dir / "best.pth")
+
+    def _report_epoch(self, rec: dict, secs: float) -> None:
+        self.logger.log("epoch", step=self.global_step, **rec)
+        val = (f"  val mIoU {rec['val_miou']:.2f} FB-IoU {rec['val_fbiou']:.2f}"
+               f" (best {self.best['miou']:.2f} @ epoch {self.best['epoch']})" if "val_miou" in rec else "")
+        cache = f"  [feature cache: {self.feature_cache.stats()}]" if self.feature_cache is not None else ""
+        self.echo(f"epoch {rec['epoch']}/{self.epochs}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.2e}"
+                  f"{val}  [{secs:.0f}s train]{cache}")
 
     def _step(self, batch: dict) -> float:
         t = self.cfg["train"]
@@ -857,8 +927,9 @@ class Trainer:
             out = self.net(q, s, sm, query_mask=qm)
         loss = out["loss"].float()
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            log.warning("non-finite loss %s at step %d: step skipped", float(loss), self.global_step + 1)
+        if not all_ranks_finite(loss, self.dist):
+            log.warning("non-finite loss at step %d (this process: %s): step skipped on every process",
+                        self.global_step + 1, float(loss))
             return float("nan")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -874,6 +945,17 @@ class Trainer:
         else:
             self.optimizer.step()
         return float(loss.detach())
+
+
+def all_ranks_finite(loss: torch.Tensor, dist: DistInfo) -> bool:
+    """Whether the loss is finite on *every* process (one all-reduce under DDP), so that all processes
+    skip a step together instead of some waiting forever in the gradient all-reduce."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0])
+    if dist.distributed:
+        if torch.distributed.get_backend() == "nccl":
+            bad = bad.to(loss.device)
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return float(bad) == 0.0
 
 
 def threading_main() -> bool:
@@ -896,18 +978,33 @@ def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: O
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ValueError(f"checkpoint '{path}' cannot be read by torch.load: {e}") from None
+        raise ValueError(f"checkpoint '{path}' cannot be read by torch.load ({type(e).__name__}: "
+                         f"{_first_line(e) or 'truncated or not a torch file'})") from None
     state = ck.get("model") if isinstance(ck, dict) and "model" in ck else ck
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint '{path}' holds no state dict (a {type(state).__name__})")
     if cfg is None:
         cfg = ck.get("config") if isinstance(ck, dict) else None
         if cfg is None:
-            raise ValueError(f"checkpoint '{path}' holds no config; pass --model/--backbone (or --config) to rebuild it")
-    cfg = validate_config(apply_overrides(cfg, overrides)) if overrides else copy.deepcopy(cfg)
+            raise ValueError(f"checkpoint '{path}' holds no config (a bare state dict); load it with "
+                             f"benchmarks.engine.load_checkpoint_model(path, cfg=...) and the config it was trained with")
+    cfg = copy.deepcopy(cfg)
+    if overrides:
+        new_ds = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "data.dataset"]
+        if new_ds and new_ds[-1] != cfg["data"]["dataset"]:
+            # the saved dataset arguments (e.g. the synthetic set's image_size) belong to the old dataset
+            cfg["data"]["args"], cfg["data"]["train_args"], cfg["data"]["val_args"] = {}, {}, {}
+        cfg = validate_config(apply_overrides(cfg, overrides))
     model = build_model_from_config(cfg, backbone_weights="random")
     if isinstance(ck, dict) and ck.get("layer4_on"):
         model.backbone.set_layer4_trainable(True)
     state = strip_module_prefix(state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape mismatch: the overrides / config describe another network
+        raise ValueError(f"checkpoint '{path}' does not fit model '{cfg['model']['name']}' "
+                         f"({cfg['model']['backbone']}, flags {cfg['model']['flags']}): {_first_line(e, 1)}; "
+                         f"leave the architecture as the checkpoint's config has it") from None
     if missing or unexpected:
         raise ValueError(f"checkpoint '{path}' does not match model '{cfg['model']['name']}' "
                          f"({cfg['model']['backbone']}): {len(missing)} missing keys (e.g. {missing[:3]}), "
@@ -941,7 +1038,34 @@ def train(cfg: dict, run_dir=None, *, resume=None, model: Optional[nn.Module] = 
     'seconds'}`` and writes ``results.json`` in the run folder.
     """
     t_start = time.perf_counter()
-    trainer = Trainer(cfg, run_dir, resume=resume, model=model, stop_after_iters=stop_after_iters, echo=echo)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, run_dir, resume=resume, model=model, stop_after_iters=stop_after_iters, echo=echo)
+        return _train(trainer, t_start, echo, evaluate_after)
+    finally:
+        teardown(trainer)
+
+
+def teardown(trainer: Optional["Trainer"]) -> None:
+    """Release what a run holds, whatever ended it: the DDP wrapper (its communication threads), the
+    process group this run created, and the process-wide deterministic-algorithms setting."""
+    global _GROUP_OWNED
+    if trainer is None:
+        dist = DistInfo(initialized_here=_GROUP_OWNED)
+    else:
+        dist = trainer.dist
+        trainer.net = trainer.model  # drop the DDP wrapper before its process group goes
+        if trainer._deterministic_before is not None:
+            on, warn = trainer._deterministic_before
+            torch.use_deterministic_algorithms(on, warn_only=warn)
+    if dist.initialized_here and torch.distributed.is_initialized():
+        import gc
+        gc.collect()
+        torch.distributed.destroy_process_group()
+        _GROUP_OWNED = False
+
+
+def _train(trainer: "Trainer", t_start: float, echo, evaluate_after: Optional[bool]) -> dict:
     e = trainer.cfg["eval"]
     evaluate_after = e["enabled"] if evaluate_after is None else evaluate_after
     ref_kinds = []
@@ -1004,9 +1128,23 @@ def train(cfg: dict, run_dir=None, *, resume=None, model: Optional[nn.Module] = 
     if trainer.main:
         RunLogger(trainer.run_dir, True, False).log("end", seconds=round(out["seconds"], 1))
     trainer.dist.barrier()
-    if trainer.dist.initialized_here:
-        torch.distributed.destroy_process_group()
     return out
+
+
+def _first_line(e: BaseException, index: int = 0) -> str:
+    """One line of an exception's message (``index``: which non-empty line), for one-line errors."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[min(index, len(lines) - 1)] if lines else ""
+
+
+def short_error(e: BaseException) -> str:
+    """An exception as one line; for an error re-raised from a DataLoader worker, the worker's own message
+    (the file it names) instead of the worker traceback."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+    return _first_line(e) or type(e).__name__
 
 
 def _result_from_dict(d: dict) -> EvaluationResult:

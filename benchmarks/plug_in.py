@@ -284,7 +284,7 @@ def markdown(host: str, folds, seeds, res: dict, stats: dict, protocol_text: str
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from benchmarks.engine import TrainingInterrupted, resolve_device
+    from benchmarks.engine import TrainingInterrupted, ValidationFailed, resolve_device
     import torch
     t0 = time.perf_counter()
     try:
@@ -331,8 +331,12 @@ def main(argv=None) -> int:
     except TrainingInterrupted as e:
         print(f"\ninterrupted: {e}; continue with --resume", file=sys.stderr)
         return 130
-    except (ConfigError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
+    except ValidationFailed as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
+        from benchmarks.engine import short_error
+        print(f"error: {short_error(e)}", file=sys.stderr)
         return 2
     if any(not res[a.spec]["miou"] for a in arms):
         return 0  # non-zero rank
@@ -362,4 +366,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks.engine import exit_process
+    exit_process(main())

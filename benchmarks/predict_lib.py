@@ -7,11 +7,17 @@ resizes it back to the query's own size. Images and masks may be file paths, PIL
 arrays; a support "mask" may also be a box ``(x0, y0, x1, y1)`` in pixels (the paper's Table A2 uses
 boxes instead of masks).
 
-Mask files (:func:`load_mask`): with ``class_id`` the mask is a label map and ``class_id`` is the
-object (VOC ``SegmentationClass*`` PNGs; 255 stays "ignore"); otherwise a map whose values are
-``{0, 1}`` or ``{0, 1, 255}`` is read as a label (1 = object, 255 = ignore), a palette PNG as
-"non-zero index = object, 255 = ignore", and anything else (black/white or anti-aliased PNGs,
-coloured drawings) as "brighter than 127 in any channel (or alpha) = object".
+Mask files (:func:`load_mask`), one rule for every mode (palette, grey, numpy):
+
+1. with ``class_id`` the mask is a label map: ``class_id`` is the object, 255 stays "ignore";
+2. values in ``{0, 1}`` or ``{0, 1, 255}``: a label (1 = object, 255 = ignore);
+3. a label map of class ids -- one channel, every value other than 0 and 255 below 128, at most 32 of
+   them (VOC/SBD ``SegmentationClass*`` PNGs, palette or grey): with exactly one class present that
+   class is the object (255 = ignore) and a warning says so; with several, an error asks for
+   ``class_id`` (``--class-id``);
+4. a mask that is 255 everywhere (all "ignore" or all "object"?) is an error;
+5. anything else (black/white or anti-aliased PNGs, coloured drawings): brighter than 127 in any
+   channel (or alpha) = object.
 """
 from __future__ import annotations
 
@@ -100,8 +106,10 @@ def load_mask(x: ImageLike, *, class_id: Optional[int] = None, what: str = "mask
     from PIL import Image
     x = _open(x, what)
     palette = False
+    single_channel = False
     if isinstance(x, Image.Image):
         palette = x.mode == "P"
+        single_channel = x.mode in ("P", "L", "I", "I;16")
         if x.mode in ("P", "L", "1", "I", "I;16", "F"):
             arr = np.asarray(x if x.mode != "1" else x.convert("L"))
         elif x.mode in ("RGBA", "LA"):
@@ -112,6 +120,7 @@ def load_mask(x: ImageLike, *, class_id: Optional[int] = None, what: str = "mask
             arr = np.asarray(x.convert("RGB")).max(axis=2)
     else:
         arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        single_channel = arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer)
         if arr.ndim == 3:
             arr = arr.max(axis=2)
     if arr.ndim != 2:
@@ -125,11 +134,21 @@ def load_mask(x: ImageLike, *, class_id: Optional[int] = None, what: str = "mask
         out[arr == 255] = 255
         if class_id not in vals:
             warnings.warn(f"{what}: class {class_id} does not occur (values {sorted(vals)[:10]})", RuntimeWarning)
-    elif palette:
-        out = np.where((arr != 0) & (arr != 255), 1, 0)
-        out[arr == 255] = 255
-    elif (vals <= {0, 1, 255} and 1 in vals) or vals <= {0, 1}:  # label convention (or boolean)
+        return out.astype(np.uint8)
+    if vals == {255}:
+        raise PredictInputError(f"{what}: every pixel is 255 -- is that 'ignore' (a label map) or 'object' "
+                                f"(a white mask)? Give a mask with 0 as background, or a label map with --class-id")
+    ids = sorted(vals - {0, 255})
+    if (vals <= {0, 1, 255} and 1 in vals) or vals <= {0, 1}:  # label convention (or boolean)
         out = arr
+    elif ids and (single_channel or palette) and max(ids) < 128 and len(ids) <= 32:  # a label map of class ids
+        if len(ids) > 1:
+            raise PredictInputError(f"{what}: a label map with classes {ids}; pass --class-id N (class_id=N) "
+                                    f"to say which one is the object")
+        warnings.warn(f"{what}: read as a label map: class {ids[0]} is the object, 255 is ignored "
+                      f"(pass --class-id to choose another class)", RuntimeWarning)
+        out = np.where(arr == ids[0], 1, 0)
+        out[arr == 255] = 255
     else:  # grey / black-and-white / colour drawing: bright = object
         out = np.where(arr > 127, 1, 0)
     return out.astype(np.uint8)

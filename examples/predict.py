@@ -11,7 +11,9 @@ writes ``out/street_mask.png`` (0/255), ``out/street_overlay.png`` and with ``--
 supports, the prediction, DPCN's activation maps and pseudo masks (``out/street_figure.png``).
 
 Masks: white (or any bright colour, or alpha) = object, black = background; PNGs whose values are
-0/1(/255) are read as labels (1 = object, 255 = ignore); for VOC-style label maps pass --class-id.
+0/1(/255) are read as labels (1 = object, 255 = ignore); a VOC-style label map (palette or grey, class
+ids and 255) with one class is read as that class (with a warning), with several it needs --class-id;
+a mask that is 255 everywhere is refused. The rule in full: benchmarks.predict_lib.load_mask.
 The same in Python: ``benchmarks.predict_lib.predict(model, query, [(img, mask_or_box), ...])``.
 """
 import sys
@@ -20,6 +22,7 @@ import pathlib
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -34,10 +37,10 @@ class _SupportAction(argparse.Action):
                 parser.error("--support-box must follow a --support IMAGE that has no mask")
             try:
                 box = tuple(float(v) for v in values.split(","))
-                if len(box) != 4:
+                if len(box) != 4 or not all(math.isfinite(v) for v in box):
                     raise ValueError
             except ValueError:
-                parser.error(f"--support-box: expected x0,y0,x1,y1 (four numbers), got '{values}'")
+                parser.error(f"--support-box: expected x0,y0,x1,y1 (four finite numbers), got '{values}'")
             items[-1] = (items[-1][0], box)
         else:
             if len(values) not in (1, 2):
@@ -66,7 +69,14 @@ def parse_args(argv=None):
     p.add_argument("--class-id", type=int, default=None, help="masks are label maps: this value is the object")
     p.add_argument("--figure", action="store_true", help="also write a figure with activation maps / pseudo masks")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.size is not None and args.size < 8:
+        p.error(f"--size: expected an input size >= 8, got {args.size}")
+    if args.scales is not None and any(v < 8 for v in args.scales):
+        p.error(f"--scales: expected input sizes >= 8, got {args.scales}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out: '{args.out}' exists and is not a folder")
+    return args
 
 
 def main(argv=None) -> int:

@@ -99,15 +99,19 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from benchmarks.engine import TrainingInterrupted, train
+    from benchmarks.engine import TrainingInterrupted, ValidationFailed, train
     t0 = time.perf_counter()
     try:
         out = train(cfg, run_dir, resume=resume)
     except TrainingInterrupted as e:
         print(f"\ninterrupted: {e}", file=sys.stderr)
         return 130
+    except ValidationFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        from benchmarks.engine import short_error
+        print(f"error: {type(e).__name__}: {short_error(e)}", file=sys.stderr)
         return 2
     if out.get("results") is not None or cfg["eval"]["enabled"] is False:
         mins = (time.perf_counter() - t0) / 60
@@ -116,4 +120,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks.engine import exit_process
+    exit_process(main())

@@ -1,5 +1,4 @@
 """The procedural few-shot set: determinism, class design, distinctness, speed."""
-import time
 
 import numpy as np
 import pytest
@@ -100,12 +99,13 @@ def test_void_band_and_exact_counts():
         assert cnt == {int(c): int((lab == c).sum()) for c in np.unique(lab) if 0 < c < 255}
 
 
-def test_generation_is_fast():
-    synthetic_image(0, "train", 0)
-    t = time.perf_counter()
-    for i in range(100):
-        synthetic_image(0, "train", i)
-    assert time.perf_counter() - t < 2.0  # ~2 ms per 96x96 image measured on 2 cores
+def test_generation_is_a_pure_function_of_its_arguments():
+    # (speed is a benchmark matter, never asserted here: ~2 ms per 96x96 image on the development CPU)
+    a = [synthetic_image(0, "train", i) for i in range(5)]
+    b = [synthetic_image(0, "train", i) for i in range(5)]
+    for (ia, la), (ib, lb) in zip(a, b):
+        assert np.array_equal(ia, ib) and np.array_equal(la, lb)
+    assert not np.array_equal(a[0][0], a[1][0])
 
 
 def test_records_and_configurable_size():

@@ -291,3 +291,133 @@ def test_fusion_predictions_literal():
         got = torch.softmax(out[f], 1)[:, 1]
         assert torch.allclose(got, p.clamp(1e-6, 1 - 1e-6), atol=1e-5), f
     assert not torch.equal(out["vote"], out["or"])
+
+
+# ----------------------------------------------------------------------------- failures that must not lose work
+def test_failed_validation_keeps_the_epoch_and_resumes(tmp_path, monkeypatch):
+    cfg = tiny()
+    full = Trainer(cfg, tmp_path / "full", echo=quiet)
+    full.fit()
+
+    calls = {"n": 0}
+    real = Trainer.validate
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("cannot read image '/data/broken.jpg'")
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "validate", flaky)
+    from benchmarks.engine import ValidationFailed
+    t = Trainer(cfg, tmp_path / "cut", echo=quiet)
+    with pytest.raises(ValidationFailed) as e:
+        t.fit()
+    assert "broken.jpg" in str(e.value) and "last.pth" in str(e.value) and "--resume" in str(e.value)
+    ck = torch.load(tmp_path / "cut" / "last.pth", weights_only=False)
+    assert ck["epoch"] == 1 and ck["pending_val"] and "val_miou" not in ck["history"][-1]
+    resumed = Trainer(cfg, tmp_path / "cut", resume=True, echo=quiet)
+    resumed.fit()
+    assert [h["val_miou"] for h in resumed.history] == [h["val_miou"] for h in full.history]
+    for k, v in _params(resumed.model).items():
+        assert torch.equal(v, _params(full.model)[k]), k
+
+
+def test_epoch_loss_after_a_mid_epoch_resume_is_the_uninterrupted_one(tmp_path):
+    cfg = tiny("train.checkpoint_every_iters=2")
+    full = Trainer(cfg, tmp_path / "full", echo=quiet)
+    full.fit()
+    t = Trainer(cfg, tmp_path / "cut", stop_after_iters=6, echo=quiet)
+    with pytest.raises(TrainingInterrupted):
+        t.fit()
+    resumed = Trainer(cfg, tmp_path / "cut", resume=True, echo=quiet)
+    resumed.fit()
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+
+
+def test_deterministic_flag_enables_deterministic_algorithms_for_the_run(tmp_path):
+    seen = {}
+    real = Trainer.fit
+
+    def spy(self):
+        seen["during"] = torch.are_deterministic_algorithms_enabled()
+        return real(self)
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        Trainer.fit = spy
+        train(tiny("train.deterministic=true", "train.epochs=1"), tmp_path / "d", echo=quiet)
+        assert seen["during"] is True
+        assert torch.are_deterministic_algorithms_enabled() == before
+        train(tiny("train.deterministic=false", "train.epochs=1"), tmp_path / "n", echo=quiet)
+        assert seen["during"] is before
+    finally:
+        Trainer.fit = real
+
+
+def _finite_worker(rank, port, values, out):
+    import torch.distributed as dist
+    from benchmarks.engine import DistInfo, all_ranks_finite
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        res = [all_ranks_finite(torch.tensor(v[rank]), DistInfo(rank, 2, rank)) for v in values]
+        out.put((rank, res))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_non_finite_loss_on_one_rank_is_skipped_by_every_rank():
+    import socket
+    import time as _time
+    import torch.multiprocessing as mp
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    values = [(1.0, 2.0), (1.0, float("nan")), (float("inf"), 1.0), (3.0, 4.0)]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_finite_worker, args=(r, port, values, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert got[0] == got[1] == [True, False, False, True]
+
+
+_NAN_ON_RANK1 = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import models.dpcn as dpcn
+_forward = dpcn.DPCN.forward
+calls = {{"n": 0}}
+def forward(self, *a, **k):
+    out = _forward(self, *a, **k)
+    if self.training and "loss" in out:
+        calls["n"] += 1
+        if os.environ.get("RANK") == "1" and calls["n"] == 2:
+            out["loss"] = out["loss"] * float("nan")  # one rank, one step
+    return out
+dpcn.DPCN.forward = forward
+import runpy
+sys.argv = ["train_dpcn.py"] + sys.argv[1:]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_ddp_non_finite_loss_on_one_rank_finishes(tmp_path):
+    """Two gloo processes, the loss non-finite on rank 1 at its 2nd step: both skip that step and the run ends."""
+    script = tmp_path / "nan_rank1.py"
+    script.write_text(_NAN_ON_RANK1.format(root=str(ROOT), script=str(ROOT / "examples" / "train_dpcn.py")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "--device", "cpu", "--out", str(tmp_path), "--name", "nan", "--no-eval", "--no-progress",
+           "--set", "train.batch_size=2"] + [a for o in TINY if not o.startswith("train.batch_size") for a in ("--set", o)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "step skipped on every process" in p.stderr
+    epochs = [json.loads(ln) for ln in (tmp_path / "nan" / "log.jsonl").read_text().splitlines()
+              if json.loads(ln)["event"] == "epoch"]
+    assert len(epochs) == 2 and all(math.isfinite(e["train_loss"]) for e in epochs)

@@ -22,6 +22,14 @@ def test_triton_kernels_under_the_cpu_interpreter():
                        timeout=900)
     tail = p.stdout[-4000:] + p.stderr[-2000:]
     assert p.returncode == 0, tail
+    # the exact number of tests the file defines, collected the same way, must all have passed
+    c = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-p",
+                        "no:xdist", "tests/kernels_interpreted.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    m = re.search(r"(\d+) tests? collected", c.stdout)
+    assert c.returncode == 0 and m, c.stdout[-2000:] + c.stderr[-2000:]
+    expected = int(m.group(1))
     summary = p.stdout.strip().splitlines()[-1]
-    assert re.search(r"\b(\d+) passed", summary) and int(re.search(r"(\d+) passed", summary).group(1)) >= 20, tail
+    got = re.search(r"\b(\d+) passed", summary)
+    assert got and int(got.group(1)) == expected, (expected, tail)
     assert "skipped" not in summary and "failed" not in summary and "error" not in summary, tail

@@ -1,0 +1,70 @@
+"""The support-mask reading rule of benchmarks.predict_lib.load_mask on real VOC label PNGs, palette and grey."""
+import warnings
+
+import numpy as np
+import pytest
+
+from benchmarks.predict_lib import PredictInputError, load_mask
+
+from conftest import SHARED_DATA
+
+VOC = SHARED_DATA / "voc-sample" / "VOC2012" / "SegmentationClassAug"
+
+
+def _real_label(n_classes: int):
+    from PIL import Image
+    if not VOC.is_dir():
+        pytest.skip(f"real VOC sample not found at {VOC}")
+    for p in sorted(VOC.glob("*.png")):
+        im = Image.open(p)
+        ids = sorted(set(np.unique(np.asarray(im)).tolist()) - {0, 255})
+        if len(ids) == n_classes and 255 in np.asarray(im):
+            return im, ids
+    pytest.skip(f"no VOC sample mask with exactly {n_classes} class(es)")
+
+
+@pytest.mark.parametrize("mode", ["P", "L"])
+def test_one_class_label_map_is_read_as_that_class(mode):
+    im, (cls,) = _real_label(1)
+    arr = np.asarray(im)
+    from PIL import Image
+    # the grey copy keeps the ids (PIL's palette -> "L" conversion would map them to luminance)
+    src = im if mode == "P" else Image.fromarray(arr.astype(np.uint8), mode="L")
+    with pytest.warns(RuntimeWarning, match="--class-id"):
+        m = load_mask(src)
+    assert np.array_equal(m == 1, arr == cls) and np.array_equal(m == 255, arr == 255)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(load_mask(src, class_id=cls), m)
+
+
+@pytest.mark.parametrize("mode", ["P", "L"])
+def test_several_classes_need_a_class_id(mode):
+    from PIL import Image
+    im, ids = _real_label(2)
+    src = im if mode == "P" else Image.fromarray(np.asarray(im).astype(np.uint8), mode="L")
+    with pytest.raises(PredictInputError, match="--class-id"):
+        load_mask(src)
+    m = load_mask(src, class_id=ids[1])
+    assert np.array_equal(m == 1, np.asarray(im) == ids[1])
+
+
+def test_class_id_values_without_border_and_all_255():
+    arr = np.zeros((8, 8), np.uint8)
+    arr[2:5, 2:5] = 7
+    with pytest.warns(RuntimeWarning, match="class 7"):
+        assert load_mask(arr).sum() == 9
+    with pytest.raises(PredictInputError, match="255"):
+        load_mask(np.full((4, 4), 255, np.uint8))
+
+
+def test_binary_and_anti_aliased_masks_are_unchanged():
+    lab = np.zeros((6, 6), np.uint8)
+    lab[1:3, 1:3] = 1
+    lab[0] = 255
+    assert np.array_equal(load_mask(lab), lab)
+    bw = np.zeros((6, 6), np.uint8)
+    bw[2:, 2:] = 255
+    assert np.array_equal(load_mask(bw), (bw > 127).astype(np.uint8))
+    aa = np.linspace(0, 255, 36).reshape(6, 6).astype(np.uint8)
+    assert np.array_equal(load_mask(aa), (aa > 127).astype(np.uint8))
