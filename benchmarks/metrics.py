@@ -1,4 +1,4 @@
-"""Few-shot segmentation metrics (SPEC §1.9): class mIoU and FB-IoU by accumulation, 255 ignored.
+"""Few-shot segmentation metrics (docs/PROTOCOLS.md#metrics): class mIoU and FB-IoU by accumulation, 255 ignored.
 
 Per episode ``e`` with prediction ``P`` (argmax of the 2-class logits) and target ``T`` in {0, 1, 255}:
 ``P := 255`` where ``T == 255``; for ``k`` in {0 (background), 1 (foreground)}

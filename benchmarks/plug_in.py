@@ -329,7 +329,7 @@ def main(argv=None) -> int:
                     r["train_seconds"].setdefault(fold, {})[seed] = results.get("train_seconds")
                     protocol_text = results["protocol_text"]
     except TrainingInterrupted as e:
-        print(f"\ninterrupted: {e}; continue with --resume", file=sys.stderr)
+        print(f"\ninterrupted: {e}", file=sys.stderr)
         return 130
     except ValidationFailed as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Segment your own images from a few annotated examples: :func:`predict` and the pictures around it.
 
 ``predict(model, query_img, [(support_img, support_mask_or_box), ...])`` letterboxes every image to
-``size × size`` exactly like the benchmark's test transform (SPEC §1.8), runs the network (K shots at
+``size × size`` exactly like the benchmark's test transform (docs/PROTOCOLS.md#test-resizing), runs the network (K shots at
 once, or 1-shot per support with a Table 7 fusion), crops the letterboxed content out of the output and
 resizes it back to the query's own size. Images and masks may be file paths, PIL images or numpy
 arrays; a support "mask" may also be a box ``(x0, y0, x1, y1)`` in pixels (the paper's Table A2 uses

@@ -1,4 +1,5 @@
-"""Joint image + mask transforms: PFENet's training augmentation (SPEC §2.8) and test-time resizing (§1.8).
+"""Joint image + mask transforms: PFENet's training augmentation and test-time resizing
+(docs/PROTOCOLS.md#pfenet-augmentation, docs/PROTOCOLS.md#test-resizing).
 
 Every transform is a callable ``t(image, mask, rng) -> (image, mask)`` where ``image`` is a float32
 ``Tensor[3, H, W]`` with RGB values in 0..255 (until :class:`Normalize`), ``mask`` a uint8/long
@@ -111,7 +112,8 @@ class Normalize:
 
 
 class RandScale:
-    """One factor ``s ~ U(lo, hi)`` for both axes; image bilinear, mask nearest (SPEC §2.8 step 1)."""
+    """One factor ``s ~ U(lo, hi)`` for both axes; image bilinear, mask nearest
+    (docs/PROTOCOLS.md#pfenet-augmentation, step 1)."""
 
     def __init__(self, scale: Tuple[float, float] = (0.9, 1.1)):
         lo, hi = scale
@@ -132,7 +134,7 @@ class RandScale:
 
 class RandRotate:
     """With probability ``p`` rotate by ``U(lo, hi)`` degrees about the centre, same canvas; image bilinear
-    with border = ImageNet mean·255, mask nearest with border 255 (SPEC §2.8 step 2)."""
+    with border = ImageNet mean·255, mask nearest with border 255 (docs/PROTOCOLS.md#pfenet-augmentation, step 2)."""
 
     def __init__(self, rotate: Tuple[float, float] = (-10.0, 10.0), p: float = 0.5,
                  padding: Sequence[float] = MEAN_255, ignore_label: int = IGNORE):
@@ -158,7 +160,7 @@ class RandRotate:
 
 class RandomGaussianBlur:
     """With probability ``p`` a 5×5 Gaussian blur of the image; sigma 1.1 = OpenCV's automatic sigma for
-    ksize 5 (``0.3·((k−1)/2 − 1) + 0.8``) (SPEC §2.8 step 3)."""
+    ksize 5 (``0.3·((k−1)/2 − 1) + 0.8``) (docs/PROTOCOLS.md#pfenet-augmentation, step 3)."""
 
     def __init__(self, kernel_size: int = 5, p: float = 0.5, sigma: Optional[float] = None):
         self.kernel_size = kernel_size
@@ -176,7 +178,7 @@ class RandomGaussianBlur:
 
 
 class RandomHorizontalFlip:
-    """With probability ``p`` flip image and mask left-right (SPEC §2.8 step 4)."""
+    """With probability ``p`` flip image and mask left-right (docs/PROTOCOLS.md#pfenet-augmentation, step 4)."""
 
     def __init__(self, p: float = 0.5):
         self.p = p
@@ -191,7 +193,7 @@ class RandomHorizontalFlip:
 
 
 class Crop:
-    """Crop ``size`` (int or (h, w)) — SPEC §2.8 step 5.
+    """Crop ``size`` (int or (h, w)) — docs/PROTOCOLS.md#pfenet-augmentation, step 5.
 
     If the input is smaller it is first padded symmetrically (``pad//2`` before, the rest after) with
     the image mean / mask 255. ``mode='rand'`` draws the offset uniformly and re-draws it up to
@@ -241,7 +243,7 @@ class Crop:
 
 def letterbox_shape(h: int, w: int, size: int, upscale: bool = True) -> Tuple[int, int]:
     """Content size of :class:`TestResize` for an ``h × w`` input: the long side becomes ``size``, the
-    short side is scaled (floored), then both are floored to a multiple of 8 (SPEC §1.8).
+    short side is scaled (floored), then both are floored to a multiple of 8 (docs/PROTOCOLS.md#test-resizing).
     With ``upscale=False`` images whose long side is already ``<= size`` keep their size.
 
     Example:
@@ -259,9 +261,10 @@ def letterbox_shape(h: int, w: int, size: int, upscale: bool = True) -> Tuple[in
 
 
 class TestResize:
-    """Test-time letterbox (PFENet ``Resize``, SPEC §1.8): resize to :func:`letterbox_shape` (image bilinear,
-    mask nearest) and paste at the top-left of a ``size × size`` canvas; image padding 0 (raw black, before
-    normalisation), mask padding 255. ``upscale=False`` is PFENet's ``test_Resize`` (only shrink)."""
+    """Test-time letterbox (PFENet ``Resize``, docs/PROTOCOLS.md#test-resizing): resize to
+    :func:`letterbox_shape` (image bilinear, mask nearest) and paste at the top-left of a
+    ``size × size`` canvas; image padding 0 (raw black, before normalisation), mask padding 255.
+    ``upscale=False`` is PFENet's ``test_Resize`` (only shrink)."""
 
     __test__ = False  # not a pytest test class
 
@@ -301,8 +304,9 @@ class SquashResize:
 
 def train_transform(crop_size=473, scale: Tuple[float, float] = (0.9, 1.1),
                     rotate: Tuple[float, float] = (-10.0, 10.0), blur: bool = True, flip: bool = True) -> Compose:
-    """PFENet's training pipeline (SPEC §2.8): RandScale, RandRotate (p .5), Gaussian blur (p .5), hflip,
-    Crop ``crop_size`` ('rand', 85% foreground rule), Normalize. PASCAL scale (0.9, 1.1); COCO (0.8, 1.25).
+    """PFENet's training pipeline (docs/PROTOCOLS.md#pfenet-augmentation): RandScale, RandRotate
+    (p .5), Gaussian blur (p .5), hflip, Crop ``crop_size`` ('rand', 85% foreground rule), Normalize.
+    PASCAL scale (0.9, 1.1); COCO (0.8, 1.25).
 
     Example:
         >>> t = train_transform(crop_size=33)

@@ -10,6 +10,7 @@ from ._check import EmptyForegroundWarning
 from .config import get_backend, set_backend, set_data_checks, use_backend
 from .modules import (
     ActivationOutput,
+    DCMFusion,
     DynamicConvModule,
     FeatureFiltering,
     FilterOutput,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationOutput",
+    "DCMFusion",
     "DynamicConvModule",
     "EmptyForegroundWarning",
     "FeatureFiltering",

@@ -137,7 +137,8 @@ def warn_if_empty(empty: torch.Tensor, what: str) -> None:
         _warned["empty"] = True
         warnings.warn(
             f"{what}: a support mask has no foreground at feature resolution; using the fallback "
-            "(the whole support image is treated as foreground, see dcm docs 'Empty foreground'). "
+            "(the whole support image is treated as foreground; see 'Empty foreground' in dcm.functional.masks "
+            "and docs/CONVENTIONS.md#empty-foreground). "
             "This warning is shown once.",
             EmptyForegroundWarning,
             stacklevel=3,

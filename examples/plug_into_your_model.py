@@ -2,13 +2,15 @@
 
 ``DynamicConvModule(C)`` takes the query feature ``[B, C, H, W]``, the support feature ``[B, K, C, h, w]``
 and the support mask ``[B, K, h0, w0]``; it builds 5×1, 1×5 and 5×5 depthwise kernels from the
-support's foreground and returns the three convolved query features. Concatenate them to whatever your
-decoder already consumes -- nothing else changes. This script does exactly that with a deliberately
-tiny host (a 3-layer CNN + prototype matching), trains the host with and without DCM on the synthetic
-few-shot set for a few hundred iterations (about a minute on a CPU) and prints both mIoUs on the
-held-out classes::
+support's foreground and returns the three convolved query features. ``DCMFusion`` merges them into
+your query feature: ``"residual"`` (``q + γ·ReLU(Conv1x1([q, maps]))``, ``γ = 0`` at initialisation, so
+your network starts exactly as it was) or ``"replace"`` (``ReLU(Conv1x1([q, maps]))``, the paper's
+description). This script does that with a deliberately tiny host (a 3-layer CNN + prototype
+matching), trains the host with and without DCM on the synthetic few-shot set for a few hundred
+iterations with ``--seeds`` training seeds, and prints every seed's mIoU, the mean ± std and the
+paired difference with its 95 % interval over seeds (identical test episodes)::
 
-    python examples/plug_into_your_model.py [--iters 300]
+    python examples/plug_into_your_model.py [--iters 300] [--seeds 3] [--fusion residual] [--kernel-norm l1]
 """
 import sys
 import pathlib
@@ -23,7 +25,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import dcm.functional as DF  # noqa: E402
-from dcm import DynamicConvModule  # noqa: E402
+from dcm import DCMFusion, DynamicConvModule  # noqa: E402
+
+#: the defaults of this example (docs/REAL_IMAGES.md: how they were chosen)
+FUSION = "residual"
+KERNEL_NORM = "l1"
 
 
 def conv(cin, cout, stride=1):
@@ -33,15 +39,15 @@ def conv(cin, cout, stride=1):
 class TinyHost(nn.Module):
     """Your network: an encoder, a masked-average prototype, a small decoder -- plus, optionally, DCM."""
 
-    def __init__(self, channels: int = 48, use_dcm: bool = True):
+    def __init__(self, channels: int = 48, use_dcm: bool = True, fusion: str = FUSION, kernel_norm=KERNEL_NORM):
         super().__init__()
         c = channels
         self.encoder = nn.Sequential(conv(3, c, 2), conv(c, c), conv(c, c, 2), conv(c, c), conv(c, c, 2))  # stride 8
-        # ---- the plug-in: one module, its output channels added to the decoder input -------------
-        self.dcm = DynamicConvModule(c, kernel_size=5) if use_dcm else None
-        extra = self.dcm.out_channels if use_dcm else 0  # 3·C for the (v, h, s) kernels
+        # ---- the plug-in: kernels from the support, three maps, merged into the query feature ------
+        self.dcm = DynamicConvModule(c, kernel_size=5, kernel_norm=kernel_norm) if use_dcm else None
+        self.fuse = DCMFusion(c, len(self.dcm.variants), fusion) if use_dcm else None
         # -------------------------------------------------------------------------------------------
-        self.decoder = nn.Sequential(conv(2 * c + extra, c), conv(c, c), nn.Conv2d(c, 2, 1))
+        self.decoder = nn.Sequential(conv(2 * c, c), conv(c, c), nn.Conv2d(c, 2, 1))
 
     def forward(self, query_img, support_imgs, support_masks):
         B, K = support_imgs.shape[:2]
@@ -49,21 +55,21 @@ class TinyHost(nn.Module):
         s = self.encoder(support_imgs.flatten(0, 1)).unflatten(0, (B, K))  # [B, K, C, h, w]
         m = DF.prepare_mask(support_masks, s.shape[-2:])                 # [B, K, h, w], 255 -> 0
         proto = DF.masked_average_pool(s, m).mean(1)                     # [B, C]
-        x = [q, proto[:, :, None, None].expand_as(q)]
         if self.dcm is not None:
-            x += list(self.dcm(q, s, support_masks))                     # 3 × [B, C, h, w]
-        logits = self.decoder(torch.cat(x, 1))
+            q = self.fuse(q, self.dcm(q, s, support_masks))              # 3 maps [B, C, h, w] -> q'
+        logits = self.decoder(torch.cat([q, proto[:, :, None, None].expand_as(q)], 1))
         return F.interpolate(logits, size=query_img.shape[-2:], mode="bilinear", align_corners=True)
 
 
-def run(use_dcm: bool, iters: int, size: int, seed: int = 0, episodes: int = 300):
+def run(use_dcm: bool, iters: int, size: int, seed: int = 0, episodes: int = 300, fusion: str = FUSION,
+        kernel_norm=KERNEL_NORM):
     """Train ``TinyHost`` for ``iters`` iterations and return its :class:`benchmarks.EvaluationResult`."""
     from torch.utils.data import DataLoader
 
     from benchmarks import Protocol, build_dataset, collate_episodes, dataset_factory, evaluate
 
     torch.manual_seed(seed)
-    model = TinyHost(use_dcm=use_dcm)
+    model = TinyHost(use_dcm=use_dcm, fusion=fusion, kernel_norm=kernel_norm)
     train_set = build_dataset("synthetic", fold=0, shot=1, split="train", seed=seed, image_size=size,
                               episodes=iters * 8)
     loader = DataLoader(train_set, batch_size=8, collate_fn=collate_episodes)
@@ -85,20 +91,43 @@ def run(use_dcm: bool, iters: int, size: int, seed: int = 0, episodes: int = 300
 
 
 def main(argv=None) -> int:
+    from benchmarks.stats import format_interval, mean_std, paired_difference
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=300, help="training iterations per model (batch 8)")
     p.add_argument("--size", type=int, default=64, help="synthetic image size")
     p.add_argument("--episodes", type=int, default=300, help="test episodes (held-out classes)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds per model: 0, 1, ... (default 3)")
+    p.add_argument("--fusion", choices=["residual", "replace"], default=FUSION, help=f"DCMFusion mode ({FUSION})")
+    p.add_argument("--kernel-norm", choices=["l1", "l2", "none"], default=KERNEL_NORM or "none",
+                   help=f"DynamicConvModule kernel_norm ({KERNEL_NORM})")
     args = p.parse_args(argv)
-    rows = []
-    for use_dcm in (False, True):
-        t0 = time.perf_counter()
-        r = run(use_dcm, args.iters, args.size, episodes=args.episodes)
-        rows.append(("TinyHost + DCM" if use_dcm else "TinyHost", r, time.perf_counter() - t0))
-    print(f"\n{rows[0][1].protocol.describe()}")
-    print(f"{'':16}{'mIoU':>8}{'FB-IoU':>8}{'time':>8}")
-    for name, r, secs in rows:
-        print(f"{name:16}{r.miou:8.2f}{r.fbiou:8.2f}{secs:7.0f}s")
+    for name in ("iters", "size", "episodes", "seeds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
+    norm = None if args.kernel_norm == "none" else args.kernel_norm
+    names = ["TinyHost", f"TinyHost + DCM ({args.fusion}, kernel_norm={norm})"]
+    miou = {n: {0: {}} for n in names}
+    fbiou = {n: {0: {}} for n in names}
+    protocol = None
+    t0 = time.perf_counter()
+    for seed in range(args.seeds):
+        for use_dcm, n in zip((False, True), names):
+            r = run(use_dcm, args.iters, args.size, seed=seed, episodes=args.episodes, fusion=args.fusion,
+                    kernel_norm=norm)
+            miou[n][0][seed], fbiou[n][0][seed] = r.miou, r.fbiou
+            protocol = r.protocol
+    print(f"\n{protocol.describe()}; training seeds {', '.join(map(str, range(args.seeds)))}")
+    print(f"{'':44}{'mIoU mean ± std':>18}{'FB-IoU':>8}   per-seed mIoU")
+    for n in names:
+        ms = mean_std(list(miou[n][0].values()))
+        pm = f"{ms['mean']:.2f}" + (f" ± {ms['std']:.2f}" if ms["std"] is not None else "")
+        print(f"{n:44}{pm:>18}{mean_std(list(fbiou[n][0].values()))['mean']:8.2f}   "
+              + " ".join(f"{v:.2f}" for v in miou[n][0].values()))
+    d = paired_difference(miou[names[0]], miou[names[1]])
+    print(f"{'difference (DCM - host), paired by seed':44}{d['mean']:+18.2f}   95 % interval over seeds "
+          f"{format_interval(d['ci95'])}")
+    print(f"({(time.perf_counter() - t0) / 60:.1f} min, torch {torch.__version__})")
     return 0
 
 

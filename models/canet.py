@@ -1,4 +1,4 @@
-"""CANet (Zhang et al., CVPR 2019) and CANet + DCM (DPCN Table 6), SPEC §3.
+"""CANet (Zhang et al., CVPR 2019) and CANet + DCM (DPCN Table 6), docs/MODELS_HOSTS.md#canet.
 
 Layout of the official ``one_shot_network.py`` (names kept; ``r = reduce_dim`` = 256,
 ``f`` = layer2 + layer3 channels = 1536 for ResNet-50)::
@@ -67,7 +67,7 @@ def _residual_block(cin: int, r: int) -> nn.Sequential:
 
 
 class CANet(FewShotSegmenter):
-    r"""CANet with its Iterative Optimisation Module, optionally with DPCN's DCM (SPEC §3.3).
+    r"""CANet with its Iterative Optimisation Module, optionally with DPCN's DCM (docs/MODELS_HOSTS.md#canet-dcm).
 
     Args:
         backbone: backbone name for :func:`models.backbones.build_backbone` or a built instance;

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcm import DCMFusion
+from dcm.modules.fusion import DCM_FUSIONS as _DCM_FUSIONS
+
 __all__ = [
     "FewShotSegmenter",
     "segmentation_loss",
@@ -96,7 +99,7 @@ class FewShotSegmenter(nn.Module):
 
     Subclasses set ``self.backbone`` (a models.backbones backbone) and build their head; all
     parameters outside ``self.backbone`` are "head" parameters and train at the base lr; layer4
-    (when made trainable, SPEC §0) trains at ``layer4_lr_scale × lr``.
+    (when made trainable, docs/CONVENTIONS.md#layer4-fine-tuning) trains at ``layer4_lr_scale × lr``.
     """
 
     backbone: nn.Module
@@ -180,8 +183,8 @@ def resolve_backbone(backbone, weights=None, layer4_trainable: bool = False, **k
     )
 
 
-#: how a host network takes in the DCM maps (see :class:`DCMFusion`)
-DCM_FUSIONS = ("replace", "residual")
+#: how a host network takes in the DCM maps (see :class:`dcm.DCMFusion`)
+DCM_FUSIONS = _DCM_FUSIONS
 
 
 def check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay) -> None:
@@ -191,39 +194,3 @@ def check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay) -> None:
     if dcm_weight_decay is not None and (isinstance(dcm_weight_decay, bool)
                                          or not isinstance(dcm_weight_decay, (int, float)) or not dcm_weight_decay >= 0):
         raise ValueError(f"dcm_weight_decay: expected None or a number >= 0, got {dcm_weight_decay!r}")
-
-
-class DCMFusion(nn.Module):
-    r"""Merge a host's query feature ``q [B, r, h, w]`` with the DCM maps (``n`` tensors ``[B, r, h, w]``).
-
-    * ``"replace"`` (DPCN's description for PFENet): ``q' = ReLU(Conv1x1([q, maps]))``; the host loses
-      its own ``q`` at initialisation (a random projection takes its place).
-    * ``"residual"``: ``q' = q + γ ⊙ ReLU(Conv1x1([q, maps]))`` with a per-channel ``γ`` initialised to
-      ``gamma_init`` (default 0, as timm's ``LayerScale`` with zero init / ControlNet's zero
-      convolutions): at initialisation host+DCM computes exactly the host, and the DCM branch enters
-      as ``γ`` learns.
-
-    Example:
-        >>> f = DCMFusion(4, 3, "residual")
-        >>> q = torch.randn(2, 4, 5, 5)
-        >>> torch.equal(f(q, [torch.randn(2, 4, 5, 5)] * 3), q)
-        True
-    """
-
-    def __init__(self, channels: int, n_maps: int, mode: str = "replace", gamma_init: float = 0.0):
-        super().__init__()
-        if mode not in DCM_FUSIONS:
-            raise ValueError(f"dcm_fusion: expected one of {DCM_FUSIONS}, got {mode!r}")
-        self.mode, self.channels, self.n_maps = mode, int(channels), int(n_maps)
-        self.proj = nn.Sequential(nn.Conv2d((1 + n_maps) * channels, channels, 1, bias=False), nn.ReLU(inplace=True))
-        if mode == "residual":
-            self.gamma = nn.Parameter(torch.full((channels,), float(gamma_init)))
-
-    def forward(self, q: torch.Tensor, maps) -> torch.Tensor:
-        y = self.proj(torch.cat([q, *maps], 1))
-        if self.mode == "replace":
-            return y
-        return q + self.gamma.view(1, -1, 1, 1).to(y.dtype) * y
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, n_maps={self.n_maps}, mode={self.mode!r}"

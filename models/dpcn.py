@@ -1,6 +1,6 @@
 """DPCN: Dynamic Prototype Convolution Network (Liu et al., CVPR 2022), and its Baseline / ablations.
 
-Pipeline (paper §3, SPEC §4)::
+Pipeline (paper §3, docs/MODELS_DPCN.md#architecture)::
 
     backbone (frozen; layer4 optionally trainable)
       mid-level  x = ReLU(conv1×1([layer3, layer2])) -> Dropout2d     separate reducers for query/support
@@ -11,7 +11,7 @@ Pipeline (paper §3, SPEC §4)::
     x_out = [x̃_q^v, x̃_q^h, x̃_q^s, x_p, M_act¹..ⁿ, Mʳ]   (4C + 4 channels by default)
     decoder F_cls(F_ASPP(F_conv(x_out)))           -> logits [B, 2, h, w] -> bilinear to [B, 2, H, W]
 
-Ablations (SPEC §0; every row of the paper's Tables 3, 4, 5, A1 and the Baseline of Tables 1–2 is a
+Ablations (docs/CONVENTIONS.md#ablations; every row of the paper's Tables 3, 4, 5, A1 and the Baseline of Tables 1–2 is a
 flag setting, see :data:`ABLATIONS`):
 
 * ``use_sam=False``: ``M⁰`` is PFENet's prior, i.e. :class:`dcm.SupportActivation` with the single
@@ -22,7 +22,7 @@ flag setting, see :data:`ABLATIONS`):
   feature ``x̃_q`` takes their place in ``x_out`` (``dcm_off_feature="query"``; ``"none"`` leaves
   the query feature out entirely, the most literal reading of "removing DCM");
 * all three off (``"baseline"``): ``x_out = [x_q, x_p]`` -- no prior, layer4 is never run
-  (``use_prior=True`` adds PFENet's ``(1, 1)`` prior as one extra channel).
+  (``use_prior=True`` adds PFENet's ``(1, 1)`` prior map and ``Mʳ = M⁰``: two extra channels).
 
 Loss (paper §3.7): ``L = CE(M̂_q, M_q) + λ · CE(M̂_s, M_s)`` (2-class cross-entropy ignoring 255 on
 logits at the input resolution). The support branch runs the same network with the roles swapped
@@ -58,7 +58,7 @@ from .heads import DPCNDecoder
 
 __all__ = ["DPCN", "ABLATIONS", "PAPER_SAM_WINDOWS", "PRIOR_WINDOW", "dpcn_flags"]
 
-#: SAM windows of the paper (PASCAL, and by default COCO too, SPEC §0).
+#: SAM windows of the paper (PASCAL, and by default COCO too, docs/CONVENTIONS.md#sam-windows).
 PAPER_SAM_WINDOWS: Tuple[Tuple[int, int], ...] = ((5, 1), (3, 3), (1, 5))
 #: PFENet's element-wise prior = SAM with one (1, 1) window (paper's COCO setting; "SAM off").
 PRIOR_WINDOW: Tuple[Tuple[int, int], ...] = ((1, 1),)
@@ -126,9 +126,10 @@ class DPCN(FewShotSegmenter):
         backbone_weights: passed to ``build_backbone`` (``None`` warns that weights are random;
             ``"random"`` silences it; a path loads a state dict).
         layer4_trainable: unfreeze the backbone's layer4 (paper: PASCAL yes, COCO no).
-        freeze_backbone_bn: keep backbone BN in eval mode (SPEC §0); ``False`` = PFENet's train-mode BN.
+        freeze_backbone_bn: keep backbone BN in eval mode (docs/CONVENTIONS.md#frozen-bn); ``False`` =
+            PFENet's train-mode BN.
         reduce_dim: ``C`` of the mid-level features (256).
-        shared_reducer: one 1×1 reducer for query and support instead of two (SPEC §0 alternative).
+        shared_reducer: one 1×1 reducer for query and support instead of two (docs/CONVENTIONS.md#mid-level-features).
         reduce_dropout: Dropout2d after the reducers (0.5).
         use_sam, use_ffm, use_dcm: the three modules (see the module docstring for what "off" means).
         use_prior: ``None`` (auto: a prior/SAM is computed iff ``use_sam`` or ``use_ffm``);
@@ -317,7 +318,7 @@ class DPCN(FewShotSegmenter):
     def _mid(self, img: Tensor) -> Tuple[Tensor, Tensor]:
         """Frozen mid-level features: ``(concat[layer3, layer2] Tensor[N, C3+C2, h, w], layer3)``."""
         l2, l3 = self.backbone.forward_mid(img)
-        l2 = upsample(l2, l3.shape[-2:])  # VGG: layer2 is at 1/8, layer3 at 1/16 (SPEC §2.1)
+        l2 = upsample(l2, l3.shape[-2:])  # VGG: layer2 is at 1/8, layer3 at 1/16 (docs/CONVENTIONS.md#backbones)
         return torch.cat([l3, l2], dim=1), l3
 
     def _support_high(self, s_l3: Tensor, s_fg: Tensor, s_l4: Optional[Tensor]) -> Tensor:

@@ -1,6 +1,6 @@
 """Decoder pieces of the PFENet / BAM / DPCN family: ASPP without BN, residual block, classifier.
 
-DPCN's decoder (paper Eq. 10, SPEC §0 "decoder", §4.5) is
+DPCN's decoder (paper Eq. 10, docs/CONVENTIONS.md#decoder) is
 ``M̂_q = F_cls(F_ASPP(F_conv(x_out)))`` with
 
 * ``F_conv``: 1×1 conv (``in_channels -> D``, no bias) + ReLU + Dropout2d(0.5);
@@ -98,7 +98,7 @@ class ClassifierHead(nn.Sequential):
 
 
 class DPCNDecoder(nn.Module):
-    """DPCN decoder ``F_cls(F_ASPP(F_conv(x_out)))`` (paper Eq. 10, SPEC §0).
+    """DPCN decoder ``F_cls(F_ASPP(F_conv(x_out)))`` (paper Eq. 10, docs/CONVENTIONS.md#decoder).
 
     Args:
         in_channels: channels of ``x_out`` (``4C + 4`` for the full DPCN with three SAM windows).

@@ -1,6 +1,6 @@
-"""PFENet (Tian et al., TPAMI 2020) and PFENet + DCM (DPCN Table 6), SPEC §2 and §3.3.
+"""PFENet (Tian et al., TPAMI 2020) and PFENet + DCM (DPCN Table 6): docs/MODELS_HOSTS.md#pfenet and #pfenet-dcm.
 
-Architecture (SPEC §2, ResNet numbers; ``r = reduce_dim`` = 256, ``f`` = mid-level channels)::
+Architecture (docs/MODELS_HOSTS.md#pfenet, ResNet numbers; ``r = reduce_dim`` = 256, ``f`` = mid-level channels)::
 
     query  --backbone (frozen)--> layer2, layer3, layer4
     support --backbone--> layer2, layer3;  layer4 = backbone.layer4(layer3 * mask)
@@ -8,7 +8,7 @@ Architecture (SPEC §2, ResNet numbers; ``r = reduce_dim`` = 256, ``f`` = mid-le
     x_s = down_supp(cat[layer3, layer2])           same, separate weights
     proto = Weighted_GAP(x_s, mask)                Σ x·m / (Σ m + 5e-4), averaged over shots
     prior = max_p cos(q4(r), s4(p)·m(p)), min-max per image, averaged over shots
-    [+DCM: x_q <- ReLU(Conv1x1(cat[x_q, q_v, q_h, q_s]))  (option A of SPEC §3.3)]
+    [+DCM: x_q <- ReLU(Conv1x1(cat[x_q, q_v, q_h, q_s]))  (docs/MODELS_HOSTS.md#pfenet-dcm)]
     FEM over the pyramid bins (fine -> coarse):
         m_b = init_merge[b](cat[pool_b(x_q), proto, prior_b])        1x1 (2r+1)->r + ReLU
         m_b += alpha_conv[b-1](cat[m_b, resize_b(m_{b-1}^up)])       1x1 2r->r + ReLU (b > 0)
@@ -115,7 +115,7 @@ class PFENet(FewShotSegmenter):
             ``"random"`` does not, or a local state-dict path).
         shot: the number of shots the model is trained with (recorded; ``forward`` accepts any
             ``K >= 1``: PFENet's 5-shot results use the 1-shot model with 5 shots).
-        use_dcm: add the DCM (SPEC §3.3 option A): kernels from the reduced support feature and its
+        use_dcm: add the DCM (docs/MODELS_HOSTS.md#pfenet-dcm): kernels from the reduced support feature and its
             mask (all shots' foreground vectors pooled together), three depthwise dynamic
             convolutions of the reduced query feature ``q``, then
             ``q' = ReLU(Conv1x1([q, q_v, q_h, q_s]; (1 + n_variants)·r -> r, no bias))`` replaces
@@ -238,7 +238,7 @@ class PFENet(FewShotSegmenter):
         return upsample(l2, l3.shape[-2:]), l3
 
     def prior_mask(self, query_l4: Tensor, support_l4: Tensor, support_masks: Tensor) -> Tensor:
-        """PFENet's training-free prior (SPEC §2.4): ``Tensor[B, 1, Hq, Wq]`` in ``[0, 1]``.
+        """PFENet's training-free prior (docs/MODELS_HOSTS.md#pfenet-prior): ``Tensor[B, 1, Hq, Wq]`` in ``[0, 1]``.
 
         ``support_l4``: ``Tensor[B, K, C4, Hs, Ws]`` computed on the masked ``layer3``; it is masked
         again (mask resized to ``(Hs, Ws)``). Per shot: ``max_p cos(q(r), s(p))``, min-max
@@ -248,7 +248,7 @@ class PFENet(FewShotSegmenter):
         cosine is ``<s, q> / (max(|s|, eps) · max(|q|, eps))`` instead of
         ``<s, q> / (|s|·|q| + eps)``; and a shot whose resized mask is empty is left out of the
         shot average (PFENet averages its all-zero prior in), a sample with no foreground in any
-        shot uses the whole support image (SPEC §0; :class:`dcm.EmptyForegroundWarning`).
+        shot uses the whole support image (docs/CONVENTIONS.md#empty-foreground; :class:`dcm.EmptyForegroundWarning`).
         """
         return self.prior(query_l4, support_l4, support_masks).pseudo_mask
 

@@ -97,7 +97,7 @@ def test_channels_strides_and_473_sizes(name):
 
 
 def test_resnet_v2_stem_sizes_and_dilation():
-    """SPEC 2.1: 473 -> 237 (stem conv) -> 119 (max-pool) -> 119 (layer1) -> 60 (layer2..4)."""
+    """docs/CONVENTIONS.md#backbones: 473 -> 237 (stem conv) -> 119 (max-pool) -> 119 (layer1) -> 60 (layer2..4)."""
     with torch.device("meta"):
         bb = ResNetV2Backbone(50)
     sizes = {}

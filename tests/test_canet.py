@@ -1,4 +1,4 @@
-"""CANet and CANet + DCM (SPEC §3.1, §3.3): shapes, losses, gradients, parameter counts, the IOM.
+"""CANet and CANet + DCM (docs/MODELS_HOSTS.md#canet, #canet-dcm): shapes, losses, gradients, parameter counts, the IOM.
 
 CPU only, random backbones, 65x65 inputs, small ``reduce_dim`` except where the paper's numbers are
 checked (``reduce_dim=256``).
@@ -26,7 +26,7 @@ def per_module(model):
     return out
 
 
-# ---------------------------------------------------------------- parameter counts (SPEC §3.1)
+# ---------------------------------------------------------------- parameter counts (docs/MODELS_HOSTS.md#canet)
 def conv(cin, cout, k):
     """Parameters of a k x k convolution with bias (every CANet conv has one)."""
     return k * k * cin * cout + cout

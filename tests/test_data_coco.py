@@ -19,8 +19,8 @@ ANN = COCO / "annotations" / "instances.json"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools vs numpy 2
 needs_coco = pytest.mark.skipif(not ANN.is_file(), reason=f"COCO sample not found at {COCO} (shared test data absent)")
 
-# SPEC §1.6, use_split_coco=True (interleaved) fold tables
-SPEC_INTERLEAVED = {
+# docs/PROTOCOLS.md#coco-20i-folds, use_split_coco=True (interleaved) fold tables
+INTERLEAVED_FOLDS = {
     0: "person, airplane, boat, parking meter, dog, elephant, backpack, suitcase, sports ball, skateboard, wine glass, "
        "spoon, sandwich, hot dog, chair, dining table, mouse, microwave, refrigerator, scissors",
     1: "bicycle, bus, traffic light, bench, horse, bear, umbrella, frisbee, kite, surfboard, cup, bowl, orange, pizza, "
@@ -62,7 +62,7 @@ def test_names_and_91_to_80_remap(coco_json, cache):
 
 
 def test_fold_tables_both_schemes():
-    for f, names in SPEC_INTERLEAVED.items():
+    for f, names in INTERLEAVED_FOLDS.items():
         ids = coco_fold_classes(f, "interleaved")
         assert ids == list(range(f + 1, 81, 4))
         assert [COCO_CLASSES[i - 1] for i in ids] == names.split(", ")

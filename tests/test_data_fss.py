@@ -1,4 +1,4 @@
-"""FSS-1000 (HSNet layout and protocol, SPEC §1.10) on a tiny fake folder."""
+"""FSS-1000 (HSNet layout and protocol, docs/PROTOCOLS.md#fss-1000) on a tiny fake folder."""
 import numpy as np
 import pytest
 from PIL import Image

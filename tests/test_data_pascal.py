@@ -19,7 +19,7 @@ VOC = SHARED / "voc-sample" / "VOC2012"
 LIST = VOC / "train_sample.txt"
 needs_voc = pytest.mark.skipif(not LIST.is_file(), reason=f"VOC sample not found at {VOC} (shared test data absent)")
 
-SPEC_FOLDS = {  # SPEC §1.1 table
+PUBLISHED_FOLDS = {  # docs/PROTOCOLS.md#pascal-5i-folds
     0: ["aeroplane", "bicycle", "bird", "boat", "bottle"],
     1: ["bus", "car", "cat", "chair", "cow"],
     2: ["diningtable", "dog", "horse", "motorbike", "person"],
@@ -61,7 +61,7 @@ def literal_counts():
 
 
 def test_fold_classes_match_spec_table():
-    for f, names in SPEC_FOLDS.items():
+    for f, names in PUBLISHED_FOLDS.items():
         ids = pascal_fold_classes(f)
         assert [VOC_CLASSES[i - 1] for i in ids] == names
     with pytest.raises(ValueError, match="fold"):

@@ -177,7 +177,7 @@ def test_param_groups():
 
 
 def test_layer4_unfrozen_later_receives_gradients():
-    """The trainer unfreezes layer4 on schedule (SPEC §0): no rebuild needed."""
+    """The trainer unfreezes layer4 on schedule (docs/CONVENTIONS.md#layer4-fine-tuning): no rebuild needed."""
     m = model("dpcn").train()
     q, s, sm, qm = episode(B=1, K=1)
     m(q, s, sm, qm)["loss"].backward()
@@ -204,7 +204,7 @@ def test_train_mode_keeps_backbone_bn_frozen():
 
 def expected_head_params(mid_in, C=256, D=256, *, sam=True, ffm=True, dcm=True, n_windows=3, variants=("v", "h", "s"),
                          square="serial", ffm_k=3, kgen_k=3, shared=False, prior=None, n_rates=3):
-    """Head parameter count from the layer shapes of SPEC §0 / §4.5 (independent of the model code)."""
+    """Head parameter count from the layer shapes of docs/CONVENTIONS.md#decoder (independent of the model code)."""
     prior = (sam or ffm) if prior is None else prior
     n_windows = n_windows if sam else 1
     reducers = (1 if shared else 2) * mid_in * C  # 1×1, no bias

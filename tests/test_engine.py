@@ -86,19 +86,105 @@ def test_base_chain_and_cycle(tmp_path):
 
 
 # ----------------------------------------------------------------------------- schedule, sampler, fusion
-def test_poly_lr_is_pfenets_formula():
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([{"params": [p], "lr": 0.01}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.001}],
-                          lr=0.01)
-    s = PolyLR(opt, max_iters=20, power=0.9)
-    for it in range(1, 21):
-        s.step()
-        f = (1 - it / 20) ** 0.9
-        assert math.isclose(opt.param_groups[0]["lr"], 0.01 * f, rel_tol=1e-12)
-        assert math.isclose(opt.param_groups[1]["lr"], 0.001 * f, rel_tol=1e-12)
-    s2 = PolyLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01), max_iters=20)
-    s2.load_state_dict(s.state_dict())
-    assert s2.last_iter == 20
+class _HandWrittenPolyLR:
+    """The poly schedule as the engine had it before ``PolyLR`` became a ``LambdaLR`` (verbatim), the reference
+    the new class must match and whose checkpoints it must resume."""
+
+    def __init__(self, optimizer, max_iters, power=0.9, warmup_iters=0):
+        self.optimizer = optimizer
+        self.max_iters = max(1, int(max_iters))
+        self.power = float(power)
+        self.warmup_iters = int(warmup_iters)
+        self.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        for g, b in zip(optimizer.param_groups, self.base_lrs):
+            g["initial_lr"] = b
+        self.last_iter = 0
+
+    def factor(self, it):
+        f = max(0.0, 1.0 - min(it, self.max_iters) / self.max_iters) ** self.power
+        if self.warmup_iters and it <= self.warmup_iters:
+            f *= it / self.warmup_iters
+        return f
+
+    def step(self):
+        self.last_iter += 1
+        f = self.factor(self.last_iter)
+        for g, b in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = b * f
+
+    def state_dict(self):
+        return {"max_iters": self.max_iters, "power": self.power, "warmup_iters": self.warmup_iters,
+                "base_lrs": list(self.base_lrs), "last_iter": self.last_iter}
+
+
+def _two_group_sgd(lr=0.01):
+    return torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr},
+                            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr / 10}], lr=lr, momentum=0.9)
+
+
+def _literal_lr(base, it, max_iters, power, warmup):
+    """PFENet's poly_learning_rate, it counted from 1, times the linear warmup."""
+    lr = base * (1 - min(it, max_iters) / max_iters) ** power
+    return lr * it / warmup if warmup and it <= warmup else lr
+
+
+def _lrs(opt):
+    return [g["lr"] for g in opt.param_groups]
+
+
+@pytest.mark.parametrize("max_iters, power, warmup", [(20, 0.9, 0), (20, 0.9, 5), (7, 1.0, 3), (30, 2.0, 30)])
+def test_poly_lr_is_pfenets_formula_and_the_old_schedule(max_iters, power, warmup):
+    """Iteration by iteration (and past the end): LambdaLR-based PolyLR == the literal formula == the old class,
+    stepped before the optimizer step (no warning about that order)."""
+    import warnings
+    opt, old_opt = _two_group_sgd(), _two_group_sgd()
+    s, old = PolyLR(opt, max_iters, power, warmup), _HandWrittenPolyLR(old_opt, max_iters, power, warmup)
+    assert isinstance(s, torch.optim.lr_scheduler.LambdaLR)
+    assert _lrs(opt) == _lrs(old_opt) == [0.01, 0.001]  # built: the base lr, like the old class
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for it in range(1, max_iters + 3):
+            s.step()
+            old.step()
+            opt.step()
+            assert s.last_iter == s.last_epoch == it
+            assert _lrs(opt) == _lrs(old_opt) == s.get_last_lr(), it  # bit-identical to the old class
+            for got, base in zip(_lrs(opt), (0.01, 0.001)):
+                assert math.isclose(got, _literal_lr(base, it, max_iters, power, warmup), rel_tol=1e-12, abs_tol=1e-15)
+    assert _lrs(opt) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+def test_poly_lr_resumes_mid_run(tmp_path, old_format):
+    """state_dict -> torch.save -> a fresh optimizer + PolyLR -> load_state_dict at iteration 6 continues with the
+    uninterrupted lrs; ``old_format``: the state was written by the hand-written class (checkpoints before the
+    switch to LambdaLR), and its schedule parameters win over the new constructor's, as they did."""
+    max_iters, power, warmup = 15, 0.9, 4
+    ref_opt = _two_group_sgd()
+    ref = PolyLR(ref_opt, max_iters, power, warmup)
+    expect = []
+    for _ in range(max_iters):
+        ref.step()
+        expect.append(_lrs(ref_opt))
+    opt = _two_group_sgd()
+    first = (_HandWrittenPolyLR if old_format else PolyLR)(opt, max_iters, power, warmup)
+    for _ in range(6):
+        first.step()
+        opt.step()
+    assert _lrs(opt) == expect[5]
+    torch.save({"optimizer": opt.state_dict(), "scheduler": first.state_dict()}, tmp_path / "ck.pth")
+    ck = torch.load(tmp_path / "ck.pth", weights_only=False)
+    assert ("last_iter" in ck["scheduler"]) == old_format
+    opt2 = _two_group_sgd()
+    s2 = PolyLR(opt2, max_iters=99, power=0.5, warmup_iters=0)  # a different schedule: the checkpoint's is used
+    opt2.load_state_dict(ck["optimizer"])
+    s2.load_state_dict(ck["scheduler"])
+    assert (s2.max_iters, s2.power, s2.warmup_iters, s2.last_iter) == (max_iters, power, warmup, 6)
+    assert s2.get_last_lr() == _lrs(opt2) == expect[5]
+    for it in range(7, max_iters + 1):
+        s2.step()
+        assert _lrs(opt2) == expect[it - 1], it
+    assert PolyLR(_two_group_sgd(), 3).state_dict()["lr_lambdas"] == [{"max_iters": 3, "power": 0.9, "warmup_iters": 0}] * 2
 
 
 def test_sampler_splits_and_resumes():
@@ -168,6 +254,17 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tmp_path):
         assert torch.equal(ref[k], got[k]), k
     assert resumed.global_step == full.global_step == 8
     assert resumed.optimizer.param_groups[0]["lr"] == full.optimizer.param_groups[0]["lr"]
+    # the same checkpoint with the scheduler state the hand-written PolyLR wrote: same weights
+    sch = ck["scheduler"]
+    ck["scheduler"] = {"max_iters": sch["lr_lambdas"][0]["max_iters"], "power": sch["lr_lambdas"][0]["power"],
+                       "warmup_iters": sch["lr_lambdas"][0]["warmup_iters"], "base_lrs": sch["base_lrs"],
+                       "last_iter": sch["last_epoch"]}
+    torch.save(ck, tmp_path / "old_format.pth")
+    resumed_old = Trainer(cfg, tmp_path / "cut_old", resume=tmp_path / "old_format.pth", echo=quiet)
+    resumed_old.fit()
+    for k, v in _params(resumed_old.model).items():
+        assert torch.equal(ref[k], v), k
+    assert resumed_old.optimizer.param_groups[0]["lr"] == full.optimizer.param_groups[0]["lr"]
     # epoch-end resume too
     t2 = Trainer(cfg, tmp_path / "cut2", stop_after_iters=4, echo=quiet)
     with pytest.raises(TrainingInterrupted):
@@ -231,8 +328,78 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     start = json.loads((run / "log.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2 and start["iters_per_epoch"] == 4  # 16 episodes / 2 processes / batch 2
+    assert start["ddp_find_unused_parameters"] is False  # DPCN uses every trainable parameter
     assert (run / "results.json").is_file() and (run / "best.pth").is_file()
     assert "trained dpcn" in p.stdout
+
+
+class _Branchy(torch.nn.Module):
+    """A trainable branch that the loss never uses, dropout and BatchNorm (state the probe must leave alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = torch.nn.Conv2d(3, 2, 1)
+        self.bn = torch.nn.BatchNorm2d(2)
+        self.unused = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(self.bn(self.used(x)), 0.5, self.training).mean()
+
+
+def test_unused_parameter_probe_leaves_no_trace():
+    from benchmarks.engine import DistInfo, ddp_find_unused_parameters, unused_parameters
+    m = _Branchy().eval()
+    x = torch.randn(2, 3, 4, 4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert unused_parameters(m, lambda net: net(x)) == ["unused.weight", "unused.bias"]
+    assert all(p.grad is None for p in m.parameters()) and not m.training
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # BatchNorm statistics restored
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert ddp_find_unused_parameters(m, lambda net: net(x), DistInfo(), torch.device("cpu")) is True
+    m.unused.requires_grad_(False)
+    assert ddp_find_unused_parameters(m, lambda net: net(x), DistInfo(), torch.device("cpu")) is False
+    m.ddp_find_unused_parameters = True  # a network's own answer wins over the probe
+    assert ddp_find_unused_parameters(m, lambda net: None, DistInfo(), torch.device("cpu")) is True
+
+
+@pytest.mark.parametrize("name, layer4, unused", [("dpcn", True, False), ("canet", False, False), ("canet", True, True)])
+def test_which_networks_leave_parameters_without_gradient(name, layer4, unused):
+    """The measurement behind find_unused_parameters (benchmarks/engine/distributed.py): CANet never uses layer4."""
+    from benchmarks.engine import unused_parameters
+    from models import build_model
+    torch.manual_seed(0)
+    m = build_model(name, backbone="efficientnet_lite0", shot=1, backbone_weights="random")
+    if layer4:
+        m.backbone.set_layer4_trainable(True)
+    q, s = torch.rand(2, 3, 32, 32), torch.rand(2, 1, 3, 32, 32)
+    sm = torch.zeros(2, 1, 32, 32)
+    sm[..., 8:24, 8:24] = 1
+    qm = torch.zeros(2, 32, 32, dtype=torch.long)
+    qm[:, 10:20, 10:20] = 1
+    names = unused_parameters(m, lambda net: net(q, s, sm, query_mask=qm)["loss"])
+    assert bool(names) == unused, names
+    assert all(n.startswith("backbone.") for n in names)
+
+
+def test_engine_package_keeps_every_name_and_loads_checkpoints_without_the_trainer():
+    import benchmarks.engine as engine
+    used_elsewhere = [  # every name imported from benchmarks.engine in the repository
+        "default_run_name", "TrainingInterrupted", "ValidationFailed", "train", "short_error", "exit_process",
+        "load_checkpoint_model", "resolve_device", "test_size", "PolyLR", "ResumableDistributedSampler", "Trainer",
+        "_fuse", "build_model_from_config", "eval_protocol", "eval_factory", "evaluate_fusions", "evaluate_model",
+        "make_fusions_predict_fn", "DistInfo", "all_ranks_finite", "_json_default", "build_train_dataset",
+        "seed_everything", "evaluate_reference", "amp_context", "unwrap", "teardown", "_first_line", "atomic_save",
+        "strip_module_prefix", "rng_state", "set_rng_state", "format_table", "RunLogger", "has_prior",
+        "init_distributed", "make_predict_fn"]
+    for n in used_elsewhere + engine.__all__:
+        assert getattr(engine, n) is not None, n
+    with pytest.raises(AttributeError):
+        engine.no_such_name
+    code = ("import sys; from benchmarks.engine import load_checkpoint_model, eval_protocol; "
+            "assert 'benchmarks.engine.trainer' not in sys.modules, sorted(sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
 
 
 class _ShotSensitive(torch.nn.Module):

@@ -257,14 +257,14 @@ def test_predict_function_api(trained, tmp_path):
 _KILL_AT_FIRST_CHECKPOINT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import benchmarks.engine as engine
-_save = engine.atomic_save
+import benchmarks.engine.checkpoints as checkpoints  # the trainer saves through this module
+_save = checkpoints.atomic_save
 def save_then_die(obj, path):
     out = _save(obj, path)
     if os.path.basename(str(path)) == "last.pth":
         os.kill(os.getpid(), signal.SIGKILL)  # killed right after the first checkpoint is on disk
     return out
-engine.atomic_save = save_then_die
+checkpoints.atomic_save = save_then_die
 sys.argv = ["train_dpcn.py"] + sys.argv[1:]
 import runpy
 runpy.run_path({script!r}, run_name="__main__")
@@ -295,7 +295,13 @@ def test_kill_and_resume_cli_matches_uninterrupted(tmp_path):
 
 
 def test_plug_into_your_model_example_runs():
-    out = ok(run("examples/plug_into_your_model.py", "--iters", "3", "--size", "32", "--episodes", "8"))
-    assert "TinyHost + DCM" in out and "8 episodes" in out
-    rows = [line.split() for line in out.splitlines() if line.startswith("TinyHost")]
-    assert len(rows) == 2 and all(0.0 <= float(r[-3]) <= 100.0 for r in rows)
+    out = ok(run("examples/plug_into_your_model.py", "--iters", "3", "--size", "32", "--episodes", "8", "--seeds", "2"))
+    assert "TinyHost + DCM (residual, kernel_norm=l1)" in out and "8 episodes" in out and "seeds 0, 1" in out
+    rows = [line for line in out.splitlines() if line.startswith("TinyHost")]
+    assert len(rows) == 2 and all("±" in r for r in rows)
+    per_seed = [[float(v) for v in r.split()[-2:]] for r in rows]
+    assert all(0.0 <= v <= 100.0 for vs in per_seed for v in vs)
+    diff = next(line for line in out.splitlines() if line.startswith("difference"))
+    mean = float(diff.split("seed")[1].split()[0])
+    assert abs(mean - ((per_seed[1][0] - per_seed[0][0]) + (per_seed[1][1] - per_seed[0][1])) / 2) < 0.02
+    assert "95 % interval over seeds [" in diff

@@ -1,4 +1,4 @@
-"""Metric values on hand-computed cases (SPEC §1.9): accumulation, 255 ignore, empty predictions."""
+"""Metric values on hand-computed cases (docs/PROTOCOLS.md#metrics): accumulation, 255 ignore, empty predictions."""
 import math
 
 import pytest

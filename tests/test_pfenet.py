@@ -1,4 +1,5 @@
-"""PFENet and PFENet + DCM (SPEC §2, §3.3): shapes, losses, gradients, parameter counts, the prior.
+"""PFENet and PFENet + DCM (docs/MODELS_HOSTS.md#pfenet, #pfenet-dcm): shapes, losses, gradients,
+parameter counts, the prior.
 
 CPU only, random backbones, 65x65 inputs, small ``reduce_dim`` except where the paper's numbers are
 checked (``reduce_dim=256``).
@@ -19,9 +20,9 @@ def make(backbone, **kw):
     return PFENet(backbone=backbone, reduce_dim=kw.pop("reduce_dim", R), **kw)
 
 
-# ---------------------------------------------------------------- parameter counts (SPEC §2.3-2.5)
+# ---------------------------------------------------------------- parameter counts (docs/MODELS_HOSTS.md#pfenet)
 def pfenet_head_count(r, f, n_bins):
-    """The head of PFENet from the layer shapes in SPEC §2.3-2.5 (convs without bias except the
+    """The head of PFENet from the layer shapes in docs/MODELS_HOSTS.md#pfenet (convs without bias except the
     final 1x1 classifiers r -> 2)."""
     down = 2 * f * r  # down_query + down_supp: 1x1 f -> r
     init_merge = n_bins * (2 * r + 1) * r  # 1x1 (2r+1) -> r
@@ -38,7 +39,7 @@ def pfenet_head_count(r, f, n_bins):
 
 
 def dcm_count(r, n_generators, kgen=3):
-    """Each kernel generator: two Conv1d(r, r, kgen) with bias (SPEC §0)."""
+    """Each kernel generator: two Conv1d(r, r, kgen) with bias (docs/CONVENTIONS.md#kernel-generator)."""
     return n_generators * 2 * (r * r * kgen + r)
 
 
@@ -62,7 +63,7 @@ def test_parameter_count_matches_spec(resnet, backbone, f):
     # every head parameter trains, no backbone parameter does
     assert {id(p) for p in m.trainable_parameters()} == {id(p) for p in m.head_parameters()}
     assert not any(p.requires_grad for p in m.backbone.parameters())
-    # head convs: bias only on the final 1x1 classifiers (SPEC §2.2)
+    # head convs: bias only on the final 1x1 classifiers (docs/MODELS_HOSTS.md#pfenet)
     biased = {n for n, p in m.named_parameters() if n.endswith(".bias") and not n.startswith("backbone.")}
     assert biased == {"cls.3.bias"} | {f"inner_cls.{i}.3.bias" for i in range(4)}
 
@@ -157,9 +158,9 @@ def test_duplicated_shots_equal_one_shot(resnet):
     torch.testing.assert_close(five["prior_mask"], one["prior_mask"], rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------- the prior, literally (SPEC §2.4)
+# ---------------------------------------------------------------- the prior, literally (docs/MODELS_HOSTS.md#pfenet-prior)
 def literal_prior(backbone, q_img, s_imgs, s_masks):
-    """SPEC §2.4 written out with loops, float64 (eps 1e-7 as PFENet)."""
+    """docs/MODELS_HOSTS.md#pfenet-prior written out with loops, float64 (eps 1e-7 as PFENet)."""
     eps = 1e-7
     B, K = s_imgs.shape[:2]
     with torch.no_grad():

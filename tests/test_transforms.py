@@ -1,4 +1,5 @@
-"""Joint image/mask transforms: PFENet training augmentation (SPEC §2.8) and test letterbox (§1.8)."""
+"""Joint image/mask transforms: PFENet training augmentation (docs/PROTOCOLS.md#pfenet-augmentation) and test letterbox
+(docs/PROTOCOLS.md#test-resizing)."""
 import numpy as np
 import pytest
 import torch

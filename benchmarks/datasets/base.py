@@ -2,7 +2,8 @@
 
 Every dataset (PASCAL-5i, COCO-20i, FSS-1000, synthetic) is a :class:`FewShotDataset`; a subclass
 only describes its images (names, per-class pixel counts, how to load an image and the binary mask
-of one class) and the base class applies the protocol of SPEC §1.3–1.5:
+of one class) and the base class applies the protocol of docs/PROTOCOLS.md (#small-object-filter,
+#episode-labels, #episode-sampling):
 
 * **support pools**: image ``i`` enters the pool of class ``c`` iff ``c`` is an episode class of the
   split and covers at least ``min_pixels`` pixels (2048 = 2·32·32 for PASCAL/COCO) at original
@@ -16,7 +17,10 @@ of one class) and the base class applies the protocol of SPEC §1.3–1.5:
   is a pure function of ``(seed, e)`` — identical for any ``num_workers``/batch size/transform size;
 * **training episodes** are re-drawn every epoch from ``default_rng([seed, epoch])``
   (:meth:`FewShotDataset.set_epoch`); augmentation randomness comes from
-  ``default_rng([seed, epoch, index])``, so training is seedable and worker-independent too.
+  ``default_rng([seed, epoch, index])``, so training is seedable and worker-independent too;
+* **box supports** (``support_annotation="box"``, DPCN Table A2): every support mask is replaced by
+  the label of its boxes (:mod:`benchmarks.datasets.boxes`); queries, their ground truth and the
+  episode draws stay those of mask mode.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ._io import CorruptFileError, DatasetError
+from .boxes import BOX_MIN_AREA, SUPPORT_ANNOTATIONS, boxes_label, component_boxes
 
 __all__ = ["FewShotDataset", "Episode", "collate_episodes", "binarize"]
 
@@ -42,7 +47,8 @@ class Episode(NamedTuple):
 
 
 def binarize(label: np.ndarray, class_id: int, ignore_index: int = 255) -> np.ndarray:
-    """Episode label for ``class_id`` (SPEC §1.4): 1 where ``label == class_id``, 255 kept, 0 elsewhere.
+    """Episode label for ``class_id`` (docs/PROTOCOLS.md#episode-labels): 1 where ``label == class_id``,
+    255 kept, 0 elsewhere.
 
     Example:
         >>> binarize(np.array([[0, 3, 5], [255, 3, 0]], dtype=np.uint8), 3).tolist()
@@ -68,6 +74,11 @@ class FewShotDataset(Dataset):
     ``self.class_ids`` (episode classes of this split, in class-index order), ``self.class_names``
     and implement :meth:`_load` (image ``uint8[H,W,3]``, binary mask ``uint8[H,W]`` in {0,1,255}),
     then call :meth:`_finalize`.
+
+    ``support_annotation``: ``"mask"`` (default) or ``"box"``: the supports' masks are replaced by
+    their boxes (:mod:`benchmarks.datasets.boxes` states the rule). A subclass with instance
+    annotations overrides :meth:`_instance_boxes` (or its source has ``instance_boxes(i, class_id)``);
+    otherwise the boxes are those of the class's 8-connected components.
     """
 
     dataset_name = "fewshot"
@@ -75,7 +86,7 @@ class FewShotDataset(Dataset):
 
     def __init__(self, *, split: str, shot: int, fold: Optional[int], episodes: Optional[int], seed: int,
                  transform: Optional[Callable], sampling: str = "sequential", on_small_pool: str = "raise",
-                 on_error: Optional[str] = None):
+                 on_error: Optional[str] = None, support_annotation: str = "mask"):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split: expected 'train', 'val' or 'test', got {split!r}")
         self.split = split
@@ -98,6 +109,10 @@ class FewShotDataset(Dataset):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error: expected 'raise' or 'skip', got {on_error!r}")
         self.on_error = on_error
+        if support_annotation not in SUPPORT_ANNOTATIONS:
+            raise ValueError(f"support_annotation: expected 'mask' or 'box' (DPCN Table A2: supports annotated by "
+                             f"bounding boxes), got {support_annotation!r}")
+        self.support_annotation = support_annotation
         self.transform = transform
         self.epoch = 0
         self._episode_cache: Optional[Tuple[int, np.ndarray, np.ndarray, np.ndarray]] = None
@@ -111,6 +126,27 @@ class FewShotDataset(Dataset):
         """Image ``uint8[H,W,3]`` and the episode mask ``uint8[H,W]`` in {0,1,255} for ``class_id``."""
         return self._source.load(index, class_id)
 
+    def _instance_boxes(self, index: int, class_id: int) -> Optional[List[Tuple[int, int, int, int]]]:
+        """Boxes ``(y0, x0, y1, x1)`` of the instances of ``class_id`` in image ``index``, or ``None``
+        when the dataset has no instance annotation for it (then connected components are used)."""
+        fn = getattr(self._source, "instance_boxes", None)
+        return fn(index, class_id) if fn is not None else None
+
+    def support_boxes(self, index: int, class_id: int, mask: np.ndarray) -> List[Tuple[int, int, int, int]]:
+        """The boxes that replace ``mask`` (the episode mask of ``class_id`` in image ``index``) in box mode."""
+        boxes = self._instance_boxes(index, class_id)
+        if not boxes:
+            boxes = component_boxes(mask == 1, BOX_MIN_AREA)
+        return list(boxes)
+
+    def load_support(self, index: int, class_id: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Image and support label of image ``index`` for ``class_id`` as episodes use them: the episode
+        mask, or in box mode the label of its boxes (:func:`~benchmarks.datasets.boxes.boxes_label`)."""
+        img, mask = self._load(index, class_id)
+        if self.support_annotation == "box":
+            mask = boxes_label(mask, self.support_boxes(index, class_id, mask))
+        return img, mask
+
     def _files(self, index: int) -> Tuple[str, ...]:
         return self._source.files(index) if self._source is not None else ()
 
@@ -120,7 +156,8 @@ class FewShotDataset(Dataset):
 
     # ------------------------------------------------------------------ index building
     def _finalize(self, *, min_pixels: int, exclude_classes: Sequence[int] = ()) -> None:
-        """Build queries and pools from ``_counts``/``_pairs`` (SPEC §1.3) and pre-generate eval episodes."""
+        """Build queries and pools from ``_counts``/``_pairs`` (docs/PROTOCOLS.md#small-object-filter) and
+        pre-generate eval episodes."""
         self.min_pixels = _check_int("min_pixels", min_pixels, 0)
         classes = list(self.class_ids)
         cls_set = set(classes)
@@ -224,7 +261,7 @@ class FewShotDataset(Dataset):
 
     @property
     def queries(self) -> List[Tuple[str, Tuple[int, ...]]]:
-        """Query images with the classes an episode may ask for (SPEC §1.3 rule)."""
+        """Query images with the classes an episode may ask for (docs/PROTOCOLS.md#small-object-filter)."""
         return [(self._names[i], cs) for i, cs in self._queries]
 
     def stats(self) -> dict:
@@ -323,7 +360,7 @@ class FewShotDataset(Dataset):
 
     def _make_record(self, ep: Episode, rng: np.random.Generator) -> dict:
         q_img, q_mask = self._load(ep.query, ep.class_id)
-        s_raw = [self._load(s, ep.class_id) for s in ep.supports]
+        s_raw = [self.load_support(s, ep.class_id) for s in ep.supports]
         qi, qm = self._transform(q_img, q_mask, rng)
         s_imgs, s_masks = [], []
         for im, m in s_raw:

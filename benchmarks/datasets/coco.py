@@ -1,8 +1,8 @@
-"""COCO-20i (SPEC §1.6): from the official instance JSON (polygons/RLE via pycocotools) or from
+"""COCO-20i (docs/PROTOCOLS.md#coco-20i-folds): from the official instance JSON (polygons/RLE via pycocotools) or from
 PFENet/HSNet-style per-image index PNGs; interleaved (default) or consecutive folds.
 
 Mask rule for the instance JSON (documented choice; the PNG scripts of PFENet/HSNet resolve overlaps
-in undocumented ways, SPEC §1.6): an episode is about one class ``c``, so the episode mask is built
+in undocumented ways, docs/PROTOCOLS.md#coco-20i-folds): an episode is about one class ``c``, so the episode mask is built
 **per class** directly from the annotations — 1 on the union of the non-crowd instances of ``c``,
 255 on crowd (``iscrowd=1``) regions of ``c`` not covered by a non-crowd instance of ``c`` (they are
 ``c`` but unsegmented: neither right nor wrong), 0 elsewhere. Overlaps between instances of
@@ -52,7 +52,7 @@ or per-image index PNGs (ids 0..80 contiguous, 255 ignore):
 
 
 def coco_fold_classes(fold: int, scheme: str = "interleaved") -> List[int]:
-    """Novel class ids (contiguous 1..80) of COCO-20i fold ``fold`` (SPEC §1.6).
+    """Novel class ids (contiguous 1..80) of COCO-20i fold ``fold`` (docs/PROTOCOLS.md#coco-20i-folds).
 
     ``'interleaved'`` (PFENet ``use_split_coco: True`` = HSNet): ``{fold+1, fold+5, ..., fold+77}``;
     ``'consecutive'`` (PANet style): ``20·fold+1 .. 20·fold+20``.
@@ -199,6 +199,19 @@ class CocoJsonSource:
             out[fgm] = 1
         return out
 
+    def instance_boxes(self, i: int, class_id: int) -> List[Tuple[int, int, int, int]]:
+        """One box ``(y0, x0, y1, x1)`` per non-crowd instance of ``class_id`` in image ``i``: the tight box
+        of the instance's rasterised pixels (instances that rasterise to no pixel are left out)."""
+        from .boxes import mask_box
+        h, w = self.sizes[i]
+        out = []
+        for seg in self.anns[i].get(class_id, ([], []))[0]:
+            u = self._union([seg], h, w)
+            b = None if u is None else mask_box(_decode(u).astype(bool))
+            if b is not None:
+                out.append(b)
+        return out
+
     def files(self, i: int) -> Tuple[str]:
         return (str(self.images[i]),)
 
@@ -226,6 +239,8 @@ class CocoFewShot(FewShotDataset):
         min_pixels (2048), exclude_novel_in_train, episodes (eval default 1000), seed, transform,
         sampling (``'sequential'`` PFENet / ``'class_balanced'`` HSNet), cache_dir, on_small_pool,
         on_error: as for :class:`PascalFewShot`.
+        support_annotation: ``'mask'`` or ``'box'`` (Table A2): JSON mode, one box per non-crowd instance of
+            the class; PNG modes (no instances), one per 8-connected component (:mod:`benchmarks.datasets.boxes`).
     """
 
     dataset_name = "coco"
@@ -236,9 +251,10 @@ class CocoFewShot(FewShotDataset):
                  label_dir: Optional[PathLike] = None, crowd: str = "ignore", min_pixels: int = 2048,
                  exclude_novel_in_train: bool = False, episodes: Optional[int] = None, seed: int = 321,
                  transform: Optional[Callable] = None, sampling: str = "sequential", cache_dir=None,
-                 on_small_pool: str = "raise", on_error: Optional[str] = None):
+                 on_small_pool: str = "raise", on_error: Optional[str] = None, support_annotation: str = "mask"):
         super().__init__(split=split, shot=shot, fold=fold, episodes=episodes, seed=seed, transform=transform,
-                         sampling=sampling, on_small_pool=on_small_pool, on_error=on_error)
+                         sampling=sampling, on_small_pool=on_small_pool, on_error=on_error,
+                         support_annotation=support_annotation)
         novel = coco_fold_classes(fold, fold_scheme)
         self.fold_scheme = fold_scheme
         self.root = check_root(root, "CocoFewShot", COCO_LAYOUT)

@@ -1,4 +1,4 @@
-"""FSS-1000 in HSNet's layout and splits (SPEC §1.10)."""
+"""FSS-1000 in HSNet's layout and splits (docs/PROTOCOLS.md#fss-1000)."""
 from __future__ import annotations
 
 import logging
@@ -38,6 +38,7 @@ class FSS1000(FewShotDataset):
         class_id_offset: ``class_id = offset + 1 + index`` of the class in the sorted split list;
             default HSNet's (0 / 520 / 760 for trn / val / test), so ids are 1-based global ids.
         threshold: mask binarisation threshold on the 'L' image (128 as HSNet).
+        support_annotation: ``'mask'`` or ``'box'`` (one box per 8-connected component, :mod:`benchmarks.datasets.boxes`).
     """
 
     dataset_name = "fss1000"
@@ -45,9 +46,11 @@ class FSS1000(FewShotDataset):
 
     def __init__(self, root: PathLike, split_file: PathLike, split: str = "test", shot: int = 1, *,
                  episodes: Optional[int] = None, seed: int = 0, transform: Optional[Callable] = None,
-                 class_id_offset: Optional[int] = None, threshold: int = 128, on_error: Optional[str] = None):
+                 class_id_offset: Optional[int] = None, threshold: int = 128, on_error: Optional[str] = None,
+                 support_annotation: str = "mask"):
         super().__init__(split=split, shot=shot, fold=None, episodes=episodes, seed=seed, transform=transform,
-                         sampling="sequential", on_small_pool="raise", on_error=on_error)
+                         sampling="sequential", on_small_pool="raise", on_error=on_error,
+                         support_annotation=support_annotation)
         self.root = check_root(root, "FSS1000", FSS_LAYOUT)
         hs = {"train": "trn", "val": "val", "test": "test"}[split]
         sf = Path(split_file)

@@ -1,10 +1,15 @@
-"""PASCAL-5i (SPEC §1.1–1.5): VOC2012 + SBD "SegmentationClassAug" index masks, 4 folds of 5 classes."""
+"""PASCAL-5i: VOC2012 + SBD "SegmentationClassAug" index masks, 4 folds of 5 classes.
+
+Protocol: docs/PROTOCOLS.md#pascal-5i-folds, #pascal-lists, #small-object-filter, #episode-sampling.
+"""
 from __future__ import annotations
 
 import hashlib
 import logging
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from ._io import DatasetError, PathLike, check_root, parse_list, resolve_cache_dir
 from .base import FewShotDataset
@@ -26,7 +31,7 @@ PASCAL_LAYOUT = """VOC2012/
 
 
 def pascal_fold_classes(fold: int) -> List[int]:
-    """Novel (test) class ids of PASCAL-5i fold ``fold`` (1-based VOC ids; SPEC §1.1).
+    """Novel (test) class ids of PASCAL-5i fold ``fold`` (1-based VOC ids; docs/PROTOCOLS.md#pascal-5i-folds).
 
     Example:
         >>> pascal_fold_classes(2)
@@ -105,8 +110,8 @@ class PascalFewShot(FewShotDataset):
             folder without its own val list (e.g. a VOC2012 train-side subset) the three parts are drawn
             from its images; with ``ImageSets/Segmentation/val.txt`` that list is the test part and
             ``val`` is carved from the training images. ``split`` then picks the part.
-        min_pixels: support-pool area filter (SPEC §1.3); default 2048 for PFENet lists / folder lists,
-            0 for HSNet pair lists (HSNet applies none).
+        min_pixels: support-pool area filter (docs/PROTOCOLS.md#small-object-filter); default 2048 for
+            PFENet lists / folder lists, 0 for HSNet pair lists (HSNet applies none).
         exclude_novel_in_train: BAM's rule: drop training images that contain any novel-class pixel.
         episodes: number of episodes (eval default 1000; train default one per query image).
         seed: episode seed (eval list = pure function of it; training: of ``(seed, epoch)``).
@@ -118,6 +123,9 @@ class PascalFewShot(FewShotDataset):
         on_small_pool: ``'raise'`` (default) or ``'skip'`` classes whose pool is smaller than ``shot``.
         on_error: unreadable image/mask: ``'raise'`` (default for val) or ``'skip'`` with a logged
             warning naming the file (default for train, so one bad file does not kill a long run).
+        support_annotation: ``'mask'`` or ``'box'`` (supports annotated by boxes, Table A2): one box per
+            object of ``SegmentationObject/<id>.png`` when the folder has that file, else one per
+            8-connected component of the class (:mod:`benchmarks.datasets.boxes`).
     """
 
     dataset_name = "pascal"
@@ -128,9 +136,10 @@ class PascalFewShot(FewShotDataset):
                  min_pixels: Optional[int] = None,
                  exclude_novel_in_train: bool = False, episodes: Optional[int] = None, seed: int = 321,
                  transform: Optional[Callable] = None, sampling: str = "sequential", cache_dir=None,
-                 on_small_pool: str = "raise", on_error: Optional[str] = None):
+                 on_small_pool: str = "raise", on_error: Optional[str] = None, support_annotation: str = "mask"):
         super().__init__(split=split, shot=shot, fold=fold, episodes=episodes, seed=seed, transform=transform,
-                         sampling=sampling, on_small_pool=on_small_pool, on_error=on_error)
+                         sampling=sampling, on_small_pool=on_small_pool, on_error=on_error,
+                         support_annotation=support_annotation)
         novel = pascal_fold_classes(fold)
         self.root = check_root(root, "PascalFewShot", PASCAL_LAYOUT)
         self.novel_classes = novel
@@ -243,6 +252,27 @@ class PascalFewShot(FewShotDataset):
             log.warning("pascal: no %s; train and val lists both contain every image of %s — give list_file "
                         "for a proper split", val_file, seg)
         return [("", 0, f"JPEGImages/{s}.jpg", f"SegmentationClassAug/{s}.png") for s in stems]
+
+    def _instance_boxes(self, index: int, class_id: int):
+        """Boxes of the objects of ``class_id`` from ``SegmentationObject/<id>.png`` (VOC2012's instance
+        masks: object ids 1..N, 0 background, 255 border); ``None`` without that file. Object ``k``'s box
+        is the box of its pixels that carry ``class_id`` in the class label."""
+        lab_path = self._source.labels[index]
+        obj_path = self.root / "SegmentationObject" / (lab_path.stem + ".png")
+        if not obj_path.is_file():
+            return None
+        from ._io import read_label
+        from .boxes import mask_box
+        obj = read_label(obj_path, max_id=254, layout="SegmentationObject/<id>.png: object ids 1..N, 255 border")
+        lab = self._source.read_label(index)
+        if obj.shape != lab.shape:
+            log.warning("pascal: %s is %s but its class mask is %s; using connected components", obj_path,
+                        obj.shape, lab.shape)
+            return None
+        sel = lab == class_id
+        ids = np.unique(obj[sel])
+        boxes = [mask_box(sel & (obj == k)) for k in ids.tolist() if k not in (0, 255)]
+        return [b for b in boxes if b is not None] or None
 
     def extra_repr(self) -> str:
         split = f", image_split={self.image_split}" if self.image_split is not None else ""

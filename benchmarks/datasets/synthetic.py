@@ -194,6 +194,7 @@ class SyntheticFewShot(FewShotDataset):
         void_width: width of a 255 band along object boundaries (default 0: none).
         min_pixels: support-pool filter; 0 by default (objects are whole by construction); a positive
             value renders every image once to count pixels.
+        support_annotation: ``'mask'`` or ``'box'`` (one box per 8-connected component of the class).
     """
 
     dataset_name = "synthetic"
@@ -202,9 +203,10 @@ class SyntheticFewShot(FewShotDataset):
                  image_size: int = 96, data_seed: int = 0, seed: int = 0, episodes: Optional[int] = None,
                  transform: Optional[Callable] = None, objects: Tuple[int, int] = (2, 4),
                  exclude_novel_in_train: bool = True, void_width: int = 0, min_pixels: int = 0,
-                 sampling: str = "sequential", on_small_pool: str = "raise"):
+                 sampling: str = "sequential", on_small_pool: str = "raise", support_annotation: str = "mask"):
         super().__init__(split=split, shot=shot, fold=fold, episodes=episodes, seed=seed, transform=transform,
-                         sampling=sampling, on_small_pool=on_small_pool, on_error="raise")
+                         sampling=sampling, on_small_pool=on_small_pool, on_error="raise",
+                         support_annotation=support_annotation)
         novel = synthetic_fold_classes(fold)
         if num_images is None:
             num_images = 2000 if self.training else 500

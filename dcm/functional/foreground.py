@@ -23,9 +23,9 @@ __all__ = ["foreground_selection", "foreground_pool_weights", "foreground_pool"]
 def foreground_selection(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Which positions of each shot are foreground: ``Tensor[B, K, H, W]`` bool.
 
-    Rule per shot (SPEC §0): values ``> threshold``; if there are none, the positions that reach the
-    shot's maximum when that maximum is positive (a small object that bilinear resizing blurred below
-    the threshold); if the mask is all zero, none.
+    Rule per shot (docs/CONVENTIONS.md#foreground-extraction): values ``> threshold``; if there are
+    none, the positions that reach the shot's maximum when that maximum is positive (a small object
+    that bilinear resizing blurred below the threshold); if the mask is all zero, none.
 
     Args:
         mask: resized masks ``Tensor[B, K, H, W]`` with values in ``[0, 1]``.

@@ -12,6 +12,8 @@ Conventions shared by all dcm ops
   shot of a sample is empty, the whole support image is treated as foreground (masked pooling gives
   the whole-image average; the dynamic convolution uses the whole-image average as its single
   foreground vector), and :class:`dcm.EmptyForegroundWarning` is issued once per process.
+
+The reasons for these rules: docs/CONVENTIONS.md#masks, #mask-resizing, #empty-foreground.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """DynamicConvModule: kernels generated from the support foreground, convolved over the query (DPCN §3.5)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -15,16 +15,22 @@ __all__ = ["KernelGenerator", "DynamicConvModule"]
 class KernelGenerator(nn.Sequential):
     """Two 1-D convolutions over a prototype sequence ``Tensor[B, C, L] -> Tensor[B, C, L]``.
 
-    ``Conv1d(C, C, k, padding=k//2) -> ReLU -> Conv1d(C, C, k, padding=k//2)`` (SPEC §0: "two
-    consecutive 1D convolution layers"; channels are the feature channels, length is the prototype
-    index).
+    ``Conv1d(C, C, k, padding=k//2) -> ReLU -> Conv1d(C, C, k, padding=k//2)``: the paper's "two
+    consecutive 1D convolution layers", with the feature channels as channels and the prototype index
+    as length (docs/CONVENTIONS.md#kernel-generator).
 
     Example:
         >>> KernelGenerator(8)(torch.randn(2, 8, 5)).shape
         torch.Size([2, 8, 5])
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3, device=None, dtype=None):
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
         k = _check.odd_size("kgen_kernel_size", kernel_size)[0]
         fk = {"device": device, "dtype": dtype}
         super().__init__(
@@ -85,8 +91,8 @@ class DynamicConvModule(nn.Module):
         kgen_kernel_size: int = 3,
         fg_threshold: float = 0.5,
         kernel_norm: Optional[str] = None,
-        device=None,
-        dtype=None,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:

@@ -1,6 +1,8 @@
 """FeatureFiltering: refine the pseudo mask and filter the query feature (DPCN §3.4)."""
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
 from torch import nn
 
@@ -19,7 +21,8 @@ class FeatureFiltering(nn.Module):
 
     Args:
         channels: ``C``.
-        kernel_size: odd size of the refinement convolution (SPEC §0: 3; 1 is the alternative).
+        kernel_size: odd size of the refinement convolution (3; 1 is the alternative;
+            docs/CONVENTIONS.md#ffm-refinement-conv).
         eps: masked-average-pooling epsilon (PFENet 0.0005).
 
     Shape:
@@ -32,14 +35,26 @@ class FeatureFiltering(nn.Module):
         >>> out = ffm(torch.randn(2, 8, 9, 9), torch.randn(2, 3, 8, 9, 9), torch.ones(2, 3, 9, 9), torch.rand(2, 1, 9, 9))
         >>> tuple(out.prototype.shape), tuple(out.refined_mask.shape), tuple(out.filtered.shape)
         ((2, 8), (2, 1, 9, 9), (2, 8, 9, 9))
+        >>> FeatureFiltering(8, kernel_size=1)
+        FeatureFiltering(
+          channels=8, kernel_size=1, eps=0.0005
+          (conv): Conv2d(8, 1, kernel_size=(1, 1), stride=(1, 1))
+        )
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3, eps: float = 5e-4, device=None, dtype=None):
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        eps: float = 5e-4,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
             raise ValueError(f"channels: expected a positive int, got {channels!r}")
         k = _check.odd_size("kernel_size", kernel_size)[0]
-        self.channels, self.eps = channels, float(eps)
+        self.channels, self.kernel_size, self.eps = channels, k, float(eps)
         self.conv = nn.Conv2d(channels, 1, k, padding=k // 2, device=device, dtype=dtype)
 
     def forward(self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor, pseudo_mask: torch.Tensor) -> FilterOutput:
@@ -50,3 +65,6 @@ class FeatureFiltering(nn.Module):
         _check.same_device("support", support, "query", query)
         proto = DF.support_prototype(support, support_mask, self.eps)
         return DF.feature_filtering(query, proto, pseudo_mask, self.conv.weight, self.conv.bias)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kernel_size={self.kernel_size}, eps={self.eps}"

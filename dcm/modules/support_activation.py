@@ -41,6 +41,8 @@ class SupportActivation(nn.Module):
         >>> out = sam(torch.rand(2, 32, 12, 12), torch.rand(2, 32, 12, 12), torch.ones(2, 48, 48))
         >>> tuple(out.maps.shape), tuple(out.pseudo_mask.shape)
         ((2, 3, 12, 12), (2, 1, 12, 12))
+        >>> SupportActivation(windows=((1, 1),), chunk_size=8)
+        SupportActivation(windows=((1, 1),), eps=1e-07, chunk_size=8)
     """
 
     def __init__(self, windows: Sequence[Tuple[int, int]] = ((5, 1), (3, 3), (1, 5)), eps: float = 1e-7, chunk_size: int | None = None):
@@ -56,4 +58,4 @@ class SupportActivation(nn.Module):
         return ActivationOutput(maps, maps.mean(1, keepdim=True))
 
     def extra_repr(self) -> str:
-        return f"windows={self.windows}, chunk_size={self.chunk_size}"
+        return f"windows={self.windows}, eps={self.eps}, chunk_size={self.chunk_size}"

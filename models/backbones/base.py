@@ -14,7 +14,7 @@ support mask *before* running ``layer4``::
     l2, l3 = backbone.forward_mid(support_img)          # frozen, no autograd graph
     l4 = backbone.forward_high(l3 * mask_at_l3)          # trainable when layer4 is
 
-Freezing policy (SPEC section 0, "layer4 fine-tuning" and "frozen BN"):
+Freezing policy (docs/CONVENTIONS.md#layer4-fine-tuning and docs/CONVENTIONS.md#frozen-bn):
 
 * every parameter is frozen (``requires_grad=False``) at construction;
   :meth:`Backbone.set_layer4_trainable` unfreezes the high-level stage only (conv *and* BN

@@ -1,7 +1,7 @@
 """Loading pretrained weights into a backbone from a local file, with an honest report.
 
 PFENet loads ``initmodel/resnet50_v2.pth`` with ``strict=False``, which silently tolerates any
-key mismatch (SPEC section 2.1, section 6 item 4). :func:`load_backbone_weights` instead
+key mismatch (docs/CONVENTIONS.md#backbone-weights). :func:`load_backbone_weights` instead
 
 * reads the file on the CPU with ``torch.load(weights_only=True)`` (no arbitrary unpickling);
 * unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` / ``{"model_state_dict": ...}`` containers;

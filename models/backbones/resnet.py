@@ -11,7 +11,7 @@ Two layouts, both with torchvision's Bottleneck (stride on the 3x3 conv, "v1.5")
 
 ``ResNetV2Backbone`` (names ``resnet50_v2`` / ``resnet101_v2``)
     The deep-stem PSPNet/semseg ResNet that PFENet loads from ``initmodel/resnet50_v2.pth``
-    (SPEC section 2.1). Stem ``conv1`` 3x3 3->64 stride 2, ``bn1``, ReLU, ``conv2`` 3x3 64->64,
+    (docs/CONVENTIONS.md#backbones). Stem ``conv1`` 3x3 3->64 stride 2, ``bn1``, ReLU, ``conv2`` 3x3 64->64,
     ``bn2``, ReLU, ``conv3`` 3x3 64->128, ``bn3``, ReLU, 3x3 max-pool stride 2 pad 1; ``inplanes``
     128, so ``layer1.0.conv1`` is 128->64 and ``layer1.0.downsample.0`` is 128->256. PFENet's
     dilation: in ``layer3`` *every* ``conv2`` has dilation 2 / padding 2 / stride 1 and

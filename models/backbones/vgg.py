@@ -1,4 +1,4 @@
-"""VGG-16-BN backbone with PFENet's split of ``features`` (SPEC section 2.1).
+"""VGG-16-BN backbone with PFENet's split of ``features`` (docs/CONVENTIONS.md#backbones).
 
 torchvision's ``vgg16_bn().features`` indices (conv, BN, ReLU triplets and 2x2 max-pools)::
 
@@ -11,7 +11,7 @@ torchvision's ``vgg16_bn().features`` indices (conv, BN, ReLU triplets and 2x2 m
 Pools use ``ceil_mode=True`` (PFENet), so a 473 input gives 237 -> 119 -> 60 (layer2) -> 30
 (layer3, layer4). ``layer2`` is therefore *twice the size* of ``layer3``: the model must
 resize it (PFENet: bilinear, ``align_corners=True``) before concatenating ``[layer3, layer2]``
-(768 channels); SAM, FFM and DCM then run at 1/16 (SPEC section 4.5).
+(768 channels); SAM, FFM and DCM then run at 1/16 (docs/CONVENTIONS.md#backbones).
 
 Weights: torchvision's ``vgg16_bn`` state dict (PFENet's ``initmodel/vgg16_bn.pth`` is that file):
 ``features.{N}.weight/bias`` for convs (N = 0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40) and
