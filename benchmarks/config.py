@@ -88,6 +88,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "val_split": "val",            # split of the per-epoch validation (val | test)
         "cache_backbone": False,       # memoise the frozen backbone's features per input (benchmarks/feature_cache.py)
         "cache_backbone_gb": 8.0,      # memory cap of that cache (GiB)
+        "cache_backbone_dir": None,    # folder to load the cache from / save it to (shared across processes)
         "deterministic": True,         # torch.use_deterministic_algorithms(warn_only) + cudnn.deterministic
     },
     "eval": {
@@ -291,6 +292,8 @@ def _validate(cfg: dict) -> dict:
     if not isinstance(t["cache_backbone"], bool):
         raise ConfigError(f"train.cache_backbone: expected true or false, got {t['cache_backbone']!r}")
     pos("train", "cache_backbone_gb", t["cache_backbone_gb"], zero=True)
+    if t["cache_backbone_dir"] is not None and not isinstance(t["cache_backbone_dir"], str):
+        raise ConfigError(f"train.cache_backbone_dir: expected a folder path or null, got {t['cache_backbone_dir']!r}")
     return cfg
 
 

@@ -10,7 +10,10 @@ the hits, so a training step pays the backbone only for inputs it has not seen.
 
 The training engine attaches one with ``train.cache_backbone: true`` (one cache per backbone
 weights per process, shared by every run of the process: ``benchmarks/plug_in.py`` trains all
-arms and seeds of a fold in one process). Networks are unchanged: they call ``forward_mid`` /
+arms and seeds of a fold in one process). With ``train.cache_backbone_dir`` a process starts from the
+file an earlier process saved there and ``plug_in.py`` saves its cache there when it ends, so that
+later processes (other hosts, the test-split evaluation, a resumed comparison) skip the features
+already computed. Networks are unchanged: they call ``forward_mid`` /
 ``forward_high`` as before, and the backbone consults its ``feature_cache`` attribute
 (:class:`models.backbones.base.Backbone`).
 
@@ -21,12 +24,15 @@ compositions of the same convolution (tested to 1e-5 on the training losses).
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureCache", "attach_feature_cache", "detach_feature_cache", "weights_fingerprint"]
+__all__ = ["FeatureCache", "attach_feature_cache", "detach_feature_cache", "weights_fingerprint", "cache_file",
+           "save_shared_caches"]
 
 Output = Union[Tensor, Tuple[Tensor, ...]]
 
@@ -110,15 +116,58 @@ class FeatureCache:
             return torch.stack(per).to(x.device)
         return tuple(torch.stack([p[j] for p in per]).to(x.device) for j in range(len(per[0])))
 
+    def save(self, path) -> Path:
+        """Write the stored entries to ``path`` (atomically); :meth:`load` reads them back."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"format": 1, "namespace": self.namespace, "store": self._store}, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path) -> int:
+        """Add the entries of a file written by :meth:`save` for the same backbone weights (up to the
+        memory cap); returns how many were added. A file of other weights is an error."""
+        path = Path(path)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"feature cache '{path}' cannot be read ({type(e).__name__}); delete it") from None
+        if not isinstance(data, dict) or data.get("format") != 1:
+            raise ValueError(f"feature cache '{path}' is not a dcm feature-cache file; delete it")
+        if data["namespace"] != self.namespace:
+            raise ValueError(f"feature cache '{path}' holds features of other backbone weights; delete it or "
+                             f"choose another train.cache_backbone_dir")
+        added = 0
+        for k, v in data["store"].items():
+            if k in self._store:
+                continue
+            entry = (v,) if isinstance(v, Tensor) else tuple(v)
+            size = sum(e.numel() * e.element_size() for e in entry)
+            if self.bytes + size > self.max_bytes:
+                break
+            self._store[k] = v if isinstance(v, Tensor) else tuple(v)
+            self.bytes += size
+            added += 1
+        return added
+
     def stats(self) -> str:
         total = self.hits + self.misses
         rate = 100.0 * self.hits / total if total else 0.0
         return f"{len(self)} entries, {self.bytes / 2**30:.2f} GiB, hit rate {rate:.1f}% of {total} samples"
 
 
-def attach_feature_cache(model: nn.Module, max_bytes: int = 8 << 30, *, shared: bool = True) -> FeatureCache:
+def cache_file(cache_dir, cache: FeatureCache) -> Path:
+    """The file of ``cache`` in ``cache_dir`` (one per backbone weights)."""
+    return Path(cache_dir) / f"features_{cache.namespace}.pt"
+
+
+def attach_feature_cache(model: nn.Module, max_bytes: int = 8 << 30, *, shared: bool = True,
+                         cache_dir=None) -> FeatureCache:
     """Give ``model.backbone`` a :class:`FeatureCache`; with ``shared`` the cache of a previous call for a
-    backbone with the same weights (in this process) is reused. Raises if the backbone is not frozen."""
+    backbone with the same weights (in this process) is reused; with ``cache_dir`` a new cache starts
+    from the file a previous process saved there (:func:`cache_file`). Raises if the backbone is not
+    frozen."""
     bb = getattr(model, "backbone", None)
     if bb is None or not hasattr(bb, "feature_cache"):
         raise ValueError("train.cache_backbone: the model has no models.backbones backbone to cache")
@@ -131,6 +180,8 @@ def attach_feature_cache(model: nn.Module, max_bytes: int = 8 << 30, *, shared: 
     cache = _SHARED.get(key) if shared else None
     if cache is None:
         cache = FeatureCache(max_bytes, namespace=fp)
+        if cache_dir is not None and cache_file(cache_dir, cache).is_file():
+            cache.load(cache_file(cache_dir, cache))
         if shared:
             _SHARED[key] = cache
     bb.feature_cache = cache
@@ -144,3 +195,8 @@ def detach_feature_cache(model: nn.Module) -> Optional[FeatureCache]:
     if bb is not None and cache is not None:
         bb.feature_cache = None
     return cache
+
+
+def save_shared_caches(cache_dir) -> list:
+    """Save every cache of this process (:func:`attach_feature_cache` with ``shared``) to ``cache_dir``."""
+    return [c.save(cache_file(cache_dir, c)) for c in _SHARED.values() if len(c)]

@@ -118,7 +118,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 cleared=$(compgen -e | grep '^DCM_' | tr '\n' ' ')
 for v in $cleared; do unset "$v"; done
 : >"$work/steps.tsv"
-deadline=$((SECONDS + budget))
+deadline=$budget  # SECONDS counts from the start of the script
 mode=$([[ $rehearse == 1 ]] && echo rehearse || echo gpu)
 tiny=(--device cpu --batch 1 --size 6 --channels 8 --channels-high 16)
 
@@ -132,7 +132,7 @@ run_box() {
   local name=$1 t=$2; shift 2
   say "=== [$name] $(date -u +%H:%M:%S) (timeout ${t} s): $*"
   local t0=$SECONDS
-  timeout -k 10 "$t" "$@" </dev/null 2>&1 | tee "$work/$name.log" >>"$log"
+  timeout -k 5 "$t" "$@" </dev/null 2>&1 | tee "$work/$name.log" >>"$log"
   rc=${PIPESTATUS[0]}
   secs=$((SECONDS - t0))
   case $rc in 0) status=ok ;; 124 | 137) status=timeout ;; *) status=failed ;; esac
@@ -149,6 +149,7 @@ step() {
   if ((t < MIN_STEP)); then
     say "=== [$name] skipped: ${left} s left of the budget"
     record "$name" skipped "" 0 0 "budget"
+    status=skipped
     return
   fi
   run_box "$name" "$t" "$@"
@@ -159,10 +160,11 @@ step() {
 mkdir -p "$work/bin"
 cat >"$work/bin/env.py" <<'PY'
 """The environment record: versions, the device, dcm's knob defaults, a hash of the sources."""
-import hashlib, json, platform, sys
+import hashlib, json, os, platform, sys
 from pathlib import Path
 
-info = dict(python=sys.version.split()[0], executable=sys.executable, platform=platform.platform())
+info = dict(python=sys.version.split()[0], executable=sys.executable, platform=platform.platform(),
+            pythonpath=os.environ.get("PYTHONPATH"))
 for name in ("torch", "triton", "numpy", "einops", "torchvision", "pytest", "xdist", "yaml", "hypothesis"):
     try:
         info[name] = getattr(__import__(name), "__version__", "?")
@@ -447,9 +449,9 @@ speed() {
 }
 
 sweep() {
-  run_box sweep-plan 60 "$py" "$work/bin/plan.py" "$work/sweep-plan.json"
+  step sweep-plan 60 "$1" "$py" "$work/bin/plan.py" "$work/sweep-plan.json"
   if [[ $status != ok ]]; then
-    say "=== [sweep] not run: the plan is invalid"
+    say "=== [sweep] not run: the plan was not validated ($status)"
     return
   fi
   local end=$((deadline - $1)) n=0 nok=0 seen=" " cid dt ops kv t left x
@@ -474,7 +476,7 @@ sweep() {
     [[ $status == ok ]] && nok=$((nok + 1))
   done 3<<<"$SWEEP_PLAN"
   say "=== [sweep] $nok of $n configurations ran"
-  run_box sweep-report 60 "$py" "$work/bin/sweep_report.py" "$work"
+  step sweep-report 60 "$1" "$py" "$work/bin/sweep_report.py" "$work"
 }
 
 models() {

@@ -161,7 +161,8 @@ def _evaluate_checkpoint(cfg: dict, run_dir: Path) -> dict:
     model, _ = load_checkpoint_model(run_dir / "best.pth", device=device, cfg=cfg)
     if cfg["train"]["cache_backbone"]:
         from benchmarks.feature_cache import attach_feature_cache
-        attach_feature_cache(model, int(float(cfg["train"]["cache_backbone_gb"]) * 2 ** 30))
+        attach_feature_cache(model, int(float(cfg["train"]["cache_backbone_gb"]) * 2 ** 30),
+                             cache_dir=cfg["train"].get("cache_backbone_dir"))
     protocol = eval_protocol(cfg)
     r = evaluate_model(model, protocol, eval_factory(cfg), device=device, fusion=cfg["eval"]["fusion"],
                        amp=cfg["train"]["amp"], batch_size=int(cfg["eval"]["batch_size"]),
@@ -282,8 +283,16 @@ def markdown(host: str, folds, seeds, res: dict, stats: dict, protocol_text: str
     return "\n".join(out) + "\n"
 
 
+def _save_caches(cfg0) -> None:
+    if cfg0 is not None and cfg0["train"]["cache_backbone"] and cfg0["train"].get("cache_backbone_dir"):
+        from benchmarks.feature_cache import save_shared_caches
+        for f in save_shared_caches(cfg0["train"]["cache_backbone_dir"]):
+            print(f"feature cache saved to {f}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cfg0 = None
     from benchmarks.engine import TrainingInterrupted, ValidationFailed, resolve_device
     import torch
     t0 = time.perf_counter()
@@ -329,6 +338,7 @@ def main(argv=None) -> int:
                     r["train_seconds"].setdefault(fold, {})[seed] = results.get("train_seconds")
                     protocol_text = results["protocol_text"]
     except TrainingInterrupted as e:
+        _save_caches(cfg0)
         print(f"\ninterrupted: {e}", file=sys.stderr)
         return 130
     except ValidationFailed as e:
@@ -338,6 +348,7 @@ def main(argv=None) -> int:
         from benchmarks.engine import short_error
         print(f"error: {short_error(e)}", file=sys.stderr)
         return 2
+    _save_caches(cfg0)
     if any(not res[a.spec]["miou"] for a in arms):
         return 0  # non-zero rank
     stats = summarise([a.spec for a in arms], folds, res)

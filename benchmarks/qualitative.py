@@ -154,7 +154,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", "-m", action="append", required=True,
                    help="a training checkpoint (repeat for several models; the first one's protocol is used)")
     p.add_argument("--label", action="append", default=None, help="name of a model (one per --checkpoint)")
-    add_config_args(p, include=["dataset", "data_root", "fold", "shot", "workers", "device"])
+    add_config_args(p, include=["dataset", "data_root", "fold", "shot", "device"])
     p.add_argument("--episodes", "-n", dest="rows", type=int, required=True,
                    help="rows: episodes to show (the protocol's episode list stays the evaluation's)")
     p.add_argument("--pool", type=int, default=None, help="episodes to choose from (default 4 × --episodes)")

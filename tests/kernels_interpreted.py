@@ -362,3 +362,138 @@ def test_dynamic_conv_module_kernel_norm_matches_float64_loop(kernel_norm):
     for a, b in zip(got, ref):
         assert rel(a, b) < 1e-4, rel(a, b)
     assert rel(gq, gr) < 1e-4
+
+
+# ---------------------------------------------------------------------------------- the GPU sweep's kernel variants
+# benchmarks/gpu_session.sh times the knob configurations of its SWEEP_PLAN on a GPU (speed.py's shapes:
+# B = 8, 60 x 60, C = 256 / 2048). Every kernel variant a line of that plan launches runs here first, read
+# from the script itself, at the launch structure the benchmark gets (row chunks, support splits, position
+# chunks) on small inputs.
+def _gpu_sweep_plan():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh").read_text()
+    block = text.split("\nSWEEP_PLAN='", 1)[1].split("'", 1)[0]
+    plan = []
+    for line in block.splitlines():
+        f = line.split()
+        if f:
+            _, dtype, ops, *kv = f
+            knobs = {k: v[0] for k, v in kernels.KNOBS.items()}
+            knobs.update((k, int(v)) for k, v in (x.split("=") for x in kv))
+            plan.append((dtype, ops.split(","), knobs))
+    return plan
+
+
+_PLAN = _gpu_sweep_plan()
+_SWEEP_DW = sorted({(dt, k["DW_ROWS"], k["DW_PROGRAMS"]) for dt, ops, k in _PLAN if "dynconv" in ops})
+_SWEEP_SAM = sorted({(k["SAM_BP"], k["SAM_BR"], k["SAM_WARPS"], k["SAM_PROGS"]) for dt, ops, k in _PLAN if "sam" in ops})
+_SWEEP_FG = sorted({(dt, k["FG_SM_PROGRAMS"]) for dt, ops, k in _PLAN if "fgpool" in ops})
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _compare_once(fn, args, *, tol, gtol, metric=rel):
+    """``compare`` with a single Triton forward (these shapes are slow to interpret)."""
+    with dcm.use_backend("triton"):
+        got = fn(*args)
+    got = got if isinstance(got, tuple) else (got,)
+    g = torch.Generator().manual_seed(7)
+    grads = [torch.randn(o.shape, generator=g, dtype=D) for o in got]
+    ins = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    ggot = torch.autograd.grad(got, ins, [gr.to(o.dtype) for gr, o in zip(grads, got)], allow_unused=True)
+    ref_args = [leaf(a.double()) if isinstance(a, torch.Tensor) and a.requires_grad
+                else (a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a) for a in args]
+    ref, gref = run(fn, *ref_args, backend="torch", grads=grads)
+    assert len(got) == len(ref)
+    for o, r in zip(got, ref):
+        assert o.shape == r.shape and torch.isfinite(o).all()
+        assert metric(o, r) < tol, (metric(o, r), tol)
+    for a, b in zip(ggot, gref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel(a, b) < gtol, (rel(a, b), gtol)
+
+
+@pytest.mark.parametrize("dtype, rows, programs", _SWEEP_DW, ids=[f"{d}-rows{r}-programs{p}" for d, r, p in _SWEEP_DW])
+def test_dynamic_conv_gpu_sweep_variants(monkeypatch, dtype, rows, programs):
+    """Each (DW_ROWS, DW_PROGRAMS) of the sweep in its dtype: one 60 x 60 plane (64-wide blocks, one
+    column block) cut into the row chunks each of the benchmark's 8 x 256 planes gets, forward and
+    both gradients (the dx and dW kernels use the same chunks)."""
+    from dcm.kernels import dynamic_conv as K
+
+    monkeypatch.setattr(K, "_ROWS", rows)
+    monkeypatch.setattr(K, "_TARGET_PROGRAMS", programs)
+    K._roll_cfg.cache_clear()
+    try:
+        bench = K._roll_cfg(8 * 256, 60, 60)  # (BW, warps, column blocks, rows per chunk, chunks)
+        monkeypatch.setattr(K, "_TARGET_PROGRAMS", bench[4] * bench[2])  # the same chunks on one plane
+        K._roll_cfg.cache_clear()
+        assert K._roll_cfg(1, 60, 60) == bench, (K._roll_cfg(1, 60, 60), bench)
+        dt = getattr(torch, dtype)
+        g = torch.Generator().manual_seed(100 * rows + programs)
+        x = torch.randn(1, 1, 60, 60, generator=g).to(dt).requires_grad_()
+        ws = [(torch.randn(1, 1, *k, generator=g) / k[0]).to(dt).requires_grad_() for k in KSETS["vhs5"]]
+        tol, gtol = (1e-5, 2e-5) if dt == torch.float32 else (1e-2, 2e-2)
+        _compare_once(lambda x, *ws: DF.dynamic_depthwise_conv2d_multi(x, list(ws)), [x, *ws], tol=tol, gtol=gtol)
+    finally:
+        K._roll_cfg.cache_clear()
+
+
+@pytest.mark.parametrize("bp, br, warps, progs", _SWEEP_SAM, ids=[f"bp{a}-br{b}-warps{c}-progs{d}" for a, b, c, d in _SWEEP_SAM])
+def test_support_activation_gpu_sweep_variants(monkeypatch, bp, br, warps, progs):
+    """Each (SAM_BP, SAM_BR, SAM_WARPS, SAM_PROGS) of the sweep: the window kernel with those blocks and
+    warps, the support positions split into as many chunks as the benchmark's launch (8 samples,
+    3600 x 3600 positions) gets, on 9 x 9 maps (partial query and support blocks; the interpreter runs
+    every num_warps alike). The window kernel reads the float32 Gram in both dtypes, so the float32
+    mode stands for the bfloat16 lines too; its arg-max is checked through the gradients."""
+    from dcm.kernels import support_activation as S
+
+    G, HW, hw = 8, 3600, 9
+    splits = max(1, min(_cdiv(HW, bp), _cdiv(progs, _cdiv(HW, br) * G)))  # the benchmark's support chunks
+    bench = _cdiv(HW, _cdiv(_cdiv(HW, splits), bp) * bp)
+    for name, v in (("_WIN_BP", bp), ("_WIN_BR", br), ("_WIN_WARPS", warps), ("_WIN_PROGRAMS", bench * _cdiv(hw * hw, br))):
+        monkeypatch.setattr(S, name, v)
+    launches, kernel = [], S._win_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                launches.append((tuple(grid), kw["BP"], kw["BR"], kw["num_warps"]))
+                return kernel[grid](*a, **kw)
+            return launch
+
+    monkeypatch.setattr(S, "_win_kernel", Spy())
+    g = torch.Generator().manual_seed(bp + br + warps + progs)
+    q = torch.randn(1, 16, hw, hw, generator=g).requires_grad_()
+    s = torch.randn(1, 1, 16, hw, hw, generator=g).requires_grad_()
+    m = (torch.rand(1, 1, 2 * hw, 2 * hw, generator=g) > 0.4).float()
+    _compare_once(lambda q, s, m: DF.support_activation(q, s, m, ((5, 1), (3, 3), (1, 5))), [q, s, m],
+                  tol=1e-4, gtol=1e-4, metric=maxabs)
+    assert launches and all(x == ((_cdiv(hw * hw, br), bench, 1), bp, br, warps) for x in launches), (launches, bench)
+
+
+@pytest.mark.parametrize("dtype, sm_programs", _SWEEP_FG, ids=[f"{d}-smprograms{p}" for d, p in _SWEEP_FG])
+def test_foreground_pool_gpu_sweep_variants(monkeypatch, dtype, sm_programs):
+    """Each FG_SM_PROGRAMS of the sweep in its dtype: on a pretend 4-SM device with 2 samples x 2 channel
+    blocks the value sets the position chunks per (sample, channel block), from one chunk of every block to one
+    block per chunk. bfloat16 lines run as float16: the GPU's bf16 path (features in their own dtype in the
+    product, 64-position blocks) is the fp16 one under the interpreter, whose bf16 tl.dot is wrong."""
+    from dcm.kernels import foreground as fk
+
+    dt = torch.float16 if dtype == "bfloat16" else getattr(torch, dtype)
+    monkeypatch.setattr(fk, "_SM_PROGRAMS", sm_programs)
+    monkeypatch.setattr(fk, "_sm_count", lambda device: 4)
+    B, K, C, H, W = 2, 1, 40, 17, 13
+    NB, BC, BL, chunk, nsplit = fk._fwd_meta(B, C, K * H * W, (5, 25), torch.device("cpu"), dt == torch.float32)
+    assert fk._half_dot(torch.empty(1, dtype=dt)) == (dt != torch.float32)
+    assert B * _cdiv(C, BC) == 4 and 1 <= nsplit <= min(_cdiv(H * W, BL), sm_programs)
+    assert (nsplit > 1) == (sm_programs > 1) and (chunk > BL) == (sm_programs < _cdiv(H * W, BL)), (chunk, BL, nsplit)
+    g = torch.Generator().manual_seed(sm_programs)
+    feat = torch.randn(B, K, C, H, W, generator=g).to(dt).requires_grad_()
+    m = torch.tensor([0.0, 0.3, 0.7, 1.0])[torch.randint(0, 4, (B, K, H, W), generator=g)]
+    m[1] = 0.0  # no foreground: the peak fallback
+    tol = 1e-5 if dt == torch.float32 else 1e-2
+    _compare_once(lambda f, m: DF.foreground_pool(f, m, bins=(5, 25)), [feat, m], tol=tol, gtol=tol)

@@ -93,6 +93,29 @@ def test_feature_cache_memory_cap():
     torch.testing.assert_close(a[1], b[1])
 
 
+def test_feature_cache_saves_and_loads(tmp_path):
+    from benchmarks.feature_cache import cache_file
+    bb = _lite0().eval()
+    cache = attach_feature_cache(_Holder(bb), shared=False)
+    x = torch.randn(2, 3, 32, 32)
+    ref = bb.forward_mid(x)
+    bb.forward_high(ref[1])
+    path = cache.save(cache_file(tmp_path, cache))
+    bb2 = _lite0().eval()  # same seed: same weights, same namespace
+    fresh = attach_feature_cache(_Holder(bb2), shared=False, cache_dir=tmp_path)
+    assert len(fresh) == len(cache) == 4
+    got = bb2.forward_mid(x)
+    assert fresh.hits == 2 and fresh.misses == 0
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    other = FeatureCache(namespace="other")
+    with pytest.raises(ValueError, match="other backbone weights"):
+        other.load(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot be read"):
+        cache.load(path)
+
+
 def test_cached_training_matches_uncached(tmp_path):
     """The same tiny run with and without train.cache_backbone: same losses, validation and test scores."""
     from benchmarks.engine import train
@@ -307,3 +330,22 @@ def test_plug_in_seeds_and_intervals_tiny(tmp_path):
     assert p2.returncode == 0 and p2.stdout.count("reusing") == 4, p2.stdout[-2000:]
     res2 = json.loads((tmp_path / "plug_in_pfenet" / "table6_pfenet_val.json").read_text())
     assert res2["results"] == res["results"]
+
+
+def test_checkpoint_of_an_older_config_loads_with_todays_defaults(tmp_path):
+    """A checkpoint whose saved config lacks keys added since (here the harness's) still loads, overrides too."""
+    import copy as _copy
+    from benchmarks.engine import build_model_from_config, load_checkpoint_model
+    cfg = load_config("synthetic", ["model.backbone_weights=random", "model.flags={reduce_dim: 8, decoder_dim: 8}"])
+    model = build_model_from_config(cfg)
+    old = _copy.deepcopy(cfg)
+    for sec, key in (("train", "cache_backbone"), ("train", "cache_backbone_dir"), ("eval", "split"), ("data", "augment")):
+        del old[sec][key]
+    torch.save({"model": model.state_dict(), "config": old}, tmp_path / "old.pth")
+    m, c = load_checkpoint_model(tmp_path / "old.pth", overrides=["eval.episodes=3"])
+    assert c["eval"]["split"] == "val" and c["train"]["cache_backbone"] is False and c["eval"]["episodes"] == 3
+    bad = _copy.deepcopy(cfg)
+    bad["train"]["from_the_future"] = 1
+    torch.save({"model": model.state_dict(), "config": bad}, tmp_path / "new.pth")
+    with pytest.raises(ValueError, match="new.pth"):
+        load_checkpoint_model(tmp_path / "new.pth")

@@ -73,6 +73,16 @@ def strip_module_prefix(state: dict) -> dict:
     return state
 
 
+def _with_defaults(cfg: dict, path) -> dict:
+    """A saved config with every key of today's defaults filled in (a checkpoint written before a key
+    existed keeps working); a key today's code does not know is an error naming the checkpoint."""
+    from ..config import ConfigError, DEFAULTS, merge
+    try:
+        return merge(DEFAULTS, cfg)
+    except ConfigError as e:
+        raise ValueError(f"checkpoint '{path}': its config does not fit this version of the code ({e})") from None
+
+
 def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: Optional[dict] = None,
                           overrides: Sequence[str] = ()) -> Tuple[nn.Module, dict]:
     """Rebuild the network of a training checkpoint (its saved config) and load its weights.
@@ -97,7 +107,7 @@ def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: O
         if cfg is None:
             raise ValueError(f"checkpoint '{path}' holds no config (a bare state dict); load it with "
                              f"benchmarks.engine.load_checkpoint_model(path, cfg=...) and the config it was trained with")
-    cfg = copy.deepcopy(cfg)
+    cfg = _with_defaults(cfg, path)
     if overrides:
         new_ds = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "data.dataset"]
         if new_ds and new_ds[-1] != cfg["data"]["dataset"]:

@@ -110,7 +110,7 @@ def _memo_factory(factory: Callable) -> Callable:
 
     def make(protocol, seed, size):
         key = (protocol.dataset, protocol.fold, protocol.shot, protocol.split, protocol.episodes, protocol.resize,
-               protocol.images,
+               protocol.images, getattr(protocol, "support_annotation", "mask"),
                protocol.fold_scheme, seed, size)
         if key not in cache:
             cache[key] = factory(protocol, seed, size)

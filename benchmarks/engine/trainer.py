@@ -116,7 +116,8 @@ class Trainer:
         self.feature_cache = None
         if t["cache_backbone"]:
             from ..feature_cache import attach_feature_cache
-            self.feature_cache = attach_feature_cache(self.model, int(float(t["cache_backbone_gb"]) * 2 ** 30))
+            self.feature_cache = attach_feature_cache(self.model, int(float(t["cache_backbone_gb"]) * 2 ** 30),
+                                                      cache_dir=t.get("cache_backbone_dir"))
         self.net = self.model  # possibly DDP-wrapped
         self.ddp_find_unused: Optional[bool] = None  # the find_unused_parameters of the DDP wrapper (None: no DDP)
         self.layer4_on = False
