@@ -134,6 +134,9 @@ def parse_args(argv=None):
                                 "batch_size", "lr", "lr_multiplier", "seed", "workers", "train_episodes",
                                 "val_episodes", "episodes", "device", "out"])
     p.add_argument("--resume", action="store_true", help="continue interrupted runs; finished runs are reused")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: tabulate the runs that have results for --split, list the others "
+                        "as missing")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.seeds < 1:
@@ -320,6 +323,7 @@ def main(argv=None) -> int:
         out_dir = Path(cfg0["run"]["out_dir"]) / f"plug_in_{args.host}"
         res: Dict[str, dict] = {a.spec: {"miou": {}, "fbiou": {}, "runs": {}, "train_seconds": {}} for a in arms}
         protocol_text = None
+        missing: List[str] = []
         for fold in folds:
             for seed in seeds:
                 for arm in arms:
@@ -327,7 +331,14 @@ def main(argv=None) -> int:
                                                       f"train.seed={seed}", f"run.out_dir={out_dir}",
                                                       "eval.reference=none"])
                     run_dir = out_dir / f"{arm.tag}_f{fold}_seed{seed}"
-                    results = run_one(cfg, run_dir, split, args.resume)
+                    if args.report_only:
+                        f_res = run_dir / f"results_{split}.json"
+                        if not f_res.is_file():
+                            missing.append(run_dir.name)
+                            continue
+                        results = json.loads(f_res.read_text())
+                    else:
+                        results = run_one(cfg, run_dir, split, args.resume)
                     if results is None:
                         continue
                     row = results["rows"][-1]
@@ -349,10 +360,24 @@ def main(argv=None) -> int:
         print(f"error: {short_error(e)}", file=sys.stderr)
         return 2
     _save_caches(cfg0)
+    if args.report_only:
+        if missing:
+            print(f"missing (no results_{split}.json): {', '.join(missing)}")
+        # a fold needs every arm for the paired differences: keep the folds all arms have
+        have = [f for f in folds if all(f in res[a.spec]["miou"] for a in arms)]
+        if not have:
+            print("error: no fold has results for every arm", file=sys.stderr)
+            return 2
+        folds = have
+        for a in arms:
+            for k in ("miou", "fbiou", "runs", "train_seconds"):
+                res[a.spec][k] = {f: v for f, v in res[a.spec][k].items() if f in folds}
     if any(not res[a.spec]["miou"] for a in arms):
         return 0  # non-zero rank
     stats = summarise([a.spec for a in arms], folds, res)
     minutes = (time.perf_counter() - t0) / 60
+    if args.report_only:  # the runs' own wall-clock time, not this report's
+        minutes = sum(v or 0.0 for a in arms for per in res[a.spec]["train_seconds"].values() for v in per.values()) / 60
     device = str(resolve_device(cfg0["run"]["device"]))
     if device == "cpu":
         device = f"cpu ({torch.get_num_threads()} threads)"
@@ -369,7 +394,8 @@ def main(argv=None) -> int:
                                                                     "overrides": a.overrides} for a in arms},
                               "folds": folds, "seeds": seeds, "split": split, "protocol": ptxt, "recipe": recipe,
                               "overrides": base, "interval": INTERVAL_TEXT, "minutes": minutes, "device": device,
-                              "versions": versions, "results": res, "summary": stats, "paper": PAPER_TABLE6},
+                              "versions": versions, "results": res, "summary": stats, "paper": PAPER_TABLE6,
+                              "missing_runs": missing if args.report_only else []},
                              indent=1))
     md.write_text(markdown(args.host, folds, seeds, res, stats, ptxt, minutes, device, versions))
     print(f"wrote {js} and {md}")

@@ -10,7 +10,7 @@ matching), trains the host with and without DCM on the synthetic few-shot set fo
 iterations with ``--seeds`` training seeds, and prints every seed's mIoU, the mean ± std and the
 paired difference with its 95 % interval over seeds (identical test episodes)::
 
-    python examples/plug_into_your_model.py [--iters 300] [--seeds 3] [--fusion residual] [--kernel-norm l1]
+    python examples/plug_into_your_model.py [--iters 300] [--seeds 3] [--fusion residual] [--kernel-norm none]
 """
 import sys
 import pathlib
@@ -29,7 +29,7 @@ from dcm import DCMFusion, DynamicConvModule  # noqa: E402
 
 #: the defaults of this example (docs/REAL_IMAGES.md: how they were chosen)
 FUSION = "residual"
-KERNEL_NORM = "l1"
+KERNEL_NORM = None
 
 
 def conv(cin, cout, stride=1):

@@ -296,7 +296,7 @@ def test_kill_and_resume_cli_matches_uninterrupted(tmp_path):
 
 def test_plug_into_your_model_example_runs():
     out = ok(run("examples/plug_into_your_model.py", "--iters", "3", "--size", "32", "--episodes", "8", "--seeds", "2"))
-    assert "TinyHost + DCM (residual, kernel_norm=l1)" in out and "8 episodes" in out and "seeds 0, 1" in out
+    assert "TinyHost + DCM (residual, kernel_norm=None)" in out and "8 episodes" in out and "seeds 0, 1" in out
     rows = [line for line in out.splitlines() if line.startswith("TinyHost")]
     assert len(rows) == 2 and all("±" in r for r in rows)
     per_seed = [[float(v) for v in r.split()[-2:]] for r in rows]
