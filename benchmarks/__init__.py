@@ -8,7 +8,7 @@ JSON reader (pycocotools) are imported lazily.
 from . import datasets, metrics
 from .datasets import (FSS1000, CocoFewShot, CorruptFileError, DatasetError, Episode, FewShotDataset, PascalFewShot, SyntheticFewShot,
                        build_dataset, collate_episodes)
-from .evaluation import BAM_SEEDS, EvaluationResult, Protocol, dataset_factory, evaluate
+from .protocols import BAM_SEEDS, EvaluationResult, Protocol, dataset_factory, evaluate
 from .metrics import FewShotIoU, intersection_and_union
 
 __all__ = [

@@ -28,12 +28,7 @@ def measure(cfg: dict, kernel_norm, episodes: int, batch: int = 8) -> dict:
     name = cfg["model"]["name"]
     if "+dcm" not in name and name != "dpcn":
         cfg["model"]["name"] = name = name + "+dcm"
-    key = "dcm_kernel_norm" if name == "dpcn" else "dcm_kwargs"
-    flags = cfg["model"]["flags"]
-    if name == "dpcn":
-        flags[key] = kernel_norm
-    else:
-        flags.setdefault("dcm_kwargs", {})["kernel_norm"] = kernel_norm
+    cfg["model"]["flags"]["dcm_kernel_norm"] = kernel_norm
     seed_everything(int(cfg["train"]["seed"]))
     model = build_model_from_config(cfg).train()
     ds = build_train_dataset(cfg)

@@ -11,7 +11,7 @@ Per episode ``e`` with prediction ``P`` (argmax of the 2-class logits) and targe
 * **episode-wise fg IoU** (extra, off by default in reports): mean over episodes of ``I_1(e)/U_1(e)``;
   episodes with ``U_1(e) = 0`` (empty target and empty prediction) count as 1.
 
-All values are fractions in [0, 1]; :mod:`benchmarks.evaluation` reports percentages.
+All values are fractions in [0, 1]; :mod:`benchmarks.protocols` reports percentages.
 """
 from __future__ import annotations
 

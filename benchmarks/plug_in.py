@@ -76,7 +76,7 @@ def variant_overrides(model: str, variant: str) -> List[str]:
         return []
     family = "dpcn" if model in ("dpcn", "baseline") else model.split("+")[0]
     has_dcm = model in ("dpcn", "pfenet+dcm", "canet+dcm")
-    norm_key = "model.flags.dcm_kernel_norm" if family == "dpcn" else "model.flags.dcm_kwargs.kernel_norm"
+    norm_key = "model.flags.dcm_kernel_norm"
     paper_fusion = {"pfenet": "replace", "canet": "concat"}.get(family)
     out: List[str] = []
     for tok in variant.split("+"):

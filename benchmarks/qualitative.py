@@ -54,11 +54,11 @@ def foreground_iou(pred: np.ndarray, gt: np.ndarray, ignore_index: int = 255) ->
 def _to_original(t, batch, size_hw, resize: str):
     """``[1, C, h, w]`` map of the network input → ``float32[C, H0, W0]`` at the query's own size."""
     import torch.nn.functional as F
-    from benchmarks.evaluation import _content_shape
+    from benchmarks.protocols import _content_shape
     h0, w0 = size_hw
     ch, cw = batch["query_img"].shape[-2:]
     x = t.float()
-    if tuple(x.shape[-2:]) != (ch, cw):  # feature-size maps: to the input canvas first (as predict_lib does)
+    if tuple(x.shape[-2:]) != (ch, cw):  # feature-size maps: to the input canvas first (as inference does)
         x = F.interpolate(x, size=(ch, cw), mode="bilinear", align_corners=True)
     nh, nw = (ch, cw) if resize == "none" else _content_shape(h0, w0, (ch, cw), resize)
     x = F.interpolate(x[..., :nh, :nw], size=(h0, w0), mode="bilinear", align_corners=False)
@@ -71,7 +71,7 @@ def predict_episode(model, datasets, index: int, resize: str, device, amp) -> di
     import torch
     from benchmarks.datasets import collate_episodes
     from benchmarks.engine import amp_context
-    from benchmarks.predict_lib import _extras
+    from benchmarks.inference import _extras
     prob, maps = None, {}
     for ds in datasets:
         batch = collate_episodes([ds[index]])
@@ -107,7 +107,7 @@ def _plain(text: str) -> str:
 def draw_grid(rows: List[dict], labels: List[str], header: str, tile: int, box_mode: bool):
     """The PIL figure: one row per episode (see the module docstring)."""
     from PIL import Image, ImageDraw
-    from benchmarks.predict_lib import heatmap, overlay
+    from benchmarks.inference import heatmap, overlay
     cells_per_row = []
     for r in rows:
         cells = []

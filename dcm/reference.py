@@ -13,6 +13,7 @@ from typing import Mapping, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._compat import renamed_kwarg
 from .functional.masks import prepare_mask
 
 __all__ = [
@@ -76,7 +77,8 @@ def support_activation_literal(
     return out
 
 
-def foreground_pool_loop(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int], threshold: float = 0.5):
+@renamed_kwarg("threshold", "fg_threshold")
+def foreground_pool_loop(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int], fg_threshold: float = 0.5):
     """Per-sample loop: boolean indexing of the foreground of every shot, concatenation, and
     ``F.adaptive_avg_pool1d`` to each number of bins. feat ``[B, K, C, H, W]``, mask ``[B, K, h, w]``."""
     B, K, C, H, W = feat.shape
@@ -86,7 +88,7 @@ def foreground_pool_loop(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[
         vecs = []
         for k in range(K):
             mk = m[b, k]
-            sel = mk > threshold
+            sel = mk > fg_threshold
             if not sel.any() and mk.max() > 0:
                 sel = mk >= mk.max()
             vecs.append(feat[b, k][:, sel])  # [C, N_k], raster order
@@ -109,6 +111,7 @@ def dynamic_conv_loop(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@renamed_kwarg("threshold", "fg_threshold")
 def dynamic_convolution_loop(
     query: torch.Tensor,
     support: torch.Tensor,
@@ -117,7 +120,7 @@ def dynamic_convolution_loop(
     kernel_size: int = 5,
     variants: Sequence[str] = ("v", "h", "s"),
     square_source: str = "serial",
-    threshold: float = 0.5,
+    fg_threshold: float = 0.5,
     kernel_norm=None,
 ):
     """DCM per sample (Eq. 5–8): foreground by boolean indexing, pooling, generators, per-sample conv.
@@ -127,7 +130,7 @@ def dynamic_convolution_loop(
     S = kernel_size
     outs = {v: [] for v in variants}
     for b in range(query.shape[0]):
-        p_s, p_s2 = foreground_pool_loop(support[b : b + 1], support_mask[b : b + 1], (S, S * S), threshold)
+        p_s, p_s2 = foreground_pool_loop(support[b : b + 1], support_mask[b : b + 1], (S, S * S), fg_threshold)
         ker = {}
         if "v" in generators:
             kv = generators["v"](p_s)

@@ -13,8 +13,8 @@ supports, the prediction, DPCN's activation maps and pseudo masks (``out/street_
 Masks: white (or any bright colour, or alpha) = object, black = background; PNGs whose values are
 0/1(/255) are read as labels (1 = object, 255 = ignore); a VOC-style label map (palette or grey, class
 ids and 255) with one class is read as that class (with a warning), with several it needs --class-id;
-a mask that is 255 everywhere is refused. The rule in full: benchmarks.predict_lib.load_mask.
-The same in Python: ``benchmarks.predict_lib.predict(model, query, [(img, mask_or_box), ...])``.
+a mask that is 255 everywhere is refused. The rule in full: benchmarks.inference.load_mask.
+The same in Python: ``benchmarks.inference.predict(model, query, [(img, mask_or_box), ...])``.
 """
 import sys
 import pathlib
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from benchmarks.engine import load_checkpoint_model, resolve_device, test_size
-    from benchmarks.predict_lib import PredictInputError, figure, load_image, overlay, predict
+    from benchmarks.inference import PredictInputError, figure, load_image, overlay, predict
 
     try:
         for what, path in [("query image", args.query)] + [
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     Image.fromarray((pred.mask * 255).astype(np.uint8)).save(files[0])
     overlay(query, pred.mask).save(files[1])
     if args.figure:
-        from benchmarks.predict_lib import _support_pair
+        from benchmarks.inference import _support_pair
         sup = [_support_pair(s, i, args.class_id) for i, s in enumerate(args.supports)]
         files.append(out / f"{stem}_figure.png")
         figure(query, sup, pred).save(files[-1])

@@ -22,7 +22,7 @@ biases keep PyTorch's default initialisation (the official code only re-initiali
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from .common import (
     FewShotSegmenter,
     check_dcm_training_flags,
     check_episode,
+    dcm_module_kwargs,
     resolve_backbone,
     segmentation_loss,
     upsample,
@@ -77,13 +78,19 @@ class CANet(FewShotSegmenter):
             DENet does.
         backbone_weights: passed to ``build_backbone``.
         shot: the training shot count (recorded; ``forward`` accepts any ``K >= 1``).
+        freeze_backbone_bn: keep the backbone's BatchNorm layers in eval mode (default).
+        backbone_kwargs: extra keyword arguments of ``build_backbone`` (``layer4_trainable`` is
+            refused: CANet has no layer4).
+        reduce_dim: ``r`` (CANet: 256).
         use_dcm: add the DCM: kernels from the support embeddings after ``layer5`` and their masks
             (foreground vectors of all shots pooled together), depthwise dynamic convolutions of
             the query embedding after ``layer5``; the three maps are concatenated to ``layer55``'s
             input, which widens from ``2r`` to ``(2 + n_variants)·r`` (1280 for r = 256)
             (``dcm_fusion="concat"``).
-        reduce_dim: ``r`` (CANet: 256).
-        dcm_kwargs: extra keyword arguments of :class:`dcm.DynamicConvModule`.
+        dcm_kernel_size, dcm_variants, dcm_square_source, dcm_kgen_kernel_size, dcm_fg_threshold,
+            dcm_kernel_norm: the DCM's ``kernel_size``, ``variants``, ``square_source``,
+            ``kgen_kernel_size``, ``fg_threshold`` and ``kernel_norm`` (:class:`dcm.DynamicConvModule`;
+            its channels are ``reduce_dim``). The same flags as DPCN's and PFENet's.
         dcm_fusion: ``"concat"`` (above) or ``"residual"``: the query embedding becomes
             ``q + γ ⊙ ReLU(Conv1x1([q, q_v, q_h, q_s]))`` with ``γ`` initialised to 0 and ``layer55``
             keeps its ``2r`` input, so that CANet+DCM equals CANet at initialisation
@@ -101,9 +108,8 @@ class CANet(FewShotSegmenter):
             fusion is not in any released code and is not implemented.) With the DCM both use the
             same DCM maps computed from all shots.
         init_std: std of the normal initialisation of the new convolution weights (official 0.01).
-        freeze_backbone_bn: keep the backbone's BatchNorm layers in eval mode (default).
-        backbone_kwargs: extra keyword arguments of ``build_backbone`` (``layer4_trainable`` is
-            refused: CANet has no layer4).
+        dcm_kwargs: deprecated spelling of the flat ``dcm_*`` flags (``{"kernel_size": 3}`` for
+            ``dcm_kernel_size=3``); warns, removed in the next release.
 
     Shape:
         ``forward(query_img[B,3,H,W], support_imgs[B,K,3,H,W], support_masks[B,K,H,W] (or [B,H,W]),
@@ -127,18 +133,25 @@ class CANet(FewShotSegmenter):
         backbone="resnet50",
         backbone_weights=None,
         shot: int = 1,
-        use_dcm: bool = False,
+        *,
+        freeze_backbone_bn: bool = True,
+        backbone_kwargs: Optional[Dict] = None,
         reduce_dim: int = 256,
-        dcm_kwargs: Optional[Dict] = None,
-        dcm_fusion: str = "concat",
+        use_dcm: bool = False,
+        dcm_kernel_size: int = 5,
+        dcm_variants: Sequence[str] = ("v", "h", "s"),
+        dcm_square_source: str = "serial",
+        dcm_kgen_kernel_size: int = 3,
+        dcm_fg_threshold: float = 0.5,
+        dcm_kernel_norm: Optional[str] = None,
         dcm_lr_scale: float = 1.0,
         dcm_weight_decay: Optional[float] = None,
+        dcm_fusion: str = "concat",
         iom_iterations: int = 1,
         eval_iom_iterations: Optional[int] = None,
         shot_fusion: str = "prototype",
         init_std: float = 0.01,
-        freeze_backbone_bn: bool = True,
-        backbone_kwargs: Optional[Dict] = None,
+        dcm_kwargs: Optional[Dict] = None,
     ):
         super().__init__()
         if isinstance(shot, bool) or not isinstance(shot, int) or shot < 1:
@@ -152,11 +165,10 @@ class CANet(FewShotSegmenter):
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         if shot_fusion not in ("prototype", "logits"):
             raise ValueError(f"shot_fusion: expected 'prototype' or 'logits', got {shot_fusion!r}")
-        if dcm_kwargs is not None and not use_dcm:
-            raise ValueError("dcm_kwargs: given but use_dcm=False")
-        dcm_kwargs = dict(dcm_kwargs or {})
-        if "channels" in dcm_kwargs:
-            raise ValueError("dcm_kwargs: 'channels' is fixed to reduce_dim by the host")
+        dcm_kwargs = dcm_module_kwargs(
+            {"dcm_kernel_size": dcm_kernel_size, "dcm_variants": dcm_variants, "dcm_square_source": dcm_square_source,
+             "dcm_kgen_kernel_size": dcm_kgen_kernel_size, "dcm_fg_threshold": dcm_fg_threshold,
+             "dcm_kernel_norm": dcm_kernel_norm}, dcm_kwargs, use_dcm, "CANet")
         if dcm_fusion not in ("concat", "residual"):
             raise ValueError(f"dcm_fusion: expected 'concat' or 'residual', got {dcm_fusion!r}")
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)

@@ -26,6 +26,8 @@ __all__ = [
     "resolve_backbone",
     "DCMFusion",
     "DCM_FUSIONS",
+    "DCM_MODULE_FLAGS",
+    "dcm_module_kwargs",
 ]
 
 
@@ -194,3 +196,49 @@ def check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay) -> None:
     if dcm_weight_decay is not None and (isinstance(dcm_weight_decay, bool)
                                          or not isinstance(dcm_weight_decay, (int, float)) or not dcm_weight_decay >= 0):
         raise ValueError(f"dcm_weight_decay: expected None or a number >= 0, got {dcm_weight_decay!r}")
+
+
+#: the ``dcm_*`` flags of every network that maps to an argument of :class:`dcm.DynamicConvModule`
+DCM_MODULE_FLAGS = {
+    "dcm_kernel_size": "kernel_size",
+    "dcm_variants": "variants",
+    "dcm_square_source": "square_source",
+    "dcm_kgen_kernel_size": "kgen_kernel_size",
+    "dcm_fg_threshold": "fg_threshold",
+    "dcm_kernel_norm": "kernel_norm",
+}
+
+
+def dcm_module_kwargs(flags: Dict, dcm_kwargs: Optional[Dict], use_dcm: bool, owner: str) -> Dict:
+    """Keyword arguments of :class:`dcm.DynamicConvModule` from a network's flat ``dcm_*`` flags.
+
+    ``flags``: ``{flag name: value}`` of :data:`DCM_MODULE_FLAGS`. ``dcm_kwargs`` is the deprecated
+    spelling (``{"kernel_size": 3}`` for ``dcm_kernel_size=3``): accepted with a
+    ``DeprecationWarning``; a key it shares with a flag that was set to a non-default value, an unknown
+    key, ``channels`` or ``dcm_kwargs`` without ``use_dcm`` are errors.
+    """
+    import inspect
+    import warnings
+
+    from dcm import DynamicConvModule
+
+    out = {arg: flags[flag] for flag, arg in DCM_MODULE_FLAGS.items()}
+    if dcm_kwargs is None:
+        return out
+    warnings.warn(f"{owner}: dcm_kwargs is deprecated and will be removed in the next release; pass the flat flags "
+                  f"({', '.join(f'dcm_{k}=' for k in dcm_kwargs) or 'dcm_kernel_size=...'})", DeprecationWarning,
+                  stacklevel=3)
+    if not use_dcm:
+        raise ValueError("dcm_kwargs: given but use_dcm=False")
+    if not isinstance(dcm_kwargs, dict):
+        raise TypeError(f"dcm_kwargs: expected a dict, got {type(dcm_kwargs).__name__}")
+    if "channels" in dcm_kwargs:
+        raise ValueError("dcm_kwargs: 'channels' is fixed to reduce_dim by the host")
+    defaults = {p.name: p.default for p in inspect.signature(DynamicConvModule).parameters.values()}
+    for key, value in dcm_kwargs.items():
+        if key not in out:
+            raise ValueError(f"dcm_kwargs: unknown key '{key}' (expected some of {sorted(out)})")
+        if out[key] != defaults[key] and out[key] != value:
+            raise ValueError(f"dcm_kwargs: '{key}' given twice (dcm_{key}={out[key]!r} and dcm_kwargs)")
+        out[key] = value
+    return out

@@ -122,9 +122,11 @@ class DPCN(FewShotSegmenter):
         backbone: a name for :func:`models.backbones.build_backbone` (``resnet50``, ``resnet101``,
             ``resnet50_v2``, ``resnet101_v2``, ``vgg16_bn``, ``efficientnet_lite0``) or a built
             backbone (``forward_mid``, ``forward_high``, ``channels``).
-        shot: nominal number of shots ``K`` (informational; any ``K ≥ 1`` is accepted at run time).
         backbone_weights: passed to ``build_backbone`` (``None`` warns that weights are random;
             ``"random"`` silences it; a path loads a state dict).
+        shot: nominal number of shots ``K`` (informational; any ``K ≥ 1`` is accepted at run time).
+            ``backbone``, ``backbone_weights``, ``shot`` are the positional arguments of every network
+            in ``models`` (PFENet, CANet); the rest is keyword-only.
         layer4_trainable: unfreeze the backbone's layer4 (paper: PASCAL yes, COCO no).
         freeze_backbone_bn: keep backbone BN in eval mode (docs/CONVENTIONS.md#frozen-bn); ``False`` =
             PFENet's train-mode BN.
@@ -194,8 +196,8 @@ class DPCN(FewShotSegmenter):
     def __init__(
         self,
         backbone: Union[str, nn.Module] = "resnet50",
-        shot: int = 1,
         backbone_weights=None,
+        shot: int = 1,
         *,
         layer4_trainable: bool = False,
         freeze_backbone_bn: bool = True,
@@ -228,6 +230,12 @@ class DPCN(FewShotSegmenter):
         support_branch_shots: str = "all",
     ):
         super().__init__()
+        if isinstance(backbone_weights, int) and not isinstance(backbone_weights, bool):
+            # DPCN(backbone, shot, backbone_weights): the positional order of the previous release
+            warnings.warn("DPCN: the positional order is (backbone, backbone_weights, shot), as PFENet's and "
+                          "CANet's; DPCN(backbone, shot, ...) is deprecated and will be removed in the next release: "
+                          "pass shot=...", DeprecationWarning, stacklevel=2)
+            backbone_weights, shot = (None if isinstance(shot, int) else shot), backbone_weights
         if isinstance(shot, bool) or not isinstance(shot, int) or shot < 1:
             raise ValueError(f"shot: expected an int >= 1, got {shot!r}")
         for name, v in (("reduce_dim", reduce_dim), ("decoder_dim", decoder_dim)):

@@ -36,6 +36,7 @@ from .common import (
     FewShotSegmenter,
     check_dcm_training_flags,
     check_episode,
+    dcm_module_kwargs,
     reduce_block,
     resolve_backbone,
     segmentation_loss,
@@ -115,11 +116,21 @@ class PFENet(FewShotSegmenter):
             ``"random"`` does not, or a local state-dict path).
         shot: the number of shots the model is trained with (recorded; ``forward`` accepts any
             ``K >= 1``: PFENet's 5-shot results use the 1-shot model with 5 shots).
+        layer4_trainable: unfreeze the backbone's ``layer4`` (PFENet keeps it frozen; then the
+            prior becomes differentiable w.r.t. ``layer4``).
+        freeze_backbone_bn: keep the backbone's BatchNorm layers in eval mode (default; ``False``
+            reproduces PFENet's released code, which trains with batch statistics).
+        backbone_kwargs: extra keyword arguments of ``build_backbone`` (e.g. ``input_norm``).
+        reduce_dim: ``r`` (PFENet: 256).
         use_dcm: add the DCM (docs/MODELS_HOSTS.md#pfenet-dcm): kernels from the reduced support feature and its
             mask (all shots' foreground vectors pooled together), three depthwise dynamic
             convolutions of the reduced query feature ``q``, then
             ``q' = ReLU(Conv1x1([q, q_v, q_h, q_s]; (1 + n_variants)·r -> r, no bias))`` replaces
             ``q`` as the FEM input (``dcm_fusion="replace"``). Everything else is unchanged.
+        dcm_kernel_size, dcm_variants, dcm_square_source, dcm_kgen_kernel_size, dcm_fg_threshold,
+            dcm_kernel_norm: the DCM's ``kernel_size``, ``variants``, ``square_source``,
+            ``kgen_kernel_size``, ``fg_threshold`` and ``kernel_norm`` (:class:`dcm.DynamicConvModule`;
+            its channels are ``reduce_dim``). The same flags as DPCN's.
         dcm_fusion: ``"replace"`` (above) or ``"residual"``: ``q' = q + γ ⊙ ReLU(Conv1x1([q, q_v,
             q_h, q_s]))`` with ``γ`` initialised to 0, so that PFENet+DCM equals PFENet at
             initialisation (:class:`models.common.DCMFusion`).
@@ -128,18 +139,12 @@ class PFENet(FewShotSegmenter):
             (the same feature before the dropout).
         dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the DCM's kernel
             generators (an optimiser group of their own, :meth:`param_groups`).
-        reduce_dim: ``r`` (PFENet: 256).
-        dcm_kwargs: extra keyword arguments of :class:`dcm.DynamicConvModule` (``kernel_size``,
-            ``variants``, ``square_source``, ``kgen_kernel_size``, ``fg_threshold``).
         ppm_scales: pyramid bins, see :func:`resolve_bins` (PASCAL ``[60, 30, 15, 8]``, the
             default, made for 473 inputs; COCO ``[1.0, 0.5, 0.25, 0.125]``).
         aux_weight: weight of the auxiliary (``inner_cls``) loss, mean over bins (PFENet: 1.0).
         prior_eps: epsilon of the prior's cosine and min-max normalisation (PFENet: 1e-7).
-        layer4_trainable: unfreeze the backbone's ``layer4`` (PFENet keeps it frozen; then the
-            prior becomes differentiable w.r.t. ``layer4``).
-        freeze_backbone_bn: keep the backbone's BatchNorm layers in eval mode (default; ``False``
-            reproduces PFENet's released code, which trains with batch statistics).
-        backbone_kwargs: extra keyword arguments of ``build_backbone`` (e.g. ``input_norm``).
+        dcm_kwargs: deprecated spelling of the flat ``dcm_*`` flags (``{"kernel_size": 3}`` for
+            ``dcm_kernel_size=3``); warns, removed in the next release.
 
     Shape:
         ``forward(query_img[B,3,H,W], support_imgs[B,K,3,H,W], support_masks[B,K,H,W] (or [B,H,W]
@@ -166,30 +171,36 @@ class PFENet(FewShotSegmenter):
         backbone="resnet50",
         backbone_weights=None,
         shot: int = 1,
-        use_dcm: bool = False,
-        reduce_dim: int = 256,
-        dcm_kwargs: Optional[Dict] = None,
-        dcm_fusion: str = "replace",
-        dcm_support: str = "dropout",
-        dcm_lr_scale: float = 1.0,
-        dcm_weight_decay: Optional[float] = None,
-        ppm_scales: Sequence[float] = (60, 30, 15, 8),
-        aux_weight: float = 1.0,
-        prior_eps: float = 1e-7,
+        *,
         layer4_trainable: bool = False,
         freeze_backbone_bn: bool = True,
         backbone_kwargs: Optional[Dict] = None,
+        reduce_dim: int = 256,
+        use_dcm: bool = False,
+        dcm_kernel_size: int = 5,
+        dcm_variants: Sequence[str] = ("v", "h", "s"),
+        dcm_square_source: str = "serial",
+        dcm_kgen_kernel_size: int = 3,
+        dcm_fg_threshold: float = 0.5,
+        dcm_kernel_norm: Optional[str] = None,
+        dcm_lr_scale: float = 1.0,
+        dcm_weight_decay: Optional[float] = None,
+        dcm_fusion: str = "replace",
+        dcm_support: str = "dropout",
+        ppm_scales: Sequence[float] = (60, 30, 15, 8),
+        aux_weight: float = 1.0,
+        prior_eps: float = 1e-7,
+        dcm_kwargs: Optional[Dict] = None,
     ):
         super().__init__()
         if isinstance(shot, bool) or not isinstance(shot, int) or shot < 1:
             raise ValueError(f"shot: expected a positive int, got {shot!r}")
         if isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int) or reduce_dim < 1:
             raise ValueError(f"reduce_dim: expected a positive int, got {reduce_dim!r}")
-        if dcm_kwargs is not None and not use_dcm:
-            raise ValueError("dcm_kwargs: given but use_dcm=False")
-        dcm_kwargs = dict(dcm_kwargs or {})
-        if "channels" in dcm_kwargs:
-            raise ValueError("dcm_kwargs: 'channels' is fixed to reduce_dim by the host")
+        dcm_kwargs = dcm_module_kwargs(
+            {"dcm_kernel_size": dcm_kernel_size, "dcm_variants": dcm_variants, "dcm_square_source": dcm_square_source,
+             "dcm_kgen_kernel_size": dcm_kgen_kernel_size, "dcm_fg_threshold": dcm_fg_threshold,
+             "dcm_kernel_norm": dcm_kernel_norm}, dcm_kwargs, use_dcm, "PFENet")
         if dcm_fusion not in ("replace", "residual"):
             raise ValueError(f"dcm_fusion: expected 'replace' or 'residual', got {dcm_fusion!r}")
         if dcm_support not in ("dropout", "clean"):

@@ -67,17 +67,17 @@ def test_parameter_count_small_reduce_dim_vgg():
     assert per_module(m) == canet_head_count(R, 768)
 
 
-@pytest.mark.parametrize("dcm_kwargs,n_gen,n_var", [(None, 3, 3), ({"variants": ("s",), "square_source": "parallel"}, 1, 1)])
-def test_dcm_adds_exactly_dcm_and_wider_layer55(resnet, dcm_kwargs, n_gen, n_var):
+@pytest.mark.parametrize("dcm_flags,n_gen,n_var", [({}, 3, 3), ({"dcm_variants": ("s",), "dcm_square_source": "parallel"}, 1, 1)])
+def test_dcm_adds_exactly_dcm_and_wider_layer55(resnet, dcm_flags, n_gen, n_var):
     r = 256
-    base, plus = CANet(resnet, reduce_dim=r), CANet(resnet, reduce_dim=r, use_dcm=True, dcm_kwargs=dcm_kwargs)
+    base, plus = CANet(resnet, reduce_dim=r), CANet(resnet, reduce_dim=r, use_dcm=True, **dcm_flags)
     pb, pp = per_module(base), per_module(plus)
     assert set(pp) - set(pb) == {"dcm"}
-    assert pp["dcm"] == n_gen * 2 * (3 * r * r + r) == sum(p.numel() for p in DynamicConvModule(r, **(dcm_kwargs or {})).parameters())
+    assert pp["dcm"] == n_gen * 2 * (3 * r * r + r) == sum(p.numel() for p in DynamicConvModule(r, **{k[4:]: v for k, v in dcm_flags.items()}).parameters())
     assert pp["layer55"] == conv((2 + n_var) * r, r, 3)  # input widened from 2r to (2 + n_variants)·r
     assert pp["layer55"] - pb["layer55"] == 9 * n_var * r * r
     assert {k: v for k, v in pp.items() if k not in ("dcm", "layer55")} == {k: v for k, v in pb.items() if k != "layer55"}
-    if dcm_kwargs is None:
+    if not dcm_flags:
         assert plus.layer55[0].in_channels == 1280
         assert sum(pp.values()) - sum(pb.values()) == 1_181_184 + 1_769_472
 
@@ -179,8 +179,8 @@ def test_logit_fusion_is_mean_of_per_shot_runs(resnet):
     torch.testing.assert_close(fused, per_shot, rtol=1e-4, atol=1e-5)
 
 
-def test_other_backbone_and_dcm_kwargs():
-    m = CANet("efficientnet_lite0", backbone_weights="random", reduce_dim=R, use_dcm=True, dcm_kwargs={"kernel_size": 3}).train()
+def test_other_backbone_and_dcm_kernel_size():
+    m = CANet("efficientnet_lite0", backbone_weights="random", reduce_dim=R, use_dcm=True, dcm_kernel_size=3).train()
     q, s, sm, qm = episode(B=1, K=2)
     out = m(q, s, sm, qm)
     assert out["logits"].shape == (1, 2, SIZE, SIZE)
@@ -220,7 +220,5 @@ def test_bad_inputs(resnet):
         make(resnet, iom_iterations=0)
     with pytest.raises(ValueError, match="eval_iom_iterations"):
         make(resnet, eval_iom_iterations=1.5)
-    with pytest.raises(ValueError, match="dcm_kwargs"):
-        make(resnet, dcm_kwargs={"variants": ("v",)})
     with pytest.raises(ValueError, match="variants"):
-        make(resnet, use_dcm=True, dcm_kwargs={"variants": ("x",)})
+        make(resnet, use_dcm=True, dcm_variants=("x",))

@@ -288,10 +288,10 @@ def test_arm_variants_parse():
     from benchmarks.plug_in import parse_arm
     a = parse_arm("pfenet+dcm[residual+l1+lr0.1]", "pfenet")
     assert a.model == "pfenet+dcm" and a.tag == "pfenet_dcm_residual-l1-lr0.1"
-    assert a.overrides == ["model.flags.dcm_fusion=residual", "model.flags.dcm_kwargs.kernel_norm=l1",
+    assert a.overrides == ["model.flags.dcm_fusion=residual", "model.flags.dcm_kernel_norm=l1",
                            "model.flags.dcm_lr_scale=0.1"]
     assert parse_arm("canet+dcm[paper]", "canet").overrides == ["model.flags.dcm_fusion=concat",
-                                                                "model.flags.dcm_kwargs.kernel_norm=null"]
+                                                                "model.flags.dcm_kernel_norm=null"]
     assert parse_arm("dpcn[nodcm]", "dpcn").overrides == ["model.flags.use_dcm=false"]
     assert parse_arm("dpcn[l1]", "dpcn").overrides == ["model.flags.dcm_kernel_norm=l1"]
     for bad, host, word in (("pfenet[l1]", "pfenet", "no DCM"), ("pfenet+dcm[foo]", "pfenet", "unknown"),

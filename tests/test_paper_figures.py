@@ -17,7 +17,7 @@ from PIL import Image
 
 from benchmarks.datasets import CocoFewShot, PascalFewShot, SyntheticFewShot, build_dataset
 from benchmarks.datasets.boxes import BOX_MIN_AREA, boxes_label, component_boxes
-from benchmarks.evaluation import Protocol, dataset_factory
+from benchmarks.protocols import Protocol, dataset_factory
 from benchmarks.transforms import test_transform
 from conftest import SHARED_DATA
 

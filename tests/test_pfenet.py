@@ -73,17 +73,17 @@ def test_parameter_count_small_reduce_dim_and_fractional_bins(resnet):
     assert per_module(m) == pfenet_head_count(R, 1536, 3)
 
 
-@pytest.mark.parametrize("dcm_kwargs,n_gen,n_var", [(None, 3, 3), ({"variants": ("v", "h")}, 2, 2), ({"kernel_size": 3}, 3, 3)])
-def test_dcm_adds_exactly_dcm_and_fusion_conv(resnet, dcm_kwargs, n_gen, n_var):
+@pytest.mark.parametrize("dcm_flags,n_gen,n_var", [({}, 3, 3), ({"dcm_variants": ("v", "h")}, 2, 2), ({"dcm_kernel_size": 3}, 3, 3)])
+def test_dcm_adds_exactly_dcm_and_fusion_conv(resnet, dcm_flags, n_gen, n_var):
     r = 256
     base = PFENet(resnet, reduce_dim=r)
-    plus = PFENet(resnet, reduce_dim=r, use_dcm=True, dcm_kwargs=dcm_kwargs)
+    plus = PFENet(resnet, reduce_dim=r, use_dcm=True, **dcm_flags)
     pb, pp = per_module(base), per_module(plus)
     assert set(pp) - set(pb) == {"dcm", "dcm_fuse"}
     assert {k: pp[k] for k in pb} == pb  # every host module unchanged
-    assert pp["dcm"] == dcm_count(r, n_gen) == sum(p.numel() for p in DynamicConvModule(r, **(dcm_kwargs or {})).parameters())
+    assert pp["dcm"] == dcm_count(r, n_gen) == sum(p.numel() for p in DynamicConvModule(r, **{k[4:]: v for k, v in dcm_flags.items()}).parameters())
     assert pp["dcm_fuse"] == (1 + n_var) * r * r  # 1x1 (1 + n_variants)·r -> r, no bias
-    if dcm_kwargs is None:
+    if not dcm_flags:
         assert sum(pp.values()) - sum(pb.values()) == 1_181_184 + 262_144
 
 
@@ -281,12 +281,8 @@ def test_bad_inputs(resnet):
         make(resnet, ppm_scales=[60, -1])
     with pytest.raises(ValueError, match="ppm_scales"):
         make(resnet, ppm_scales=[7.5])
-    with pytest.raises(ValueError, match="dcm_kwargs"):
-        make(resnet, dcm_kwargs={"kernel_size": 3})
-    with pytest.raises(ValueError, match="dcm_kwargs"):
-        make(resnet, use_dcm=True, dcm_kwargs={"channels": 8})
     with pytest.raises(ValueError, match="kernel_size"):
-        make(resnet, use_dcm=True, dcm_kwargs={"kernel_size": 4})
+        make(resnet, use_dcm=True, dcm_kernel_size=4)
     with pytest.raises(ValueError, match="shot"):
         make(resnet, shot=0)
     with pytest.raises(ValueError, match="unknown backbone"):

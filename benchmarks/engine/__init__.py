@@ -3,9 +3,9 @@
 One :func:`train` call runs a whole recipe (:mod:`benchmarks.config`): it builds the model with
 :func:`models.build_model`, the episode datasets with :func:`benchmarks.datasets.build_dataset`, trains
 with SGD (or AdamW) + the poly schedule (updated every iteration, PFENet's ``(1 - it/max_it)^0.9`` with ``it``
-counted from 1), validates with :func:`benchmarks.evaluation.evaluate`, keeps the best checkpoint by
+counted from 1), validates with :func:`benchmarks.protocols.evaluate`, keeps the best checkpoint by
 validation class mIoU and finally evaluates it (and a no-training reference) under the recipe's
-:class:`~benchmarks.evaluation.Protocol`.
+:class:`~benchmarks.protocols.Protocol`.
 
 Layout (one concern per module; every name below is importable from ``benchmarks.engine`` itself)::
 

@@ -4,7 +4,7 @@
 network from a checkpoint file (:func:`load_checkpoint_model`, for evaluation and prediction).
 
 This module does not import the trainer (:mod:`benchmarks.engine.trainer`): ``benchmarks/evaluate.py``,
-``examples/predict.py`` and :mod:`benchmarks.predict_lib` load checkpoints without it. The trainer calls
+``examples/predict.py`` and :mod:`benchmarks.inference` load checkpoints without it. The trainer calls
 ``checkpoints.atomic_save`` through this module, so a test that replaces
 ``benchmarks.engine.checkpoints.atomic_save`` sees every checkpoint a run writes.
 """

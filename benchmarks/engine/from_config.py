@@ -1,5 +1,5 @@
 """What a config builds: the network (:func:`build_model_from_config`), the training episodes
-(:func:`build_train_dataset`), the evaluation :class:`~benchmarks.evaluation.Protocol` of the final test or of
+(:func:`build_train_dataset`), the evaluation :class:`~benchmarks.protocols.Protocol` of the final test or of
 the per-epoch validation (:func:`eval_protocol`, at :func:`test_size`) and the evaluation-dataset factory
 (:func:`eval_factory`). The config keys are those of :mod:`benchmarks.config`.
 """
@@ -11,7 +11,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..datasets import build_dataset
-from ..evaluation import Protocol, dataset_factory
+from ..protocols import Protocol, dataset_factory
 
 __all__ = ["build_model_from_config", "build_train_dataset", "test_size", "eval_protocol", "eval_factory"]
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..evaluation import EvaluationResult
+from ..protocols import EvaluationResult
 
 __all__ = ["RunLogger", "format_table"]
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from ..config import save_config
 from ..datasets import collate_episodes
-from ..evaluation import EvaluationResult, Protocol
+from ..protocols import EvaluationResult, Protocol
 from . import checkpoints
 from .checkpoints import rng_state, seed_everything, set_rng_state, strip_module_prefix
 from .device import amp_context, resolve_device

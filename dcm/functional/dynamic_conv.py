@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _check, config
+from .._compat import renamed_kwarg
 from .foreground import _foreground_pool
 
 __all__ = [
@@ -95,6 +96,7 @@ def dynamic_depthwise_conv2d_multi(x: torch.Tensor, weights: Sequence[torch.Tens
 KernelNet = Callable[[torch.Tensor], torch.Tensor]
 
 
+@renamed_kwarg("threshold", "fg_threshold")
 def generate_dynamic_kernels(
     support: torch.Tensor,
     support_mask: torch.Tensor,
@@ -102,7 +104,7 @@ def generate_dynamic_kernels(
     kernel_size: int = 5,
     variants: Sequence[str] = ("v", "h", "s"),
     square_source: str = "serial",
-    threshold: float = 0.5,
+    fg_threshold: float = 0.5,
     kernel_norm: Optional[str] = None,
 ) -> dict:
     r"""The DCM kernel generator (DPCN Eq. 5–7, 11): support foreground -> per-sample kernels.
@@ -126,7 +128,7 @@ def generate_dynamic_kernels(
         kernel_size: odd ``S``.
         variants: subset of ``("v", "h", "s")``.
         square_source: ``"serial"`` or ``"parallel"``.
-        threshold: foreground threshold.
+        fg_threshold: foreground threshold (:func:`dcm.functional.foreground_selection`).
         kernel_norm: ``None`` (the paper: raw generated kernels), ``"l1"`` or ``"l2"`` (step 4).
 
     Returns:
@@ -153,7 +155,7 @@ def generate_dynamic_kernels(
     _check_kernel_norm(kernel_norm)
     need_asym = any(v in variants for v in "vh") or ("s" in variants and square_source == "serial")
     bins = ((S,) if need_asym else ()) + ((S * S,) if "s" in variants and square_source == "parallel" else ())
-    pooled = dict(zip(bins, _foreground_pool(support, support_mask, bins, threshold)))
+    pooled = dict(zip(bins, _foreground_pool(support, support_mask, bins, fg_threshold)))
     B, C = pooled[bins[0]].shape[:2]
     out = {}
     serial_s = "s" in variants and square_source == "serial"
@@ -200,6 +202,7 @@ def normalize_kernel(weight: torch.Tensor, kernel_norm: Optional[str]) -> torch.
     return weight / norm.clamp_min(KERNEL_NORM_EPS)
 
 
+@renamed_kwarg("threshold", "fg_threshold")
 def dynamic_convolution(
     query: torch.Tensor,
     support: torch.Tensor,
@@ -208,14 +211,14 @@ def dynamic_convolution(
     kernel_size: int = 5,
     variants: Sequence[str] = ("v", "h", "s"),
     square_source: str = "serial",
-    threshold: float = 0.5,
+    fg_threshold: float = 0.5,
     kernel_norm: Optional[str] = None,
 ) -> Tuple[torch.Tensor, ...]:
     r"""Functional twin of :class:`dcm.DynamicConvModule`: kernels from the support, convolved over the query.
 
     Args:
         query: ``Tensor[B, C, H, W]`` (the filtered query feature in DPCN).
-        support, support_mask, generators, kernel_size, variants, square_source, threshold,
+        support, support_mask, generators, kernel_size, variants, square_source, fg_threshold,
             kernel_norm: as :func:`generate_dynamic_kernels`.
 
     Returns:
@@ -230,7 +233,7 @@ def dynamic_convolution(
     query = _check.query("query", query)
     support = _check.support("support", support, batch=query.shape[0], channels=query.shape[1])
     _check.same_device("support", support, "query", query)
-    kernels = generate_dynamic_kernels(support, support_mask, generators, kernel_size, variants, square_source, threshold,
+    kernels = generate_dynamic_kernels(support, support_mask, generators, kernel_size, variants, square_source, fg_threshold,
                                        kernel_norm)
     weights = [kernels[v].to(query.dtype) for v in kernels]
     return dynamic_depthwise_conv2d_multi(query, weights)

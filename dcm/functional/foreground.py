@@ -15,21 +15,23 @@ from typing import Sequence, Tuple
 import torch
 
 from .. import _check, config
+from .._compat import renamed_kwarg
 from .masks import prepare_mask
 
 __all__ = ["foreground_selection", "foreground_pool_weights", "foreground_pool"]
 
 
-def foreground_selection(mask: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+@renamed_kwarg("threshold", "fg_threshold")
+def foreground_selection(mask: torch.Tensor, fg_threshold: float = 0.5) -> torch.Tensor:
     """Which positions of each shot are foreground: ``Tensor[B, K, H, W]`` bool.
 
-    Rule per shot (docs/CONVENTIONS.md#foreground-extraction): values ``> threshold``; if there are
+    Rule per shot (docs/CONVENTIONS.md#foreground-extraction): values ``> fg_threshold``; if there are
     none, the positions that reach the shot's maximum when that maximum is positive (a small object
     that bilinear resizing blurred below the threshold); if the mask is all zero, none.
 
     Args:
         mask: resized masks ``Tensor[B, K, H, W]`` with values in ``[0, 1]``.
-        threshold: foreground threshold.
+        fg_threshold: foreground threshold.
 
     Example:
         >>> m = torch.tensor([[[[0.2, 0.3], [0.0, 0.3]]]])
@@ -38,7 +40,7 @@ def foreground_selection(mask: torch.Tensor, threshold: float = 0.5) -> torch.Te
                   [0, 1]]]], dtype=torch.int32)
     """
     flat = mask.flatten(2)
-    above = flat > threshold
+    above = flat > fg_threshold
     peak = flat.amax(-1, keepdim=True)
     fallback = (flat >= peak) & (peak > 0)
     sel = torch.where(above.any(-1, keepdim=True), above, fallback)
@@ -73,11 +75,12 @@ def foreground_pool_weights(sel: torch.Tensor, bins: int, dtype: torch.dtype = t
     return torch.where((n > 0)[..., None], w, uniform)
 
 
+@renamed_kwarg("threshold", "fg_threshold")
 def foreground_pool(
     feat: torch.Tensor,
     mask: torch.Tensor,
     bins: Sequence[int] = (5, 25),
-    threshold: float = 0.5,
+    fg_threshold: float = 0.5,
 ) -> Tuple[torch.Tensor, ...]:
     r"""Extract the support foreground vectors of all shots and pool them to each number of bins.
 
@@ -87,7 +90,7 @@ def foreground_pool(
         mask: ``Tensor[B, K, h, w]`` or ``Tensor[B, h, w]``, any resolution, values in ``[0, 1]`` or
             ``{0, 1, 255}``; resized to ``(H, W)`` with :func:`prepare_mask`.
         bins: the output lengths, e.g. ``(S, S*S)``.
-        threshold: foreground threshold, see :func:`foreground_selection`.
+        fg_threshold: foreground threshold, see :func:`foreground_selection`.
 
     Returns:
         one ``Tensor[B, C, bins_i]`` per entry of ``bins`` (the prototype sequences ``p_s``,
@@ -103,10 +106,10 @@ def foreground_pool(
     feat = _check.support("feat", feat)
     mask = _check.mask("mask", mask, feat.shape[0], feat.shape[1], "feat", feat)
     _check.check_mask_values("mask", mask)
-    return _foreground_pool(feat, mask, bins, threshold)
+    return _foreground_pool(feat, mask, bins, fg_threshold)
 
 
-def _foreground_pool(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int], threshold: float) -> Tuple[torch.Tensor, ...]:
+def _foreground_pool(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int], fg_threshold: float) -> Tuple[torch.Tensor, ...]:
     """:func:`foreground_pool` on already validated ``feat[B, K, C, H, W]`` and ``mask[B, K, h, w]``."""
     B, K, C, H, W = feat.shape
     for s in bins:
@@ -117,12 +120,12 @@ def _foreground_pool(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int]
         from ..kernels import foreground as _k
 
         if _k.supported(feat, bins):  # same mask resize, selection rule and bins, fused (dcm.kernels.foreground)
-            outs, n = _k.foreground_pool(feat, mask, bins, threshold)
+            outs, n = _k.foreground_pool(feat, mask, bins, fg_threshold)
             if config.data_checks_enabled(feat):
                 _check.warn_if_empty(n == 0, "foreground_pool")
             return outs
     m = prepare_mask(mask, (H, W), dtype=acc)
-    sel = foreground_selection(m, threshold).reshape(B, K * H * W)
+    sel = foreground_selection(m, fg_threshold).reshape(B, K * H * W)
     _check.warn_if_empty(~sel.any(1), "foreground_pool")
     f = feat.to(acc).permute(0, 2, 1, 3, 4).reshape(B, C, K * H * W)
     return tuple(torch.bmm(f, foreground_pool_weights(sel, s, acc).transpose(1, 2)).to(feat.dtype) for s in bins)

@@ -40,7 +40,7 @@ from .metrics import FewShotIoU
 
 __all__ = ["Protocol", "EvaluationResult", "evaluate", "evaluate_many", "dataset_factory", "BAM_SEEDS"]
 
-log = logging.getLogger("benchmarks.evaluation")
+log = logging.getLogger("benchmarks.protocols")
 
 BAM_SEEDS = (510, 365, 382, 322, 988)  # np.random.seed(123); randint(0, 1000, 5) (docs/PROTOCOLS.md#seeds-and-episodes)
 _RESOLUTIONS = ("original", "original_crop", "input")

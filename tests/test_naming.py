@@ -1,0 +1,132 @@
+"""One naming scheme (docs/CONVENTIONS.md#naming): the foreground threshold, the networks' common
+arguments and DCM flags, and the deprecated spellings that keep working for one release."""
+import inspect
+import warnings
+
+import pytest
+import torch
+
+import dcm.functional as DF
+import dcm.reference as ref
+from dcm import DynamicConvModule
+from models.canet import CANet
+from models.common import DCM_MODULE_FLAGS
+from models.dpcn import DPCN
+from models.pfenet import PFENet
+
+NETWORKS = (DPCN, PFENet, CANet)
+
+
+def _params(fn):
+    return list(inspect.signature(fn).parameters.values())
+
+
+def test_fg_threshold_is_one_name_in_the_functional_and_module_api():
+    for fn in (DF.foreground_selection, DF.foreground_pool, DF.generate_dynamic_kernels, DF.dynamic_convolution,
+               ref.foreground_pool_loop, ref.dynamic_convolution_loop):
+        names = [p.name for p in _params(fn)]
+        assert "fg_threshold" in names and "threshold" not in names, fn.__name__
+    assert "fg_threshold" in [p.name for p in _params(DynamicConvModule)]
+
+
+def test_deprecated_threshold_keyword_warns_and_means_fg_threshold():
+    torch.manual_seed(0)
+    feat, mask = torch.randn(2, 1, 4, 6, 6), torch.rand(2, 1, 6, 6)
+    want = DF.foreground_pool(feat, mask, (5, 25), fg_threshold=0.7)
+    with pytest.warns(DeprecationWarning, match="'threshold' is deprecated.*'fg_threshold'"):
+        got = DF.foreground_pool(feat, mask, (5, 25), threshold=0.7)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the threshold reaches the selection: another value gives another pooling
+    other = DF.foreground_pool(feat, mask, (5, 25), fg_threshold=0.2)
+    assert not torch.equal(want[1], other[1])
+    with pytest.raises(TypeError, match="both 'threshold' and 'fg_threshold'"):
+        DF.foreground_selection(mask, threshold=0.5, fg_threshold=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new spelling warns nothing
+        DF.foreground_selection(mask, fg_threshold=0.5)
+
+
+def test_networks_share_positional_arguments_and_dcm_flags():
+    for cls in NETWORKS:
+        ps = _params(cls.__init__)[1:]
+        positional = [p.name for p in ps if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert positional == ["backbone", "backbone_weights", "shot"], cls.__name__
+        names = [p.name for p in ps]
+        assert "dcm_kwargs" not in names or cls is not DPCN
+        # the DCM flags: the same names, in the same order, with the module's defaults
+        flags = [n for n in names if n in DCM_MODULE_FLAGS]
+        assert flags == list(DCM_MODULE_FLAGS), cls.__name__
+        mod_defaults = {p.name: p.default for p in _params(DynamicConvModule)}
+        for p in ps:
+            if p.name in DCM_MODULE_FLAGS:
+                assert p.default == mod_defaults[DCM_MODULE_FLAGS[p.name]], (cls.__name__, p.name)
+        for common in ("reduce_dim", "use_dcm", "dcm_lr_scale", "dcm_weight_decay", "freeze_backbone_bn"):
+            assert common in names, (cls.__name__, common)
+
+
+@pytest.mark.parametrize("cls", [PFENet, CANet])
+def test_flat_dcm_flags_reach_the_module(cls):
+    m = cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True, dcm_kernel_size=3,
+            dcm_variants=("v", "s"), dcm_square_source="parallel", dcm_kgen_kernel_size=1, dcm_fg_threshold=0.25,
+            dcm_kernel_norm="l1")
+    d = m.dcm
+    assert (d.kernel_size, d.variants, d.square_source, d.fg_threshold, d.kernel_norm) == (3, ("v", "s"), "parallel", 0.25, "l1")
+    assert d.generators["v"][0].kernel_size == (1,)
+
+
+@pytest.mark.parametrize("cls", [PFENet, CANet])
+def test_deprecated_dcm_kwargs_warn_and_build_the_same_network(cls):
+    torch.manual_seed(0)
+    flat = cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True, dcm_kernel_size=3, dcm_kernel_norm="l2")
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="dcm_kwargs is deprecated"):
+        old = cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True,
+                  dcm_kwargs={"kernel_size": 3, "kernel_norm": "l2"})
+    sa, sb = flat.state_dict(), old.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+    assert old.dcm.kernel_norm == "l2"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="given but use_dcm=False"):
+        cls("resnet50", backbone_weights="random", reduce_dim=8, dcm_kwargs={"kernel_size": 3})
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="'channels' is fixed"):
+        cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True, dcm_kwargs={"channels": 8})
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="unknown key 'kernel'"):
+        cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True, dcm_kwargs={"kernel": 3})
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="'kernel_size' given twice"):
+        cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True, dcm_kernel_size=3,
+            dcm_kwargs={"kernel_size": 7})
+
+
+def test_dpcn_old_positional_order_warns_and_keeps_its_meaning():
+    small = dict(reduce_dim=8, decoder_dim=8)
+    with pytest.warns(DeprecationWarning, match="positional order"):
+        m = DPCN("resnet50", 5, "random", **small)
+    assert m.shot == 5
+    with pytest.warns(DeprecationWarning, match="positional order"):
+        m = DPCN("resnet50", 2, **small)
+    assert m.shot == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        m = DPCN("resnet50", "random", 3, **small)
+    assert m.shot == 3
+
+
+def test_no_script_is_confusable_with_a_library_module():
+    import os
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+
+    def is_script(p):
+        return 'if __name__ == "__main__"' in p.read_text()
+
+    bench = [p for p in (root / "benchmarks").glob("*.py") if p.stem != "__init__"]
+    library = [p.stem for p in bench if not is_script(p)] + ["datasets", "engine"]
+    scripts = [p.stem for p in bench if is_script(p)] + [p.stem for p in (root / "examples").glob("*.py")]
+    assert {"plug_in", "evaluate", "speed"} <= set(scripts) and {"protocols", "inference", "metrics"} <= set(library)
+    for lib in library:
+        assert not lib.endswith("_lib"), lib
+        for s in scripts:
+            shared = len(os.path.commonprefix([s, lib]))
+            assert shared < min(len(s), len(lib)) - 2, f"script {s}.py and library module {lib} look alike"
