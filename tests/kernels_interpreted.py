@@ -370,18 +370,13 @@ def test_dynamic_conv_module_kernel_norm_matches_float64_loop(kernel_norm):
 # from the script itself, at the launch structure the benchmark gets (row chunks, support splits, position
 # chunks) on small inputs.
 def _gpu_sweep_plan():
-    from pathlib import Path
+    from _gpu_plan import sweep_plan
 
-    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh").read_text()
-    block = text.split("\nSWEEP_PLAN='", 1)[1].split("'", 1)[0]
     plan = []
-    for line in block.splitlines():
-        f = line.split()
-        if f:
-            _, dtype, ops, *kv = f
-            knobs = {k: v[0] for k, v in kernels.KNOBS.items()}
-            knobs.update((k, int(v)) for k, v in (x.split("=") for x in kv))
-            plan.append((dtype, ops.split(","), knobs))
+    for line in sweep_plan():
+        knobs = {k: v[0] for k, v in kernels.KNOBS.items()}
+        knobs.update(line["knobs"])
+        plan.append((line["dtype"], line["ops"], knobs))
     return plan
 
 

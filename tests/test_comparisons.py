@@ -5,7 +5,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,17 +16,12 @@ from benchmarks.stats import fold_average, paired_difference, t_quantile_975
 
 from conftest import SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, tiny
 VOC_SAMPLE = SHARED_DATA / "voc-sample" / "VOC2012"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = [
-    "model.backbone_weights=random", "model.flags={reduce_dim: 8, decoder_dim: 8}",
-    "data.args={image_size: 32, num_images: 120}", "data.train_episodes=16", "data.num_workers=0",
-    "train.epochs=2", "train.batch_size=4", "train.val_episodes=8", "train.val_batch_size=8",
-    "eval.episodes=8", "eval.batch_size=8", "eval.reference=none", "run.progress=false",
-]
+TINY = tiny(2, "run.progress=false")
 
 
 # ------------------------------------------------------------------------------ feature cache

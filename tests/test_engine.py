@@ -4,7 +4,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,15 +12,10 @@ from benchmarks.config import CONFIG_DIR, ConfigError, DEFAULTS, apply_overrides
 from benchmarks.engine import (PolyLR, ResumableDistributedSampler, Trainer, TrainingInterrupted, _fuse,
                                build_model_from_config, eval_protocol, load_checkpoint_model, train)
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, tiny
 
 # a tiny, fast recipe: DPCN on 32-px synthetic images, random Lite0 backbone, 8-channel head
-TINY = [
-    "model.backbone_weights=random", "model.flags={reduce_dim: 8, decoder_dim: 8}",
-    "data.args={image_size: 32, num_images: 120}", "data.train_episodes=16", "data.num_workers=0",
-    "train.epochs=2", "train.batch_size=4", "train.val_episodes=8", "train.val_batch_size=8",
-    "eval.episodes=8", "eval.batch_size=8", "eval.reference=none", "run.progress=false", "run.log_every=1",
-]
+TINY = tiny(2, "run.progress=false", "run.log_every=1")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

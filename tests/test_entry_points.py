@@ -8,42 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ROOT, fails, ok, one_line_error, run, sets, tiny
 SHARED = ROOT.parent / "shared" / "data"
 
-# tiny recipe overrides (same as tests/test_engine.py)
-TINY = [
-    "model.backbone_weights=random", "model.flags={reduce_dim: 8, decoder_dim: 8}",
-    "data.args={image_size: 32, num_images: 120}", "data.train_episodes=16", "data.num_workers=0",
-    "train.epochs=1", "train.batch_size=4", "train.val_episodes=8", "train.val_batch_size=8",
-    "eval.episodes=8", "eval.batch_size=8", "eval.reference=none",
-]
+TINY = tiny(1)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def sets(items):
-    return [a for o in items for a in ("--set", o)]
-
-
-def run(script, *args, timeout=300):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
-def ok(p):
-    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
-    return p.stdout
-
-
-def fails(p, *words):
-    assert p.returncode != 0, p.stdout[-2000:]
-    msg = p.stderr + p.stdout
-    assert "Traceback" not in msg, msg[-3000:]
-    for w in words:
-        assert w in msg, msg[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +133,6 @@ def test_predict_cli_errors(trained, tmp_path):
           "x0,y0,x1,y1")
     fails(run("examples/predict.py", "--checkpoint", tmp_path / "none.pth", "--query", q, "--support", s,
               tmp_path / "support_mask.png"), "none.pth")
-
-
-def one_line_error(p, *words):
-    """Exit status 2, one ``error:`` line naming the words, no traceback."""
-    fails(p, *words)
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    errs = [ln for ln in p.stderr.splitlines() if "error:" in ln]
-    assert len(errs) == 1, p.stderr[-2000:]
 
 
 def test_predict_cli_bad_values_are_one_line(trained, tmp_path):

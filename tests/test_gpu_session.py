@@ -11,21 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from _gpu_plan import SCRIPT, sweep_plan
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+
 OUTPUTS = {"session.log", "results.json", "summary.txt", "raw.tar.gz"}
-
-
-def sweep_plan(text):
-    """The lines of the script's SWEEP_PLAN: [{id, dtype, ops, knobs}] (as tests/kernels_interpreted.py reads it)."""
-    block = text.split("\nSWEEP_PLAN='", 1)[1].split("'", 1)[0]
-    plan = []
-    for line in block.splitlines():
-        f = line.split()
-        if f:
-            cid, dtype, ops, *kv = f
-            plan.append(dict(id=cid, dtype=dtype, ops=ops.split(","), knobs={k: int(v) for k, v in (x.split("=") for x in kv)}))
-    return plan
 
 
 def run(args, tmp_path, timeout=60, **env):

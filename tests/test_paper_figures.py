@@ -2,11 +2,7 @@
 (benchmarks/plot_runs.py), qualitative grids (benchmarks/qualitative.py) — on the real VOC / COCO
 samples where the shared data is present, end to end at tiny sizes."""
 import json
-import os
 import shutil
-import subprocess
-import sys
-import warnings
 from collections import deque
 from pathlib import Path
 
@@ -21,7 +17,7 @@ from benchmarks.protocols import Protocol, dataset_factory
 from benchmarks.transforms import test_transform
 from conftest import SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import ok, one_line_error, run, sets, tiny
 VOC = SHARED_DATA / "voc-sample" / "VOC2012"
 VOC_LIST = VOC / "train_sample.txt"
 COCO = SHARED_DATA / "coco-mini"
@@ -29,40 +25,9 @@ COCO_ANN = COCO / "annotations" / "instances.json"
 needs_voc = pytest.mark.skipif(not VOC_LIST.is_file(), reason=f"real VOC sample not found at {VOC} (shared data absent)")
 needs_coco = pytest.mark.skipif(not COCO_ANN.is_file(), reason=f"real COCO sample not found at {COCO} (shared data absent)")
 
-# tiny recipe overrides (as tests/test_entry_points.py)
-TINY = [
-    "model.backbone_weights=random", "model.flags={reduce_dim: 8, decoder_dim: 8}",
-    "data.args={image_size: 32, num_images: 120}", "data.train_episodes=16", "data.num_workers=0",
-    "train.epochs=2", "train.batch_size=4", "train.val_episodes=8", "train.val_batch_size=8",
-    "eval.episodes=8", "eval.batch_size=8", "eval.reference=none",
-]
+TINY = tiny(2)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-
-def sets(items):
-    return [a for o in items for a in ("--set", o)]
-
-
-def run(script, *args, timeout=300, env=None):
-    e = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=e)
-
-
-def ok(p):
-    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
-    return p.stdout
-
-
-def one_line_error(p, *words):
-    """Exit 2, no traceback, the error on one ``error:`` line naming ``words``."""
-    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
-    assert "Traceback" not in p.stderr + p.stdout, p.stderr[-3000:]
-    lines = [ln for ln in p.stderr.splitlines() if "error:" in ln]
-    assert len(lines) == 1, p.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def png_size(path):
