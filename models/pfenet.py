@@ -137,6 +137,10 @@ class PFENet(FewShotSegmenter):
         dcm_support: what the kernel generators see of the support: ``"dropout"`` (the reduced
             support feature after ``down_supp``'s Dropout2d, as the prototype does) or ``"clean"``
             (the same feature before the dropout).
+        dcm_placement: where the fused DCM maps enter: ``"fem_input"`` (the reduced query feature
+            before the FEM, as above) or ``"decoder"`` (the DCM still convolves the reduced query
+            feature; ``dcm_fusion`` merges its maps into the FEM's output feature, the input of the
+            final classifier).
         dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the DCM's kernel
             generators (an optimiser group of their own, :meth:`param_groups`).
         ppm_scales: pyramid bins, see :func:`resolve_bins` (PASCAL ``[60, 30, 15, 8]``, the
@@ -187,6 +191,7 @@ class PFENet(FewShotSegmenter):
         dcm_weight_decay: Optional[float] = None,
         dcm_fusion: str = "replace",
         dcm_support: str = "dropout",
+        dcm_placement: str = "fem_input",
         ppm_scales: Sequence[float] = (60, 30, 15, 8),
         aux_weight: float = 1.0,
         prior_eps: float = 1e-7,
@@ -205,6 +210,9 @@ class PFENet(FewShotSegmenter):
             raise ValueError(f"dcm_fusion: expected 'replace' or 'residual', got {dcm_fusion!r}")
         if dcm_support not in ("dropout", "clean"):
             raise ValueError(f"dcm_support: expected 'dropout' or 'clean', got {dcm_support!r}")
+        if dcm_placement not in ("fem_input", "decoder"):
+            raise ValueError(f"dcm_placement: expected 'fem_input' or 'decoder', got {dcm_placement!r}")
+        self.dcm_placement = dcm_placement
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
         self.dcm_fusion, self.dcm_support = dcm_fusion, dcm_support
         self.dcm_lr_scale = float(dcm_lr_scale)
@@ -299,7 +307,8 @@ class PFENet(FewShotSegmenter):
         if self.use_dcm:
             dcm_supp = supp_feat if self.dcm_support == "dropout" else supp_pre.reshape(B, K, r, h3, w3)
             enhanced = self.dcm(query_feat, dcm_supp, support_masks)
-            query_feat = self.dcm_fuse(query_feat, enhanced)
+            if self.dcm_placement == "fem_input":
+                query_feat = self.dcm_fuse(query_feat, enhanced)
 
         # ---- FEM
         bins = resolve_bins(self.ppm_scales, (fh, fw))
@@ -318,6 +327,8 @@ class PFENet(FewShotSegmenter):
             pyramid.append(upsample(merge, (fh, fw)))
         feat = self.res1(torch.cat(pyramid, 1))
         feat = self.res2(feat) + feat
+        if self.use_dcm and self.dcm_placement == "decoder":
+            feat = self.dcm_fuse(feat, enhanced)  # the DCM maps of the reduced query feature, into the classifier input
         logits = upsample(self.cls(feat), (H, W))
 
         out: Dict[str, object] = {"logits": logits, "aux_logits": aux_logits, "prior_mask": prior}
@@ -332,6 +343,7 @@ class PFENet(FewShotSegmenter):
         return (
             f"reduce_dim={self.reduce_dim}, ppm_scales={list(self.ppm_scales)}, shot={self.shot}, "
             f"use_dcm={self.use_dcm}, aux_weight={self.aux_weight}"
-            + (f", dcm_fusion={self.dcm_fusion!r}, dcm_support={self.dcm_support!r}, dcm_lr_scale={self.dcm_lr_scale}"
+            + (f", dcm_fusion={self.dcm_fusion!r}, dcm_support={self.dcm_support!r}, "
+               f"dcm_placement={self.dcm_placement!r}, dcm_lr_scale={self.dcm_lr_scale}"
                if self.use_dcm else "")
         )

@@ -225,11 +225,12 @@ def test_paired_difference_by_hand():
 # ------------------------------------------------------------------------------ DCM fusion in the hosts
 @pytest.mark.parametrize("host, flags", [
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5]}),
+    ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_placement": "decoder"}),
     ("canet", {"reduce_dim": 16}),
 ])
 def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
     from models import build_model
-    plain = build_model(host, backbone=resnet, **flags).eval()
+    plain = build_model(host, backbone=resnet, **{k: v for k, v in flags.items() if k != "dcm_placement"}).eval()
     with_dcm = build_model(host + "+dcm", backbone=resnet, dcm_fusion="residual", **flags).eval()
     missing, unexpected = with_dcm.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(("dcm.", "dcm_fuse.")) for k in missing)
@@ -245,7 +246,7 @@ def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
     out["loss"].backward()
     assert with_dcm.dcm_fuse.gamma.grad.abs().sum() > 0
     # the paper form is not the host at initialisation
-    paper = build_model(host + "+dcm", backbone=resnet, **flags).eval()
+    paper = build_model(host + "+dcm", backbone=resnet, **flags).eval()  # replace / concat, raw kernels
     own = paper.state_dict()
     paper.load_state_dict({k: v for k, v in plain.state_dict().items() if own[k].shape == v.shape}, strict=False)
     assert not torch.allclose(paper(q, s, m)["logits"], a)
@@ -287,6 +288,10 @@ def test_arm_variants_parse():
     assert parse_arm("canet+dcm[paper]", "canet").overrides == ["model.flags.dcm_fusion=concat",
                                                                 "model.flags.dcm_kernel_norm=null"]
     assert parse_arm("dpcn[nodcm]", "dpcn").overrides == ["model.flags.use_dcm=false"]
+    assert parse_arm("pfenet+dcm[residual+decoder]", "pfenet").overrides == ["model.flags.dcm_fusion=residual",
+                                                                             "model.flags.dcm_placement=decoder"]
+    with pytest.raises(ValueError, match="decoder"):
+        parse_arm("canet+dcm[decoder]", "canet")
     assert parse_arm("dpcn[l1]", "dpcn").overrides == ["model.flags.dcm_kernel_norm=l1"]
     for bad, host, word in (("pfenet[l1]", "pfenet", "no DCM"), ("pfenet+dcm[foo]", "pfenet", "unknown"),
                             ("canet", "pfenet", "not a pfenet arm"), ("canet+dcm[replace]", "canet", "concat"),
