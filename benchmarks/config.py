@@ -312,7 +312,17 @@ def load_config(recipe: Union[None, str, os.PathLike] = None, overrides: Sequenc
         path = resolve_recipe(recipe)
         cfg = merge(cfg, _read_yaml(path))
     cfg = apply_overrides(cfg, overrides)
-    return _validate(cfg)
+    return pin_changed_defaults(_validate(cfg))
+
+
+def pin_changed_defaults(cfg: dict) -> dict:
+    """Write today's default of every flag whose default changed (``models.registry.LEGACY_DEFAULTS``)
+    into ``cfg['model']['flags']`` unless the config sets it, so that a saved config keeps its meaning."""
+    from models.registry import pinned_flags
+    flags = cfg["model"]["flags"]
+    for k, v in pinned_flags(cfg["model"]["name"]).items():
+        flags.setdefault(k, v)
+    return cfg
 
 
 def dump_config(cfg: dict) -> str:

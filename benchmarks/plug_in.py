@@ -42,6 +42,8 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Dict, List, Optional  # noqa: E402
 
+import yaml  # noqa: E402
+
 from benchmarks.config import CONFIG_DIR, ConfigError, add_config_args, load_config, overrides_from_args  # noqa: E402
 from benchmarks.stats import fold_average, format_interval, paired_difference  # noqa: E402
 
@@ -180,10 +182,39 @@ def _evaluate_checkpoint(cfg: dict, run_dir: Path) -> dict:
     return out
 
 
+def check_run_dir(cfg: dict, run_dir: Path) -> None:
+    """Refuse to reuse ``run_dir`` when the network its ``config.yaml`` was trained with is not the one
+    ``cfg`` asks for (e.g. a run of an older version, before a default changed)."""
+    from benchmarks.config import DEFAULTS, merge
+    from benchmarks.engine import with_legacy_flags
+    f = run_dir / "config.yaml"
+    if not f.is_file():
+        return
+    try:
+        saved = with_legacy_flags(merge(DEFAULTS, yaml.safe_load(f.read_text()) or {}))["model"]
+    except (yaml.YAMLError, ConfigError, TypeError, AttributeError) as e:
+        raise ValueError(f"--resume: '{f}' cannot be read as a run config ({_short(e)}); delete '{run_dir}' "
+                         f"to run it again") from None
+    want = json.loads(json.dumps(cfg["model"], default=list))
+    saved = json.loads(json.dumps(saved, default=list))
+    if saved != want:
+        diff = sorted(k for k in set(saved["flags"]) | set(want["flags"]) if saved["flags"].get(k) != want["flags"].get(k))
+        what = ", ".join(f"{k}: run {saved['flags'].get(k)!r}, asked {want['flags'].get(k)!r}" for k in diff) or \
+            ", ".join(f"{k}: run {saved.get(k)!r}, asked {want.get(k)!r}" for k in want if k != "flags" and saved.get(k) != want.get(k))
+        raise ValueError(f"--resume: '{run_dir}' was trained with another network ({what}); give another --out "
+                         f"or delete the folder to run it again")
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def run_one(cfg: dict, run_dir: Path, split: str, resume: bool) -> Optional[dict]:
     """Train (or reuse) one run and return its results on ``split`` (``None`` on a non-zero rank)."""
     from benchmarks.engine import _json_default, train
     res_file = run_dir / f"results_{split}.json"
+    if resume:
+        check_run_dir(cfg, run_dir)
     if resume and res_file.is_file():
         print(f"[{run_dir.name}] reusing {res_file}")
         return json.loads(res_file.read_text())
@@ -335,6 +366,7 @@ def main(argv=None) -> int:
                                                       "eval.reference=none"])
                     run_dir = out_dir / f"{arm.tag}_f{fold}_seed{seed}"
                     if args.report_only:
+                        check_run_dir(cfg, run_dir)
                         f_res = run_dir / f"results_{split}.json"
                         if not f_res.is_file():
                             missing.append(run_dir.name)

@@ -84,17 +84,18 @@ class CANet(FewShotSegmenter):
         reduce_dim: ``r`` (CANet: 256).
         use_dcm: add the DCM: kernels from the support embeddings after ``layer5`` and their masks
             (foreground vectors of all shots pooled together), depthwise dynamic convolutions of
-            the query embedding after ``layer5``; the three maps are concatenated to ``layer55``'s
-            input, which widens from ``2r`` to ``(2 + n_variants)·r`` (1280 for r = 256)
-            (``dcm_fusion="concat"``).
+            the query embedding after ``layer5``; ``dcm_fusion`` merges the maps into it.
         dcm_kernel_size, dcm_variants, dcm_square_source, dcm_kgen_kernel_size, dcm_fg_threshold,
             dcm_kernel_norm: the DCM's ``kernel_size``, ``variants``, ``square_source``,
             ``kgen_kernel_size``, ``fg_threshold`` and ``kernel_norm`` (:class:`dcm.DynamicConvModule`;
             its channels are ``reduce_dim``). The same flags as DPCN's and PFENet's.
-        dcm_fusion: ``"concat"`` (above) or ``"residual"``: the query embedding becomes
+        dcm_fusion: ``"residual"`` (default): the query embedding becomes
             ``q + γ ⊙ ReLU(Conv1x1([q, q_v, q_h, q_s]))`` with ``γ`` initialised to 0 and ``layer55``
             keeps its ``2r`` input, so that CANet+DCM equals CANet at initialisation
-            (:class:`models.common.DCMFusion`).
+            (:class:`models.common.DCMFusion`), or ``"concat"`` (the paper's form): the three maps are
+            concatenated to ``layer55``'s input, which widens from ``2r`` to ``(2 + n_variants)·r``
+            (1280 for r = 256). A saved config without this flag was trained with ``"concat"`` and
+            loads as such (``models.registry.LEGACY_DEFAULTS``).
         dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the kernel
             generators (an optimiser group of their own).
         iom_iterations: IOM passes per forward in training (official: 1, with the history mask
@@ -146,7 +147,7 @@ class CANet(FewShotSegmenter):
         dcm_kernel_norm: Optional[str] = None,
         dcm_lr_scale: float = 1.0,
         dcm_weight_decay: Optional[float] = None,
-        dcm_fusion: str = "concat",
+        dcm_fusion: str = "residual",
         iom_iterations: int = 1,
         eval_iom_iterations: Optional[int] = None,
         shot_fusion: str = "prototype",

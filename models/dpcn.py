@@ -49,6 +49,7 @@ from .common import (
     FewShotSegmenter,
     check_dcm_training_flags,
     check_episode,
+    dcm_module_kwargs,
     reduce_block,
     resolve_backbone,
     segmentation_loss,
@@ -297,19 +298,10 @@ class DPCN(FewShotSegmenter):
         # ---------------------------------------------------------------- modules
         self.sam = SupportActivation(windows=windows, chunk_size=sam_chunk_size) if self.use_prior else None
         self.ffm = FeatureFiltering(C, kernel_size=ffm_kernel_size) if self.use_ffm else None
-        self.dcm = (
-            DynamicConvModule(
-                C,
-                kernel_size=dcm_kernel_size,
-                variants=dcm_variants,
-                square_source=dcm_square_source,
-                kgen_kernel_size=dcm_kgen_kernel_size,
-                fg_threshold=dcm_fg_threshold,
-                kernel_norm=dcm_kernel_norm,
-            )
-            if self.use_dcm
-            else None
-        )
+        dcm_flags = {"dcm_kernel_size": dcm_kernel_size, "dcm_variants": dcm_variants,
+                     "dcm_square_source": dcm_square_source, "dcm_kgen_kernel_size": dcm_kgen_kernel_size,
+                     "dcm_fg_threshold": dcm_fg_threshold, "dcm_kernel_norm": dcm_kernel_norm}
+        self.dcm = DynamicConvModule(C, **dcm_module_kwargs(dcm_flags, None, self.use_dcm, "DPCN")) if self.use_dcm else None
 
         # ---------------------------------------------------------------- decoder
         if self.use_dcm:

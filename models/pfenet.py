@@ -125,15 +125,18 @@ class PFENet(FewShotSegmenter):
         use_dcm: add the DCM (docs/MODELS_HOSTS.md#pfenet-dcm): kernels from the reduced support feature and its
             mask (all shots' foreground vectors pooled together), three depthwise dynamic
             convolutions of the reduced query feature ``q``, then
-            ``q' = ReLU(Conv1x1([q, q_v, q_h, q_s]; (1 + n_variants)·r -> r, no bias))`` replaces
-            ``q`` as the FEM input (``dcm_fusion="replace"``). Everything else is unchanged.
+            the maps are merged into ``q`` before the FEM by ``dcm_fusion``. Everything else is
+            unchanged.
         dcm_kernel_size, dcm_variants, dcm_square_source, dcm_kgen_kernel_size, dcm_fg_threshold,
             dcm_kernel_norm: the DCM's ``kernel_size``, ``variants``, ``square_source``,
             ``kgen_kernel_size``, ``fg_threshold`` and ``kernel_norm`` (:class:`dcm.DynamicConvModule`;
             its channels are ``reduce_dim``). The same flags as DPCN's.
-        dcm_fusion: ``"replace"`` (above) or ``"residual"``: ``q' = q + γ ⊙ ReLU(Conv1x1([q, q_v,
-            q_h, q_s]))`` with ``γ`` initialised to 0, so that PFENet+DCM equals PFENet at
-            initialisation (:class:`models.common.DCMFusion`).
+        dcm_fusion: ``"residual"`` (default): ``q' = q + γ ⊙ ReLU(Conv1x1([q, q_v, q_h, q_s]))`` with
+            ``γ`` initialised to 0, so that PFENet+DCM equals PFENet at initialisation (the form chosen
+            on real images, docs/REAL_IMAGES.md), or ``"replace"`` (the paper's description):
+            ``q' = ReLU(Conv1x1([q, q_v, q_h, q_s]; (1 + n_variants)·r -> r, no bias))`` takes the
+            place of ``q`` (:class:`models.common.DCMFusion`). A saved config without this flag was
+            trained with ``"replace"`` and loads as such (``models.registry.LEGACY_DEFAULTS``).
         dcm_support: what the kernel generators see of the support: ``"dropout"`` (the reduced
             support feature after ``down_supp``'s Dropout2d, as the prototype does) or ``"clean"``
             (the same feature before the dropout).
@@ -189,7 +192,7 @@ class PFENet(FewShotSegmenter):
         dcm_kernel_norm: Optional[str] = None,
         dcm_lr_scale: float = 1.0,
         dcm_weight_decay: Optional[float] = None,
-        dcm_fusion: str = "replace",
+        dcm_fusion: str = "residual",
         dcm_support: str = "dropout",
         dcm_placement: str = "fem_input",
         ppm_scales: Sequence[float] = (60, 30, 15, 8),

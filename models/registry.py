@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Tuple
 
 from torch import nn
 
-__all__ = ["build_model", "list_models", "MODELS"]
+__all__ = ["build_model", "list_models", "MODELS", "LEGACY_DEFAULTS", "pinned_flags", "legacy_flags"]
 
 #: name -> (module, class name, fixed keyword flags)
 MODELS: Dict[str, Tuple[str, str, Dict[str, object]]] = {
@@ -34,6 +34,40 @@ MODELS: Dict[str, Tuple[str, str, Dict[str, object]]] = {
     "canet": ("models.canet", "CANet", {"use_dcm": False}),
     "canet+dcm": ("models.canet", "CANet", {"use_dcm": True}),
 }
+
+
+#: Flags whose default changed, per model name: flag -> the value that a config *without* the flag
+#: was trained with. ``benchmarks.config.load_config`` writes today's default of each such flag into
+#: every resolved config (:func:`pinned_flags`), so a saved run states it; a saved config that does
+#: not name it is read with the old value (:func:`legacy_flags`).
+LEGACY_DEFAULTS: Dict[str, Dict[str, object]] = {
+    "pfenet+dcm": {"dcm_fusion": "replace"},
+    "canet+dcm": {"dcm_fusion": "concat"},
+}
+
+
+def pinned_flags(name: str) -> Dict[str, object]:
+    """Today's defaults of the flags of :data:`LEGACY_DEFAULTS` for model ``name`` (``{}`` if none).
+
+    Example:
+        >>> pinned_flags("pfenet+dcm"), pinned_flags("dpcn")
+        ({'dcm_fusion': 'residual'}, {})
+    """
+    key = str(name).strip().lower()
+    if key not in LEGACY_DEFAULTS:
+        return {}
+    params = inspect.signature(_model_class(key).__init__).parameters
+    return {k: params[k].default for k in LEGACY_DEFAULTS[key]}
+
+
+def legacy_flags(name: str) -> Dict[str, object]:
+    """The values that a saved config of model ``name`` which does not name these flags was trained with.
+
+    Example:
+        >>> legacy_flags("canet+dcm")
+        {'dcm_fusion': 'concat'}
+    """
+    return dict(LEGACY_DEFAULTS.get(str(name).strip().lower(), {}))
 
 
 def list_models() -> List[str]:

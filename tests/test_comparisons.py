@@ -231,7 +231,8 @@ def test_paired_difference_by_hand():
 def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
     from models import build_model
     plain = build_model(host, backbone=resnet, **{k: v for k, v in flags.items() if k != "dcm_placement"}).eval()
-    with_dcm = build_model(host + "+dcm", backbone=resnet, dcm_fusion="residual", **flags).eval()
+    with_dcm = build_model(host + "+dcm", backbone=resnet, **flags).eval()  # the default fusion
+    assert with_dcm.dcm_fusion == "residual"
     missing, unexpected = with_dcm.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(("dcm.", "dcm_fuse.")) for k in missing)
     torch.manual_seed(0)
@@ -246,7 +247,8 @@ def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
     out["loss"].backward()
     assert with_dcm.dcm_fuse.gamma.grad.abs().sum() > 0
     # the paper form is not the host at initialisation
-    paper = build_model(host + "+dcm", backbone=resnet, **flags).eval()  # replace / concat, raw kernels
+    paper_fusion = {"pfenet": "replace", "canet": "concat"}[host]
+    paper = build_model(host + "+dcm", backbone=resnet, dcm_fusion=paper_fusion, **flags).eval()  # raw kernels
     own = paper.state_dict()
     paper.load_state_dict({k: v for k, v in plain.state_dict().items() if own[k].shape == v.shape}, strict=False)
     assert not torch.allclose(paper(q, s, m)["logits"], a)
@@ -355,3 +357,53 @@ def test_checkpoint_of_an_older_config_loads_with_todays_defaults(tmp_path):
     torch.save({"model": model.state_dict(), "config": bad}, tmp_path / "new.pth")
     with pytest.raises(ValueError, match="new.pth"):
         load_checkpoint_model(tmp_path / "new.pth")
+
+
+@pytest.mark.parametrize("name, old_form", [("pfenet+dcm", "replace"), ("canet+dcm", "concat")])
+def test_config_saved_before_the_fusion_default_changed_loads_in_its_old_form(tmp_path, name, old_form):
+    """Resolved configs record ``dcm_fusion``; a saved config without it is read as the old default."""
+    from benchmarks.engine import build_model_from_config, load_checkpoint_model
+    from dcm import DCMFusion
+    from models.registry import LEGACY_DEFAULTS, pinned_flags
+    assert DCMFusion(4, 3).mode == "residual" and pinned_flags(name) == {"dcm_fusion": "residual"}
+    assert LEGACY_DEFAULTS[name] == {"dcm_fusion": old_form}
+    host = name.split("+")[0]
+    cfg = load_config(f"plug_in_{host}_synthetic", ["model.backbone_weights=random", f"model.name={name}",
+                                                    "model.flags.reduce_dim=8"])
+    assert cfg["model"]["flags"]["dcm_fusion"] == "residual"  # recorded in every resolved config
+    old = copy.deepcopy(cfg)
+    old["model"]["flags"]["dcm_fusion"] = old_form
+    torch.manual_seed(0)
+    model = build_model_from_config(old).eval()
+    del old["model"]["flags"]["dcm_fusion"]  # as a config saved by the older version
+    torch.save({"model": model.state_dict(), "config": old}, tmp_path / "old.pth")
+    loaded, c = load_checkpoint_model(tmp_path / "old.pth")
+    assert loaded.dcm_fusion == old_form and c["model"]["flags"]["dcm_fusion"] == old_form
+    torch.manual_seed(1)
+    q, s, m = torch.randn(1, 3, 40, 40), torch.randn(1, 1, 3, 40, 40), (torch.rand(1, 1, 40, 40) > 0.5).float()
+    torch.testing.assert_close(loaded(q, s, m)["logits"], model(q, s, m)["logits"], rtol=0, atol=0)
+    # with today's config (the residual default) the old weights do not fit: an error, not a silent load
+    with pytest.raises(ValueError, match="old.pth"):
+        load_checkpoint_model(tmp_path / "old.pth", cfg=cfg)
+
+
+def test_plug_in_refuses_to_reuse_a_run_of_another_network(tmp_path):
+    """A run folder whose config.yaml predates the residual default is not reused for the default arm."""
+    import yaml
+    from benchmarks.config import save_config
+    from benchmarks.plug_in import check_run_dir
+    cfg = load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm"])
+    run_dir = tmp_path / "pfenet_dcm_f0_seed0"
+    run_dir.mkdir()
+    save_config(cfg, run_dir / "config.yaml")
+    check_run_dir(cfg, run_dir)  # the same network: reused
+    old = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del old["model"]["flags"]["dcm_fusion"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ValueError, match=r"pfenet_dcm_f0_seed0.*dcm_fusion: run 'replace', asked 'residual'"):
+        check_run_dir(cfg, run_dir)
+    check_run_dir(load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm", "model.flags.dcm_fusion=replace"]),
+                  run_dir)
+    (run_dir / "config.yaml").write_text("model: [1, 2\n")
+    with pytest.raises(ValueError, match="config.yaml"):
+        check_run_dir(cfg, run_dir)

@@ -15,12 +15,12 @@ DCM_FUSIONS = ("replace", "residual")
 class DCMFusion(nn.Module):
     r"""Merge a host's query feature ``q [B, C, h, w]`` with the DCM maps (``n`` tensors ``[B, C, h, w]``).
 
+    * ``"residual"`` (default): ``q' = q + γ ⊙ ReLU(Conv1x1([q, maps]))`` with a per-channel ``γ``
+      initialised to ``gamma_init`` (default 0, as timm's ``LayerScale`` with zero init / ControlNet's
+      zero convolutions): at initialisation host+DCM computes exactly the host, and the DCM branch
+      enters as ``γ`` learns. The form that raised PFENet on real images (docs/REAL_IMAGES.md).
     * ``"replace"`` (DPCN's description for PFENet): ``q' = ReLU(Conv1x1([q, maps]))``; the host loses
       its own ``q`` at initialisation (a random projection takes its place).
-    * ``"residual"``: ``q' = q + γ ⊙ ReLU(Conv1x1([q, maps]))`` with a per-channel ``γ`` initialised to
-      ``gamma_init`` (default 0, as timm's ``LayerScale`` with zero init / ControlNet's zero
-      convolutions): at initialisation host+DCM computes exactly the host, and the DCM branch enters
-      as ``γ`` learns.
 
     Example:
         >>> f = DCMFusion(4, 3, "residual")
@@ -29,7 +29,7 @@ class DCMFusion(nn.Module):
         True
     """
 
-    def __init__(self, channels: int, n_maps: int, mode: str = "replace", gamma_init: float = 0.0):
+    def __init__(self, channels: int, n_maps: int, mode: str = "residual", gamma_init: float = 0.0):
         super().__init__()
         if mode not in DCM_FUSIONS:
             raise ValueError(f"mode: expected one of {DCM_FUSIONS}, got {mode!r}")
