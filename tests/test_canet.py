@@ -69,8 +69,9 @@ def test_parameter_count_small_reduce_dim_vgg():
 
 @pytest.mark.parametrize("dcm_flags,n_gen,n_var", [({}, 3, 3), ({"dcm_variants": ("s",), "dcm_square_source": "parallel"}, 1, 1)])
 def test_dcm_adds_exactly_dcm_and_wider_layer55(resnet, dcm_flags, n_gen, n_var):
+    """The concatenating (paper-like) form widens layer55."""
     r = 256
-    base, plus = CANet(resnet, reduce_dim=r), CANet(resnet, reduce_dim=r, use_dcm=True, **dcm_flags)
+    base, plus = CANet(resnet, reduce_dim=r), CANet(resnet, reduce_dim=r, use_dcm=True, dcm_fusion="concat", **dcm_flags)
     pb, pp = per_module(base), per_module(plus)
     assert set(pp) - set(pb) == {"dcm"}
     assert pp["dcm"] == n_gen * 2 * (3 * r * r + r) == sum(p.numel() for p in DynamicConvModule(r, **{k[4:]: v for k, v in dcm_flags.items()}).parameters())
@@ -80,6 +81,16 @@ def test_dcm_adds_exactly_dcm_and_wider_layer55(resnet, dcm_flags, n_gen, n_var)
     if not dcm_flags:
         assert plus.layer55[0].in_channels == 1280
         assert sum(pp.values()) - sum(pb.values()) == 1_181_184 + 1_769_472
+
+
+def test_dcm_residual_default_adds_dcm_and_a_gated_projection(resnet):
+    r = 256
+    base, plus = CANet(resnet, reduce_dim=r), CANet(resnet, reduce_dim=r, use_dcm=True)
+    assert plus.dcm_fusion == "residual"
+    pb, pp = per_module(base), per_module(plus)
+    assert set(pp) - set(pb) == {"dcm", "dcm_fuse"}
+    assert {k: pp[k] for k in pb} == pb  # layer55 keeps its 2r input
+    assert pp["dcm_fuse"] == 4 * r * r + r  # 1x1 4r -> r without bias, and the per-channel γ
 
 
 # ---------------------------------------------------------------- train / eval matrix
@@ -101,8 +112,8 @@ def test_train_step(resnet, use_dcm, shot):
     out["loss"].backward()
     assert {n for n, p in m.named_parameters() if p.grad is not None} == head_names(m)
     assert all(torch.isfinite(p.grad).all() for p in m.head_parameters())
-    if use_dcm:
-        assert any(p.grad.abs().sum() > 0 for p in m.dcm.parameters())
+    if use_dcm:  # the zero-initialised gate of the default residual fusion learns first ...
+        assert m.dcm_fuse.gamma.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in m.backbone.parameters())
 
     losses = [out["loss"].item()]
@@ -114,6 +125,8 @@ def test_train_step(resnet, use_dcm, shot):
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0], losses
+    if use_dcm:  # ... and once it is open the DCM itself receives gradient (it is in the graph)
+        assert any(p.grad.abs().sum() > 0 for p in m.dcm.parameters())
 
 
 @pytest.mark.parametrize("shot", [1, 5])

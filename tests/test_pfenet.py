@@ -73,18 +73,21 @@ def test_parameter_count_small_reduce_dim_and_fractional_bins(resnet):
     assert per_module(m) == pfenet_head_count(R, 1536, 3)
 
 
+@pytest.mark.parametrize("fusion", ["residual", "replace"])
 @pytest.mark.parametrize("dcm_flags,n_gen,n_var", [({}, 3, 3), ({"dcm_variants": ("v", "h")}, 2, 2), ({"dcm_kernel_size": 3}, 3, 3)])
-def test_dcm_adds_exactly_dcm_and_fusion_conv(resnet, dcm_flags, n_gen, n_var):
+def test_dcm_adds_exactly_dcm_and_fusion_conv(resnet, dcm_flags, n_gen, n_var, fusion):
     r = 256
     base = PFENet(resnet, reduce_dim=r)
-    plus = PFENet(resnet, reduce_dim=r, use_dcm=True, **dcm_flags)
+    plus = PFENet(resnet, reduce_dim=r, use_dcm=True, **({} if fusion == "residual" else {"dcm_fusion": fusion}), **dcm_flags)
+    assert plus.dcm_fusion == fusion  # residual: the default
     pb, pp = per_module(base), per_module(plus)
     assert set(pp) - set(pb) == {"dcm", "dcm_fuse"}
     assert {k: pp[k] for k in pb} == pb  # every host module unchanged
     assert pp["dcm"] == dcm_count(r, n_gen) == sum(p.numel() for p in DynamicConvModule(r, **{k[4:]: v for k, v in dcm_flags.items()}).parameters())
-    assert pp["dcm_fuse"] == (1 + n_var) * r * r  # 1x1 (1 + n_variants)·r -> r, no bias
+    gate = r if fusion == "residual" else 0  # the per-channel γ
+    assert pp["dcm_fuse"] == (1 + n_var) * r * r + gate  # 1x1 (1 + n_variants)·r -> r, no bias
     if not dcm_flags:
-        assert sum(pp.values()) - sum(pb.values()) == 1_181_184 + 262_144
+        assert sum(pp.values()) - sum(pb.values()) == 1_181_184 + 262_144 + gate
 
 
 # ---------------------------------------------------------------- train / eval matrix
@@ -111,8 +114,8 @@ def test_train_step(resnet, use_dcm, shot):
     with_grad = {n for n, p in m.named_parameters() if p.grad is not None}
     assert with_grad == head_names(m)  # exactly the head, never the frozen backbone
     assert all(torch.isfinite(p.grad).all() for p in m.head_parameters())
-    if use_dcm:
-        assert any(p.grad.abs().sum() > 0 for p in m.dcm.parameters())  # the DCM is in the graph
+    if use_dcm:  # the zero-initialised gate of the default residual fusion learns first ...
+        assert m.dcm_fuse.gamma.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in m.backbone.parameters())
 
     # optimiser steps on this one episode lower its loss (same dropout masks every time)
@@ -125,6 +128,8 @@ def test_train_step(resnet, use_dcm, shot):
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0], losses
+    if use_dcm:  # ... and once it is open the DCM itself receives gradient (it is in the graph)
+        assert any(p.grad.abs().sum() > 0 for p in m.dcm.parameters())
     assert all(p.grad is None for p in m.backbone.parameters())
 
 
