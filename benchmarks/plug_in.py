@@ -19,7 +19,8 @@ residual fusion), ``replace`` / ``concat``, ``l1`` / ``l2`` / ``raw`` (kernel no
 ``clean`` (PFENet: kernels from the support feature before dropout), ``decoder`` (PFENet: the DCM maps
 fused into the FEM's output instead of its input), ``lr<x>`` / ``wd<x>`` (kernel
 generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM). ``pfenet+dcm`` alone is
-the model's default.
+the model's default (residual fusion, raw kernels); with ``--resume`` a run folder trained with another
+network than the arm asks for (e.g. by a version with another default) is an error, not reused.
 
 ``--split val|test`` picks the split of the final evaluation (recipes that split their images have
 both). Model choices are made on ``val``; ``--split test --resume`` afterwards evaluates the finished
