@@ -81,7 +81,7 @@ def variant_overrides(model: str, variant: str) -> List[str]:
     family = "dpcn" if model in ("dpcn", "baseline") else model.split("+")[0]
     has_dcm = model in ("dpcn", "pfenet+dcm", "canet+dcm")
     norm_key = "model.flags.dcm_kernel_norm"
-    paper_fusion = {"pfenet": "replace", "canet": "concat"}.get(family)
+    paper_fusion = {"pfenet": "replace", "canet": "concat", "dpcn": "replace"}[family]
     out: List[str] = []
     for tok in variant.split("+"):
         if tok == "nodcm" and model == "dpcn":
@@ -90,8 +90,8 @@ def variant_overrides(model: str, variant: str) -> List[str]:
         if not has_dcm:
             raise ValueError(f"arm '{model}[{variant}]': '{tok}' is a DCM variant but '{model}' has no DCM")
         if tok == "paper":
-            out += ([f"model.flags.dcm_fusion={paper_fusion}"] if paper_fusion else []) + [f"{norm_key}=null"]
-        elif tok in ("replace", "residual", "concat") and family != "dpcn":
+            out += [f"model.flags.dcm_fusion={paper_fusion}", f"{norm_key}=null"]
+        elif tok in ("replace", "residual", "concat"):
             if tok != "residual" and tok != paper_fusion:
                 raise ValueError(f"arm '{model}[{variant}]': {family} takes dcm_fusion '{paper_fusion}' or 'residual'")
             out.append(f"model.flags.dcm_fusion={tok}")

@@ -46,6 +46,7 @@ import dcm.functional as DF
 from dcm import DynamicConvModule, FeatureFiltering, SupportActivation
 
 from .common import (
+    DCMFusion,
     FewShotSegmenter,
     check_dcm_training_flags,
     check_episode,
@@ -156,6 +157,10 @@ class DPCN(FewShotSegmenter):
             generators (an optimiser group of their own).
         dcm_off_feature: with ``use_dcm=False``: ``"query"`` (``x̃_q`` replaces the DCM maps in
             ``x_out``; gives the Baseline ``[x_q, x_p]`` when everything is off) or ``"none"``.
+        dcm_fusion: how the DCM maps enter ``x_out``: ``"replace"`` (the paper, Eq. 9: ``q_v, q_h,
+            q_s`` take the place of ``x̃_q``) or ``"residual"``: ``x̃_q + γ ⊙ ReLU(Conv1x1([x̃_q, q_v, q_h,
+            q_s]))`` with ``γ`` initialised to 0 takes the place of ``x̃_q`` (:class:`dcm.DCMFusion`), so
+            that DPCN equals DPCN without DCM (``dcm_off_feature="query"``) at initialisation.
         decoder_dim: decoder width ``D`` (256).
         aspp_rates: ASPP dilation rates ``(6, 12, 18)``.
         decoder_dropout: Dropout2d after ``F_conv`` (0.5).
@@ -222,6 +227,7 @@ class DPCN(FewShotSegmenter):
         dcm_lr_scale: float = 1.0,
         dcm_weight_decay: Optional[float] = None,
         dcm_off_feature: str = "query",
+        dcm_fusion: str = "replace",
         decoder_dim: int = 256,
         aspp_rates: Sequence[int] = (6, 12, 18),
         decoder_dropout: float = 0.5,
@@ -248,6 +254,8 @@ class DPCN(FewShotSegmenter):
             raise ValueError(f"support_branch_shots: expected 'all' or 'first', got {support_branch_shots!r}")
         if dcm_off_feature not in ("query", "none"):
             raise ValueError(f"dcm_off_feature: expected 'query' or 'none', got {dcm_off_feature!r}")
+        if dcm_fusion not in ("replace", "residual"):
+            raise ValueError(f"dcm_fusion: expected 'replace' or 'residual', got {dcm_fusion!r}")
         if not float(support_branch_weight) >= 0:
             raise ValueError(f"support_branch_weight: expected a number >= 0, got {support_branch_weight!r}")
         if use_prior is None:
@@ -302,10 +310,13 @@ class DPCN(FewShotSegmenter):
                      "dcm_square_source": dcm_square_source, "dcm_kgen_kernel_size": dcm_kgen_kernel_size,
                      "dcm_fg_threshold": dcm_fg_threshold, "dcm_kernel_norm": dcm_kernel_norm}
         self.dcm = DynamicConvModule(C, **dcm_module_kwargs(dcm_flags, None, self.use_dcm, "DPCN")) if self.use_dcm else None
+        self.dcm_fusion = dcm_fusion
+        if self.use_dcm and dcm_fusion == "residual":
+            self.dcm_fuse = DCMFusion(C, len(self.dcm.variants), "residual")
 
         # ---------------------------------------------------------------- decoder
         if self.use_dcm:
-            q_ch = self.dcm.out_channels
+            q_ch = self.dcm.out_channels if dcm_fusion == "replace" else C
         else:
             q_ch = C if dcm_off_feature == "query" else 0
         map_ch = (len(windows) + 1) if self.use_prior else 0
@@ -364,7 +375,8 @@ class DPCN(FewShotSegmenter):
 
         parts = []
         if self.dcm is not None:
-            parts.extend(self.dcm(x_t, x_s, s_fg))
+            dyn = self.dcm(x_t, x_s, s_fg)
+            parts.extend(dyn if self.dcm_fusion == "replace" else [self.dcm_fuse(x_t, dyn)])
         elif self.dcm_off_feature == "query":
             parts.append(x_t)
         parts.append(proto[:, :, None, None].expand(-1, -1, h, w))
@@ -439,7 +451,8 @@ class DPCN(FewShotSegmenter):
         return (
             f"shot={self.shot}, use_sam={self.use_sam}, use_ffm={self.use_ffm}, use_dcm={self.use_dcm}, "
             f"use_prior={self.use_prior}, x_out_channels={self.x_out_channels}, "
-            f"support_branch_weight={self.support_branch_weight}, support_branch_mask={self.support_branch_mask!r}"
+            + (f"dcm_fusion={self.dcm_fusion!r}, " if self.use_dcm else "")
+            + f"support_branch_weight={self.support_branch_weight}, support_branch_mask={self.support_branch_mask!r}"
         )
 
 

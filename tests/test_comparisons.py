@@ -254,6 +254,31 @@ def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
     assert not torch.allclose(paper(q, s, m)["logits"], a)
 
 
+def test_dpcn_residual_dcm_equals_dpcn_without_dcm_at_initialisation(resnet):
+    from benchmarks.plug_in import parse_arm
+    from models import build_model
+    flags = {"reduce_dim": 16, "decoder_dim": 16}
+    plain = build_model("dpcn", backbone=resnet, use_dcm=False, **flags).eval()  # x̃_q in place of the DCM maps
+    res = build_model("dpcn", backbone=resnet, dcm_fusion="residual", **flags).eval()
+    assert res.x_out_channels == plain.x_out_channels and "dcm_fusion='residual'" in repr(res)
+    missing, unexpected = res.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(("dcm.", "dcm_fuse.")) for k in missing)
+    torch.manual_seed(0)
+    q, s = torch.randn(2, 3, 65, 65), torch.randn(2, 1, 3, 65, 65)
+    m = torch.zeros(2, 1, 65, 65)
+    m[:, :, 10:50, 15:45] = 1
+    assert torch.equal(plain(q, s, m)["logits"], res(q, s, m)["logits"])
+    res.train()
+    res(q, s, m, query_mask=(torch.rand(2, 65, 65) > 0.5).long())["loss"].backward()
+    assert res.dcm_fuse.gamma.grad.abs().sum() > 0
+    paper = build_model("dpcn", backbone=resnet, **flags)  # the paper's replacing form is the default
+    assert paper.dcm_fusion == "replace" and not hasattr(paper, "dcm_fuse")
+    assert parse_arm("dpcn[residual]", "dpcn").overrides == ["model.flags.dcm_fusion=residual"]
+    assert parse_arm("dpcn[paper]", "dpcn").overrides == ["model.flags.dcm_fusion=replace", "model.flags.dcm_kernel_norm=null"]
+    with pytest.raises(ValueError, match="dcm_fusion"):
+        build_model("dpcn", backbone=resnet, dcm_fusion="concat", **flags)
+
+
 def test_dcm_training_flags_make_an_optimiser_group(resnet):
     from models import build_model
     m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm_lr_scale=0.1, dcm_weight_decay=0.0)
