@@ -196,14 +196,32 @@ def check_run_dir(cfg: dict, run_dir: Path) -> None:
     except (yaml.YAMLError, ConfigError, TypeError, AttributeError) as e:
         raise ValueError(f"--resume: '{f}' cannot be read as a run config ({_short(e)}); delete '{run_dir}' "
                          f"to run it again") from None
-    want = json.loads(json.dumps(cfg["model"], default=list))
-    saved = json.loads(json.dumps(saved, default=list))
+    want, saved = _comparable(cfg["model"]), _comparable(saved)
     if saved != want:
         diff = sorted(k for k in set(saved["flags"]) | set(want["flags"]) if saved["flags"].get(k) != want["flags"].get(k))
         what = ", ".join(f"{k}: run {saved['flags'].get(k)!r}, asked {want['flags'].get(k)!r}" for k in diff) or \
             ", ".join(f"{k}: run {saved.get(k)!r}, asked {want.get(k)!r}" for k in want if k != "flags" and saved.get(k) != want.get(k))
         raise ValueError(f"--resume: '{run_dir}' was trained with another network ({what}); give another --out "
                          f"or delete the folder to run it again")
+
+
+def _comparable(model: dict) -> dict:
+    """A model section with the deprecated ``dcm_kwargs`` spelled as flat ``dcm_*`` flags and every flag the
+    network's constructor defaults filled in (two spellings of one network compare equal)."""
+    import inspect
+    from models.registry import MODELS, _model_class
+    m = json.loads(json.dumps(model, default=list))
+    flags = dict(m.get("flags") or {})
+    for k, v in (flags.pop("dcm_kwargs", None) or {}).items():
+        flags.setdefault(f"dcm_{k}", v)
+    name = str(m.get("name", "")).strip().lower()
+    if name in MODELS:
+        params = inspect.signature(_model_class(name).__init__).parameters
+        defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty
+                    and k not in ("backbone", "backbone_weights", "shot", "dcm_kwargs")}
+        flags = {**json.loads(json.dumps(defaults, default=list)), **flags, **MODELS[name][2]}
+    m["flags"] = flags
+    return m
 
 
 def _short(e: Exception) -> str:

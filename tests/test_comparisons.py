@@ -429,6 +429,12 @@ def test_plug_in_refuses_to_reuse_a_run_of_another_network(tmp_path):
         check_run_dir(cfg, run_dir)
     check_run_dir(load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm", "model.flags.dcm_fusion=replace"]),
                   run_dir)
+    # the deprecated dcm_kwargs spelling and flags left at their defaults describe the same network
+    old["model"]["flags"]["dcm_kwargs"] = {"kernel_norm": None}
+    old["model"]["flags"]["dcm_fusion"] = "residual"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    check_run_dir(load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm", "model.flags.dcm_kernel_norm=null"]),
+                  run_dir)
     (run_dir / "config.yaml").write_text("model: [1, 2\n")
     with pytest.raises(ValueError, match="config.yaml"):
         check_run_dir(cfg, run_dir)
