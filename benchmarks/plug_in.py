@@ -187,14 +187,14 @@ def check_run_dir(cfg: dict, run_dir: Path) -> None:
     """Refuse to reuse ``run_dir`` when the network its ``config.yaml`` was trained with is not the one
     ``cfg`` asks for (e.g. a run of an older version, before a default changed)."""
     from benchmarks.config import DEFAULTS, merge
-    from benchmarks.engine import with_legacy_flags
+    from benchmarks.engine import _first_line, with_legacy_flags
     f = run_dir / "config.yaml"
     if not f.is_file():
         return
     try:
         saved = with_legacy_flags(merge(DEFAULTS, yaml.safe_load(f.read_text()) or {}))["model"]
     except (yaml.YAMLError, ConfigError, TypeError, AttributeError) as e:
-        raise ValueError(f"--resume: '{f}' cannot be read as a run config ({_short(e)}); delete '{run_dir}' "
+        raise ValueError(f"--resume: '{f}' cannot be read as a run config ({_first_line(e) or type(e).__name__}); delete '{run_dir}' "
                          f"to run it again") from None
     want, saved = _comparable(cfg["model"]), _comparable(saved)
     if saved != want:
@@ -208,24 +208,17 @@ def check_run_dir(cfg: dict, run_dir: Path) -> None:
 def _comparable(model: dict) -> dict:
     """A model section with the deprecated ``dcm_kwargs`` spelled as flat ``dcm_*`` flags and every flag the
     network's constructor defaults filled in (two spellings of one network compare equal)."""
-    import inspect
-    from models.registry import MODELS, _model_class
+    from models.registry import MODELS, default_flags
     m = json.loads(json.dumps(model, default=list))
     flags = dict(m.get("flags") or {})
     for k, v in (flags.pop("dcm_kwargs", None) or {}).items():
         flags.setdefault(f"dcm_{k}", v)
     name = str(m.get("name", "")).strip().lower()
     if name in MODELS:
-        params = inspect.signature(_model_class(name).__init__).parameters
-        defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty
-                    and k not in ("backbone", "backbone_weights", "shot", "dcm_kwargs")}
+        defaults = {k: v for k, v in default_flags(name).items() if k != "dcm_kwargs"}
         flags = {**json.loads(json.dumps(defaults, default=list)), **flags, **MODELS[name][2]}
     m["flags"] = flags
     return m
-
-
-def _short(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def run_one(cfg: dict, run_dir: Path, split: str, resume: bool) -> Optional[dict]:

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Tuple
 
 from torch import nn
 
-__all__ = ["build_model", "list_models", "MODELS", "LEGACY_DEFAULTS", "pinned_flags", "legacy_flags"]
+__all__ = ["build_model", "list_models", "MODELS", "LEGACY_DEFAULTS", "pinned_flags", "legacy_flags", "default_flags"]
 
 #: name -> (module, class name, fixed keyword flags)
 MODELS: Dict[str, Tuple[str, str, Dict[str, object]]] = {
@@ -56,8 +56,17 @@ def pinned_flags(name: str) -> Dict[str, object]:
     key = str(name).strip().lower()
     if key not in LEGACY_DEFAULTS:
         return {}
+    defaults = default_flags(key)
+    return {k: defaults[k] for k in LEGACY_DEFAULTS[key]}
+
+
+def default_flags(name: str) -> Dict[str, object]:
+    """Every keyword flag of model ``name`` with its default, the registry's fixed flags applied."""
+    key = str(name).strip().lower()
     params = inspect.signature(_model_class(key).__init__).parameters
-    return {k: params[k].default for k in LEGACY_DEFAULTS[key]}
+    out = {k: p.default for k, p in params.items()
+           if p.default is not inspect.Parameter.empty and k not in ("backbone", "backbone_weights", "shot")}
+    return {**out, **MODELS[key][2]}
 
 
 def legacy_flags(name: str) -> Dict[str, object]:
