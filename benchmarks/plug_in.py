@@ -16,7 +16,8 @@ An arm is a registry model name with an optional DCM variant in brackets, tokens
 ``paper`` (the DCM as the paper describes it: PFENet's fused feature *replaces* the query feature,
 CANet concatenates the maps to its fusion layer's input, raw kernels), ``residual`` (zero-initialised
 residual fusion), ``replace`` / ``concat``, ``l1`` / ``l2`` / ``raw`` (kernel normalisation),
-``clean`` (PFENet: kernels from the support feature before dropout), ``decoder`` (PFENet: the DCM maps
+``clean`` (PFENet, CANet: kernels from the support feature before dropout), ``rawin`` (PFENet, CANet: the
+DCM runs on the backbone's raw mid-level feature instead of the reduced one), ``decoder`` (PFENet: the DCM maps
 fused into the FEM's output instead of its input), ``lr<x>`` / ``wd<x>`` (kernel
 generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM). ``pfenet+dcm`` alone is
 the model's default (residual fusion, raw kernels); with ``--resume`` a run folder trained with another
@@ -97,8 +98,10 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             out.append(f"model.flags.dcm_fusion={tok}")
         elif tok in ("l1", "l2", "raw"):
             out.append(f"{norm_key}={'null' if tok == 'raw' else tok}")
-        elif tok == "clean" and family == "pfenet":
+        elif tok == "clean" and family in ("pfenet", "canet"):
             out.append("model.flags.dcm_support=clean")
+        elif tok == "rawin" and family in ("pfenet", "canet"):
+            out.append("model.flags.dcm_input=raw")
         elif tok == "decoder" and family == "pfenet":
             out.append("model.flags.dcm_placement=decoder")
         elif re.fullmatch(r"lr[0-9.e-]+", tok):
@@ -107,7 +110,7 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             out.append(f"model.flags.dcm_weight_decay={float(tok[2:])}")
         else:
             raise ValueError(f"arm '{model}[{variant}]': unknown variant token '{tok}' (paper, residual, "
-                             f"replace/concat, l1, l2, raw, clean, decoder, lr<x>, wd<x>, nodcm)")
+                             f"replace/concat, l1, l2, raw, clean, rawin, decoder, lr<x>, wd<x>, nodcm)")
     return out
 
 

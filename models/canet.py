@@ -96,6 +96,14 @@ class CANet(FewShotSegmenter):
             concatenated to ``layer55``'s input, which widens from ``2r`` to ``(2 + n_variants)·r``
             (1280 for r = 256). A saved config without this flag was trained with ``"concat"`` and
             loads as such (``models.registry.LEGACY_DEFAULTS``).
+        dcm_support: what the kernel generators see of the support: ``"dropout"`` (default: the
+            support embedding after ``layer5``'s Dropout2d, as the prototype does) or ``"clean"``
+            (the same embedding before the dropout).
+        dcm_input: what the DCM convolves: ``"reduced"`` (default: the embeddings after
+            ``layer5``, ``r`` channels) or ``"raw"`` (the backbone's ``[layer2, layer3]`` feature
+            before ``layer5``, ``fea_dim`` channels, for query and support alike; ``dcm_support``
+            does not apply). ``"concat"`` then widens ``layer55``'s input by ``n_variants·fea_dim``;
+            ``"residual"`` projects the maps into the query embedding (``DCMFusion(map_channels=fea_dim)``).
         dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the kernel
             generators (an optimiser group of their own).
         iom_iterations: IOM passes per forward in training (official: 1, with the history mask
@@ -148,6 +156,8 @@ class CANet(FewShotSegmenter):
         dcm_lr_scale: float = 1.0,
         dcm_weight_decay: Optional[float] = None,
         dcm_fusion: str = "residual",
+        dcm_support: str = "dropout",
+        dcm_input: str = "reduced",
         iom_iterations: int = 1,
         eval_iom_iterations: Optional[int] = None,
         shot_fusion: str = "prototype",
@@ -172,8 +182,12 @@ class CANet(FewShotSegmenter):
              "dcm_kernel_norm": dcm_kernel_norm}, dcm_kwargs, use_dcm, "CANet")
         if dcm_fusion not in ("concat", "residual"):
             raise ValueError(f"dcm_fusion: expected 'concat' or 'residual', got {dcm_fusion!r}")
+        if dcm_support not in ("dropout", "clean"):
+            raise ValueError(f"dcm_support: expected 'dropout' or 'clean', got {dcm_support!r}")
+        if dcm_input not in ("reduced", "raw"):
+            raise ValueError(f"dcm_input: expected 'reduced' or 'raw', got {dcm_input!r}")
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
-        self.dcm_fusion = dcm_fusion
+        self.dcm_fusion, self.dcm_support, self.dcm_input = dcm_fusion, dcm_support, dcm_input
         self.dcm_lr_scale = float(dcm_lr_scale)
         self.dcm_weight_decay = None if dcm_weight_decay is None else float(dcm_weight_decay)
         bkw = dict(backbone_kwargs or {})
@@ -193,11 +207,12 @@ class CANet(FewShotSegmenter):
         self.layer5 = _conv_block(self.fea_dim, r, k=3, dilation=2)
         fuse_in = 2 * r
         if self.use_dcm:
-            self.dcm = DynamicConvModule(r, **dcm_kwargs)
+            c_dcm = r if dcm_input == "reduced" else self.fea_dim
+            self.dcm = DynamicConvModule(c_dcm, **dcm_kwargs)
             if dcm_fusion == "concat":
                 fuse_in += self.dcm.out_channels
             else:
-                self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), "residual")
+                self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), "residual", map_channels=c_dcm)
         self.layer55 = _conv_block(fuse_in, r, k=3, dilation=2)
         self.residule1 = _residual_block(r + 2, r)
         self.residule2 = _residual_block(r, r)
@@ -219,10 +234,14 @@ class CANet(FewShotSegmenter):
                 nn.init.normal_(m.weight, 0.0, init_std)
 
     # ------------------------------------------------------------------ pieces
+    def mid_feature(self, x: Tensor) -> Tensor:
+        """``cat[layer2 resized to layer3's size, layer3]``: ``Tensor[N, 3, H, W] -> Tensor[N, fea_dim, h, w]``."""
+        l2, l3 = self.backbone.forward_mid(x)
+        return torch.cat([upsample(l2, l3.shape[-2:]), l3], 1)
+
     def embed(self, x: Tensor) -> Tensor:
         """``layer5(cat[layer2, layer3])``: ``Tensor[N, 3, H, W] -> Tensor[N, r, h, w]``."""
-        l2, l3 = self.backbone.forward_mid(x)
-        return self.layer5(torch.cat([upsample(l2, l3.shape[-2:]), l3], 1))
+        return self.layer5(self.mid_feature(x))
 
     def iom(self, x: Tensor, history: Tensor) -> Tensor:
         """One IOM + ASPP + classifier pass: ``x[N, r, h, w], history[N, 2, h, w] -> logits[N, 2, h, w]``."""
@@ -247,10 +266,13 @@ class CANet(FewShotSegmenter):
         H, W = query_img.shape[-2:]
         r = self.reduce_dim
 
-        q = self.embed(query_img)  # [B, r, h, w]
+        q_mid = self.mid_feature(query_img)
+        q = self.layer5(q_mid)  # [B, r, h, w]
         h, w = q.shape[-2:]
-        s = self.embed(support_imgs.flatten(0, 1))
-        s = s.reshape(B, K, r, *s.shape[-2:])
+        s_mid = self.mid_feature(support_imgs.flatten(0, 1))
+        s_pre = self.layer5[:-1](s_mid)  # conv + ReLU, before layer5's Dropout2d
+        hs, ws = s_pre.shape[-2:]
+        s = self.layer5[-1](s_pre).reshape(B, K, r, hs, ws)
         protos = DF.masked_average_pool(s, support_masks, eps=MAP_EPS)  # [B, K, r]; mask (255 -> 0) resized
 
         if history_mask is None:
@@ -263,7 +285,12 @@ class CANet(FewShotSegmenter):
 
         extra = []
         if self.use_dcm:
-            extra = list(self.dcm(q, s, support_masks))
+            if self.dcm_input == "raw":
+                extra = list(self.dcm(q_mid, s_mid.reshape(B, K, -1, hs, ws), support_masks))
+            elif self.dcm_support == "clean":
+                extra = list(self.dcm(q, s_pre.reshape(B, K, r, hs, ws), support_masks))
+            else:
+                extra = list(self.dcm(q, s, support_masks))
             if self.dcm_fusion == "residual":
                 q, extra = self.dcm_fuse(q, extra), []
 
@@ -294,7 +321,8 @@ class CANet(FewShotSegmenter):
     def extra_repr(self) -> str:
         return (
             f"reduce_dim={self.reduce_dim}, shot={self.shot}, use_dcm={self.use_dcm}, "
-            + (f"dcm_fusion={self.dcm_fusion!r}, " if self.use_dcm else "")
+            + (f"dcm_fusion={self.dcm_fusion!r}, dcm_support={self.dcm_support!r}, dcm_input={self.dcm_input!r}, "
+               if self.use_dcm else "")
             + f"iom_iterations={self.iom_iterations}, eval_iom_iterations={self.eval_iom_iterations}, "
             f"shot_fusion={self.shot_fusion!r}"
         )

@@ -140,6 +140,11 @@ class PFENet(FewShotSegmenter):
         dcm_support: what the kernel generators see of the support: ``"dropout"`` (the reduced
             support feature after ``down_supp``'s Dropout2d, as the prototype does) or ``"clean"``
             (the same feature before the dropout).
+        dcm_input: what the DCM convolves: ``"reduced"`` (default: the reduced query feature ``q``,
+            ``r`` channels, kernels from the reduced support feature) or ``"raw"`` (the backbone's
+            mid-level feature ``[layer3, layer2]`` before ``down_query`` / ``down_supp``, ``fea_dim``
+            channels, for query and support alike; ``dcm_support`` does not apply); ``dcm_fusion``
+            then projects the ``fea_dim``-channel maps into ``q`` (``DCMFusion(map_channels=fea_dim)``).
         dcm_placement: where the fused DCM maps enter: ``"fem_input"`` (the reduced query feature
             before the FEM, as above) or ``"decoder"`` (the DCM still convolves the reduced query
             feature; ``dcm_fusion`` merges its maps into the FEM's output feature, the input of the
@@ -194,6 +199,7 @@ class PFENet(FewShotSegmenter):
         dcm_weight_decay: Optional[float] = None,
         dcm_fusion: str = "residual",
         dcm_support: str = "dropout",
+        dcm_input: str = "reduced",
         dcm_placement: str = "fem_input",
         ppm_scales: Sequence[float] = (60, 30, 15, 8),
         aux_weight: float = 1.0,
@@ -213,6 +219,9 @@ class PFENet(FewShotSegmenter):
             raise ValueError(f"dcm_fusion: expected 'replace' or 'residual', got {dcm_fusion!r}")
         if dcm_support not in ("dropout", "clean"):
             raise ValueError(f"dcm_support: expected 'dropout' or 'clean', got {dcm_support!r}")
+        if dcm_input not in ("reduced", "raw"):
+            raise ValueError(f"dcm_input: expected 'reduced' or 'raw', got {dcm_input!r}")
+        self.dcm_input = dcm_input
         if dcm_placement not in ("fem_input", "decoder"):
             raise ValueError(f"dcm_placement: expected 'fem_input' or 'decoder', got {dcm_placement!r}")
         self.dcm_placement = dcm_placement
@@ -238,8 +247,9 @@ class PFENet(FewShotSegmenter):
         self.down_query = reduce_block(fea_dim, r, dropout=0.5)
         self.down_supp = reduce_block(fea_dim, r, dropout=0.5)
         if self.use_dcm:
-            self.dcm = DynamicConvModule(r, **dcm_kwargs)
-            self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), dcm_fusion)
+            c_dcm = r if dcm_input == "reduced" else fea_dim
+            self.dcm = DynamicConvModule(c_dcm, **dcm_kwargs)
+            self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), dcm_fusion, map_channels=c_dcm)
         n = len(self.ppm_scales)
         self.init_merge = nn.ModuleList(
             nn.Sequential(nn.Conv2d(2 * r + 1, r, 1, bias=False), nn.ReLU(inplace=True)) for _ in range(n)
@@ -308,8 +318,12 @@ class PFENet(FewShotSegmenter):
 
         # ---- DCM (option A): enhance the reduced query feature
         if self.use_dcm:
-            dcm_supp = supp_feat if self.dcm_support == "dropout" else supp_pre.reshape(B, K, r, h3, w3)
-            enhanced = self.dcm(query_feat, dcm_supp, support_masks)
+            if self.dcm_input == "raw":
+                enhanced = self.dcm(torch.cat([q3, q2], 1), torch.cat([s3, s2], 1).reshape(B, K, -1, h3, w3),
+                                    support_masks)
+            else:
+                dcm_supp = supp_feat if self.dcm_support == "dropout" else supp_pre.reshape(B, K, r, h3, w3)
+                enhanced = self.dcm(query_feat, dcm_supp, support_masks)
             if self.dcm_placement == "fem_input":
                 query_feat = self.dcm_fuse(query_feat, enhanced)
 
@@ -346,7 +360,7 @@ class PFENet(FewShotSegmenter):
         return (
             f"reduce_dim={self.reduce_dim}, ppm_scales={list(self.ppm_scales)}, shot={self.shot}, "
             f"use_dcm={self.use_dcm}, aux_weight={self.aux_weight}"
-            + (f", dcm_fusion={self.dcm_fusion!r}, dcm_support={self.dcm_support!r}, "
+            + (f", dcm_fusion={self.dcm_fusion!r}, dcm_support={self.dcm_support!r}, dcm_input={self.dcm_input!r}, "
                f"dcm_placement={self.dcm_placement!r}, dcm_lr_scale={self.dcm_lr_scale}"
                if self.use_dcm else "")
         )

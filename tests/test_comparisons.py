@@ -226,11 +226,14 @@ def test_paired_difference_by_hand():
 @pytest.mark.parametrize("host, flags", [
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5]}),
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_placement": "decoder"}),
+    ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_input": "raw"}),
     ("canet", {"reduce_dim": 16}),
+    ("canet", {"reduce_dim": 16, "dcm_input": "raw"}),
+    ("canet", {"reduce_dim": 16, "dcm_support": "clean"}),
 ])
 def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
     from models import build_model
-    plain = build_model(host, backbone=resnet, **{k: v for k, v in flags.items() if k != "dcm_placement"}).eval()
+    plain = build_model(host, backbone=resnet, **{k: v for k, v in flags.items() if not k.startswith("dcm_")}).eval()
     with_dcm = build_model(host + "+dcm", backbone=resnet, **flags).eval()  # the default fusion
     assert with_dcm.dcm_fusion == "residual"
     missing, unexpected = with_dcm.load_state_dict(plain.state_dict(), strict=False)
@@ -305,6 +308,63 @@ def test_pfenet_clean_support_skips_dropout_for_the_kernels(resnet):
     torch.testing.assert_close(seen[0][:, 0], pre)
 
 
+def test_canet_clean_support_skips_dropout_for_the_kernels(resnet):
+    from models import build_model
+    torch.manual_seed(0)
+    m = build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_support="clean").train()
+    seen = []
+    m.dcm.register_forward_hook(lambda mod, args, out: seen.append(args[1]))
+    q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
+    m(q, s, torch.ones(1, 1, 65, 65))
+    pre = m.layer5[:-1](m.mid_feature(s.flatten(0, 1)))  # dropout in train mode would zero channels
+    torch.testing.assert_close(seen[0][:, 0], pre)
+    with pytest.raises(ValueError, match="dcm_support"):
+        build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_support="noisy")
+
+
+@pytest.mark.parametrize("host", ["pfenet", "canet"])
+def test_raw_dcm_input_convolves_the_backbone_feature(resnet, host):
+    from models import build_model
+    extra = {"ppm_scales": [1.0]} if host == "pfenet" else {}
+    m = build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm_input="raw", **extra).train()
+    assert m.dcm.channels == m.fea_dim and m.dcm_fuse.map_channels == m.fea_dim
+    assert m.dcm_fuse.proj[0].in_channels == 8 + 3 * m.fea_dim and "dcm_input='raw'" in repr(m)
+    seen = []
+    m.dcm.register_forward_hook(lambda mod, args, out: seen.append(args))
+    torch.manual_seed(0)
+    q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
+    m(q, s, torch.ones(1, 1, 65, 65), query_mask=torch.ones(1, 65, 65, dtype=torch.long))["loss"].backward()
+    if host == "pfenet":
+        want_q, want_s = (torch.cat(m._mid_features(x)[::-1], 1) for x in (q, s[:, 0]))
+    else:
+        want_q, want_s = m.mid_feature(q), m.mid_feature(s[:, 0])
+    torch.testing.assert_close(seen[0][0], want_q)
+    torch.testing.assert_close(seen[0][1][:, 0], want_s)
+    assert all(p.grad is not None for p in m.dcm.parameters() if p.requires_grad)
+    paper = {"pfenet": "replace", "canet": "concat"}[host]
+    build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm_input="raw", dcm_fusion=paper, **extra)
+    with pytest.raises(ValueError, match="dcm_input"):
+        build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm_input="mid", **extra)
+
+
+def test_dcm_fusion_map_channels():
+    from dcm import DCMFusion
+    f = DCMFusion(4, 2, "residual", map_channels=6)
+    q = torch.randn(2, 4, 5, 5)
+    maps = [torch.randn(2, 6, 5, 5), torch.randn(2, 6, 5, 5)]
+    assert torch.equal(f(q, maps), q) and f.proj[0].in_channels == 4 + 12 and "map_channels=6" in repr(f)
+    with torch.no_grad():
+        f.gamma.fill_(1.0)
+    want = q + torch.relu(torch.nn.functional.conv2d(torch.cat([q, *maps], 1), f.proj[0].weight))
+    torch.testing.assert_close(f(q, maps), want)
+    with pytest.raises(ValueError, match=r"maps\[1\]"):
+        f(q, [maps[0], torch.randn(2, 4, 5, 5)])
+    with pytest.raises(ValueError, match="2 DCM maps"):
+        f(q, maps[:1])
+    with pytest.raises(ValueError, match="map_channels"):
+        DCMFusion(4, 2, map_channels=0)
+
+
 # ------------------------------------------------------------------------------ plug_in arms
 def test_arm_variants_parse():
     from benchmarks.plug_in import parse_arm
@@ -319,6 +379,11 @@ def test_arm_variants_parse():
                                                                              "model.flags.dcm_placement=decoder"]
     with pytest.raises(ValueError, match="decoder"):
         parse_arm("canet+dcm[decoder]", "canet")
+    assert parse_arm("canet+dcm[residual+clean+rawin]", "canet").overrides == [
+        "model.flags.dcm_fusion=residual", "model.flags.dcm_support=clean", "model.flags.dcm_input=raw"]
+    assert parse_arm("pfenet+dcm[rawin]", "pfenet").overrides == ["model.flags.dcm_input=raw"]
+    with pytest.raises(ValueError, match="rawin"):
+        parse_arm("dpcn[rawin]", "dpcn")
     assert parse_arm("dpcn[l1]", "dpcn").overrides == ["model.flags.dcm_kernel_norm=l1"]
     for bad, host, word in (("pfenet[l1]", "pfenet", "no DCM"), ("pfenet+dcm[foo]", "pfenet", "unknown"),
                             ("canet", "pfenet", "not a pfenet arm"), ("canet+dcm[replace]", "canet", "concat"),

@@ -1,7 +1,7 @@
 """DCMFusion: how a host network takes in the Dynamic Convolution Module's maps."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -13,7 +13,11 @@ DCM_FUSIONS = ("replace", "residual")
 
 
 class DCMFusion(nn.Module):
-    r"""Merge a host's query feature ``q [B, C, h, w]`` with the DCM maps (``n`` tensors ``[B, C, h, w]``).
+    r"""Merge a host's query feature ``q [B, C, h, w]`` with the DCM maps (``n`` tensors ``[B, C_m, h, w]``).
+
+    ``C_m`` is ``map_channels`` (default ``C``: the DCM ran on ``q`` itself); another value lets the
+    DCM run on a wider feature (e.g. a host's raw backbone feature before its reduction to ``C``)
+    and still merge into ``q``: the projection maps ``C + n·C_m`` channels to ``C``.
 
     * ``"residual"`` (default): ``q' = q + γ ⊙ ReLU(Conv1x1([q, maps]))`` with a per-channel ``γ``
       initialised to ``gamma_init`` (default 0, as timm's ``LayerScale`` with zero init / ControlNet's
@@ -29,7 +33,8 @@ class DCMFusion(nn.Module):
         True
     """
 
-    def __init__(self, channels: int, n_maps: int, mode: str = "residual", gamma_init: float = 0.0):
+    def __init__(self, channels: int, n_maps: int, mode: str = "residual", gamma_init: float = 0.0,
+                 map_channels: Optional[int] = None):
         super().__init__()
         if mode not in DCM_FUSIONS:
             raise ValueError(f"mode: expected one of {DCM_FUSIONS}, got {mode!r}")
@@ -37,16 +42,28 @@ class DCMFusion(nn.Module):
             raise ValueError(f"channels: expected a positive int, got {channels!r}")
         if isinstance(n_maps, bool) or not isinstance(n_maps, int) or n_maps < 1:
             raise ValueError(f"n_maps: expected a positive int, got {n_maps!r}")
-        self.mode, self.channels, self.n_maps = mode, int(channels), int(n_maps)
-        self.proj = nn.Sequential(nn.Conv2d((1 + n_maps) * channels, channels, 1, bias=False), nn.ReLU(inplace=True))
+        if map_channels is None:
+            map_channels = channels
+        if isinstance(map_channels, bool) or not isinstance(map_channels, int) or map_channels < 1:
+            raise ValueError(f"map_channels: expected a positive int or None, got {map_channels!r}")
+        self.mode, self.channels, self.n_maps, self.map_channels = mode, int(channels), int(n_maps), int(map_channels)
+        self.proj = nn.Sequential(nn.Conv2d(channels + n_maps * map_channels, channels, 1, bias=False),
+                                  nn.ReLU(inplace=True))
         if mode == "residual":
             self.gamma = nn.Parameter(torch.full((channels,), float(gamma_init)))
 
     def forward(self, q: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(maps) != self.n_maps:
+            raise ValueError(f"maps: expected {self.n_maps} DCM maps, got {len(maps)}")
+        for i, t in enumerate(maps):
+            if t.dim() != 4 or t.shape[1] != self.map_channels or t.shape[-2:] != q.shape[-2:]:
+                raise ValueError(f"maps[{i}]: expected shape (B, {self.map_channels}, {q.shape[-2]}, {q.shape[-1]}), "
+                                 f"got {tuple(t.shape)}")
         y = self.proj(torch.cat([q, *maps], 1))
         if self.mode == "replace":
             return y
         return q + self.gamma.view(1, -1, 1, 1).to(y.dtype) * y
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, n_maps={self.n_maps}, mode={self.mode!r}"
+        extra = f", map_channels={self.map_channels}" if self.map_channels != self.channels else ""
+        return f"channels={self.channels}, n_maps={self.n_maps}{extra}, mode={self.mode!r}"
