@@ -17,8 +17,8 @@ An arm is a registry model name with an optional DCM variant in brackets, tokens
 CANet concatenates the maps to its fusion layer's input, raw kernels), ``residual`` (zero-initialised
 residual fusion), ``replace`` / ``concat``, ``l1`` / ``l2`` / ``raw`` (kernel normalisation),
 ``clean`` (PFENet, CANet: kernels from the support feature before dropout), ``rawin`` (PFENet, CANet: the
-DCM runs on the backbone's raw mid-level feature instead of the reduced one), ``decoder`` (PFENet: the DCM maps
-fused into the FEM's output instead of its input), ``lr<x>`` / ``wd<x>`` (kernel
+DCM runs on the backbone's raw mid-level feature instead of the reduced one), ``pyramid`` / ``decoder`` (PFENet: the DCM
+maps fused into each pyramid level / into the FEM's output instead of its input), ``lr<x>`` / ``wd<x>`` (kernel
 generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM). ``pfenet+dcm`` alone is
 the model's default (residual fusion, raw kernels); with ``--resume`` a run folder trained with another
 network than the arm asks for (e.g. by a version with another default) is an error, not reused.
@@ -102,15 +102,15 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             out.append("model.flags.dcm_support=clean")
         elif tok == "rawin" and family in ("pfenet", "canet"):
             out.append("model.flags.dcm_input=raw")
-        elif tok == "decoder" and family == "pfenet":
-            out.append("model.flags.dcm_placement=decoder")
+        elif tok in ("decoder", "pyramid") and family == "pfenet":
+            out.append(f"model.flags.dcm_placement={tok}")
         elif re.fullmatch(r"lr[0-9.e-]+", tok):
             out.append(f"model.flags.dcm_lr_scale={float(tok[2:])}")
         elif re.fullmatch(r"wd[0-9.e-]+", tok):
             out.append(f"model.flags.dcm_weight_decay={float(tok[2:])}")
         else:
             raise ValueError(f"arm '{model}[{variant}]': unknown variant token '{tok}' (paper, residual, "
-                             f"replace/concat, l1, l2, raw, clean, rawin, decoder, lr<x>, wd<x>, nodcm)")
+                             f"replace/concat, l1, l2, raw, clean, rawin, pyramid, decoder, lr<x>, wd<x>, nodcm)")
     return out
 
 

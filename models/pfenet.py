@@ -146,9 +146,11 @@ class PFENet(FewShotSegmenter):
             channels, for query and support alike; ``dcm_support`` does not apply); ``dcm_fusion``
             then projects the ``fea_dim``-channel maps into ``q`` (``DCMFusion(map_channels=fea_dim)``).
         dcm_placement: where the fused DCM maps enter: ``"fem_input"`` (the reduced query feature
-            before the FEM, as above) or ``"decoder"`` (the DCM still convolves the reduced query
-            feature; ``dcm_fusion`` merges its maps into the FEM's output feature, the input of the
-            final classifier).
+            before the FEM, as above), ``"pyramid"`` (per pyramid level: the maps are pooled to each
+            bin like the query feature and merged into that level's pooled query feature, one
+            ``DCMFusion`` per level, ``dcm_fuse[i]``) or ``"decoder"`` (the DCM still convolves the
+            reduced query feature; ``dcm_fusion`` merges its maps into the FEM's output feature, the
+            input of the final classifier).
         dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the DCM's kernel
             generators (an optimiser group of their own, :meth:`param_groups`).
         ppm_scales: pyramid bins, see :func:`resolve_bins` (PASCAL ``[60, 30, 15, 8]``, the
@@ -222,8 +224,8 @@ class PFENet(FewShotSegmenter):
         if dcm_input not in ("reduced", "raw"):
             raise ValueError(f"dcm_input: expected 'reduced' or 'raw', got {dcm_input!r}")
         self.dcm_input = dcm_input
-        if dcm_placement not in ("fem_input", "decoder"):
-            raise ValueError(f"dcm_placement: expected 'fem_input' or 'decoder', got {dcm_placement!r}")
+        if dcm_placement not in ("fem_input", "pyramid", "decoder"):
+            raise ValueError(f"dcm_placement: expected 'fem_input', 'pyramid' or 'decoder', got {dcm_placement!r}")
         self.dcm_placement = dcm_placement
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
         self.dcm_fusion, self.dcm_support = dcm_fusion, dcm_support
@@ -249,7 +251,11 @@ class PFENet(FewShotSegmenter):
         if self.use_dcm:
             c_dcm = r if dcm_input == "reduced" else fea_dim
             self.dcm = DynamicConvModule(c_dcm, **dcm_kwargs)
-            self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), dcm_fusion, map_channels=c_dcm)
+            if dcm_placement == "pyramid":  # one fusion per pyramid level
+                self.dcm_fuse = nn.ModuleList(DCMFusion(r, len(self.dcm.variants), dcm_fusion, map_channels=c_dcm)
+                                              for _ in self.ppm_scales)
+            else:
+                self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), dcm_fusion, map_channels=c_dcm)
         n = len(self.ppm_scales)
         self.init_merge = nn.ModuleList(
             nn.Sequential(nn.Conv2d(2 * r + 1, r, 1, bias=False), nn.ReLU(inplace=True)) for _ in range(n)
@@ -333,6 +339,8 @@ class PFENet(FewShotSegmenter):
         aux_logits: List[Tensor] = []
         for idx, b in enumerate(bins):
             q_bin = nn.functional.adaptive_avg_pool2d(query_feat, b)
+            if self.use_dcm and self.dcm_placement == "pyramid":
+                q_bin = self.dcm_fuse[idx](q_bin, [nn.functional.adaptive_avg_pool2d(m, b) for m in enhanced])
             s_bin = proto[:, :, None, None].expand(-1, -1, *b)
             p_bin = upsample(prior, b)
             merge = self.init_merge[idx](torch.cat([q_bin, s_bin, p_bin], 1))

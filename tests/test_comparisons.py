@@ -227,6 +227,7 @@ def test_paired_difference_by_hand():
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5]}),
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_placement": "decoder"}),
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_input": "raw"}),
+    ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_placement": "pyramid"}),
     ("canet", {"reduce_dim": 16}),
     ("canet", {"reduce_dim": 16, "dcm_input": "raw"}),
     ("canet", {"reduce_dim": 16, "dcm_support": "clean"}),
@@ -248,7 +249,10 @@ def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
     with_dcm.train()
     out = with_dcm(q, s, m, query_mask=(torch.rand(2, 65, 65) > 0.5).long())
     out["loss"].backward()
-    assert with_dcm.dcm_fuse.gamma.grad.abs().sum() > 0
+    from dcm import DCMFusion
+    fusions = [f for f in with_dcm.modules() if isinstance(f, DCMFusion)]
+    assert len(fusions) == (2 if flags.get("dcm_placement") == "pyramid" else 1)
+    assert all(f.gamma.grad.abs().sum() > 0 for f in fusions)
     # the paper form is not the host at initialisation
     paper_fusion = {"pfenet": "replace", "canet": "concat"}[host]
     paper = build_model(host + "+dcm", backbone=resnet, dcm_fusion=paper_fusion, **flags).eval()  # raw kernels
@@ -306,6 +310,26 @@ def test_pfenet_clean_support_skips_dropout_for_the_kernels(resnet):
     m(q, s, torch.ones(1, 1, 65, 65))
     pre = m.down_supp[:-1](torch.cat(m._mid_features(s.flatten(0, 1))[::-1], 1))
     torch.testing.assert_close(seen[0][:, 0], pre)
+
+
+def test_pfenet_pyramid_placement_fuses_pooled_maps_per_level(resnet):
+    from models import build_model
+    torch.manual_seed(0)
+    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0, 0.5], dcm_placement="pyramid").eval()
+    for f in m.dcm_fuse:
+        torch.nn.init.ones_(f.gamma)
+    seen, maps = [], []
+    m.dcm.register_forward_hook(lambda mod, args, out: maps.append(out))
+    for i, f in enumerate(m.dcm_fuse):
+        f.register_forward_hook(lambda mod, args, out: seen.append((args, out)))
+    q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
+    m(q, s, torch.ones(1, 1, 65, 65))
+    assert len(seen) == 2
+    for (args, out), f in zip(seen, m.dcm_fuse):
+        b = args[0].shape[-2:]
+        for got, full in zip(args[1], maps[0]):
+            torch.testing.assert_close(got, torch.nn.functional.adaptive_avg_pool2d(full, b))
+        assert not torch.allclose(out, args[0])  # gamma = 1: the level's feature changes
 
 
 def test_canet_clean_support_skips_dropout_for_the_kernels(resnet):
@@ -382,6 +406,7 @@ def test_arm_variants_parse():
     assert parse_arm("canet+dcm[residual+clean+rawin]", "canet").overrides == [
         "model.flags.dcm_fusion=residual", "model.flags.dcm_support=clean", "model.flags.dcm_input=raw"]
     assert parse_arm("pfenet+dcm[rawin]", "pfenet").overrides == ["model.flags.dcm_input=raw"]
+    assert parse_arm("pfenet+dcm[pyramid]", "pfenet").overrides == ["model.flags.dcm_placement=pyramid"]
     with pytest.raises(ValueError, match="rawin"):
         parse_arm("dpcn[rawin]", "dpcn")
     assert parse_arm("dpcn[l1]", "dpcn").overrides == ["model.flags.dcm_kernel_norm=l1"]
