@@ -17,7 +17,8 @@ An arm is a registry model name with an optional DCM variant in brackets, tokens
 CANet concatenates the maps to its fusion layer's input, raw kernels), ``residual`` (zero-initialised
 residual fusion), ``replace`` / ``concat``, ``l1`` / ``l2`` / ``raw`` (kernel normalisation),
 ``clean`` (PFENet, CANet: kernels from the support feature before dropout), ``rawin`` (PFENet, CANet: the
-DCM runs on the backbone's raw mid-level feature instead of the reduced one), ``pyramid`` / ``decoder`` (PFENet: the DCM
+DCM runs on the backbone's raw mid-level feature instead of the reduced one), ``ident`` (PFENet, CANet: a
+control, every DCM map is the DCM's query input instead of a dynamic convolution), ``pyramid`` / ``decoder`` (PFENet: the DCM
 maps fused into each pyramid level / into the FEM's output instead of its input), ``lr<x>`` / ``wd<x>`` (kernel
 generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM). ``pfenet+dcm`` alone is
 the model's default (residual fusion, raw kernels); with ``--resume`` a run folder trained with another
@@ -102,6 +103,8 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             out.append("model.flags.dcm_support=clean")
         elif tok == "rawin" and family in ("pfenet", "canet"):
             out.append("model.flags.dcm_input=raw")
+        elif tok == "ident" and family in ("pfenet", "canet"):
+            out.append("model.flags.dcm_kernels=identity")
         elif tok in ("decoder", "pyramid") and family == "pfenet":
             out.append(f"model.flags.dcm_placement={tok}")
         elif re.fullmatch(r"lr[0-9.e-]+", tok):
@@ -110,7 +113,7 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             out.append(f"model.flags.dcm_weight_decay={float(tok[2:])}")
         else:
             raise ValueError(f"arm '{model}[{variant}]': unknown variant token '{tok}' (paper, residual, "
-                             f"replace/concat, l1, l2, raw, clean, rawin, pyramid, decoder, lr<x>, wd<x>, nodcm)")
+                             f"replace/concat, l1, l2, raw, clean, rawin, ident, pyramid, decoder, lr<x>, wd<x>, nodcm)")
     return out
 
 

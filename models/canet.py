@@ -104,6 +104,8 @@ class CANet(FewShotSegmenter):
             before ``layer5``, ``fea_dim`` channels, for query and support alike; ``dcm_support``
             does not apply). ``"concat"`` then widens ``layer55``'s input by ``n_variants·fea_dim``;
             ``"residual"`` projects the maps into the query embedding (``DCMFusion(map_channels=fea_dim)``).
+        dcm_kernels: ``"dynamic"`` (default) or ``"identity"`` (a control: every DCM map is the
+            DCM's own query input; the kernel generators are frozen and unused), as in PFENet.
         dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the kernel
             generators (an optimiser group of their own).
         iom_iterations: IOM passes per forward in training (official: 1, with the history mask
@@ -158,6 +160,7 @@ class CANet(FewShotSegmenter):
         dcm_fusion: str = "residual",
         dcm_support: str = "dropout",
         dcm_input: str = "reduced",
+        dcm_kernels: str = "dynamic",
         iom_iterations: int = 1,
         eval_iom_iterations: Optional[int] = None,
         shot_fusion: str = "prototype",
@@ -186,8 +189,11 @@ class CANet(FewShotSegmenter):
             raise ValueError(f"dcm_support: expected 'dropout' or 'clean', got {dcm_support!r}")
         if dcm_input not in ("reduced", "raw"):
             raise ValueError(f"dcm_input: expected 'reduced' or 'raw', got {dcm_input!r}")
+        if dcm_kernels not in ("dynamic", "identity"):
+            raise ValueError(f"dcm_kernels: expected 'dynamic' or 'identity', got {dcm_kernels!r}")
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
         self.dcm_fusion, self.dcm_support, self.dcm_input = dcm_fusion, dcm_support, dcm_input
+        self.dcm_kernels = dcm_kernels
         self.dcm_lr_scale = float(dcm_lr_scale)
         self.dcm_weight_decay = None if dcm_weight_decay is None else float(dcm_weight_decay)
         bkw = dict(backbone_kwargs or {})
@@ -213,6 +219,8 @@ class CANet(FewShotSegmenter):
                 fuse_in += self.dcm.out_channels
             else:
                 self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), "residual", map_channels=c_dcm)
+            if dcm_kernels == "identity":
+                self.dcm.requires_grad_(False)
         self.layer55 = _conv_block(fuse_in, r, k=3, dilation=2)
         self.residule1 = _residual_block(r + 2, r)
         self.residule2 = _residual_block(r, r)
@@ -286,11 +294,15 @@ class CANet(FewShotSegmenter):
         extra = []
         if self.use_dcm:
             if self.dcm_input == "raw":
-                extra = list(self.dcm(q_mid, s_mid.reshape(B, K, -1, hs, ws), support_masks))
+                dcm_q, dcm_s = q_mid, s_mid.reshape(B, K, -1, hs, ws)
             elif self.dcm_support == "clean":
-                extra = list(self.dcm(q, s_pre.reshape(B, K, r, hs, ws), support_masks))
+                dcm_q, dcm_s = q, s_pre.reshape(B, K, r, hs, ws)
             else:
-                extra = list(self.dcm(q, s, support_masks))
+                dcm_q, dcm_s = q, s
+            if self.dcm_kernels == "identity":
+                extra = [dcm_q] * len(self.dcm.variants)
+            else:
+                extra = list(self.dcm(dcm_q, dcm_s, support_masks))
             if self.dcm_fusion == "residual":
                 q, extra = self.dcm_fuse(q, extra), []
 
@@ -322,7 +334,7 @@ class CANet(FewShotSegmenter):
         return (
             f"reduce_dim={self.reduce_dim}, shot={self.shot}, use_dcm={self.use_dcm}, "
             + (f"dcm_fusion={self.dcm_fusion!r}, dcm_support={self.dcm_support!r}, dcm_input={self.dcm_input!r}, "
-               if self.use_dcm else "")
+               f"dcm_kernels={self.dcm_kernels!r}, " if self.use_dcm else "")
             + f"iom_iterations={self.iom_iterations}, eval_iom_iterations={self.eval_iom_iterations}, "
             f"shot_fusion={self.shot_fusion!r}"
         )

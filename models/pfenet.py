@@ -145,6 +145,10 @@ class PFENet(FewShotSegmenter):
             mid-level feature ``[layer3, layer2]`` before ``down_query`` / ``down_supp``, ``fea_dim``
             channels, for query and support alike; ``dcm_support`` does not apply); ``dcm_fusion``
             then projects the ``fea_dim``-channel maps into ``q`` (``DCMFusion(map_channels=fea_dim)``).
+        dcm_kernels: ``"dynamic"`` (default: the DCM's support-generated kernels) or ``"identity"``
+            (a control: every DCM map is the DCM's own query input, as a centre-tap kernel of 1 would
+            give; the kernel generators are frozen and unused, the fusion is unchanged). It tells
+            whether a gain comes from the support-conditioned kernels or from the extra input path.
         dcm_placement: where the fused DCM maps enter: ``"fem_input"`` (the reduced query feature
             before the FEM, as above), ``"pyramid"`` (per pyramid level: the maps are pooled to each
             bin like the query feature and merged into that level's pooled query feature, one
@@ -202,6 +206,7 @@ class PFENet(FewShotSegmenter):
         dcm_fusion: str = "residual",
         dcm_support: str = "dropout",
         dcm_input: str = "reduced",
+        dcm_kernels: str = "dynamic",
         dcm_placement: str = "fem_input",
         ppm_scales: Sequence[float] = (60, 30, 15, 8),
         aux_weight: float = 1.0,
@@ -223,7 +228,9 @@ class PFENet(FewShotSegmenter):
             raise ValueError(f"dcm_support: expected 'dropout' or 'clean', got {dcm_support!r}")
         if dcm_input not in ("reduced", "raw"):
             raise ValueError(f"dcm_input: expected 'reduced' or 'raw', got {dcm_input!r}")
-        self.dcm_input = dcm_input
+        if dcm_kernels not in ("dynamic", "identity"):
+            raise ValueError(f"dcm_kernels: expected 'dynamic' or 'identity', got {dcm_kernels!r}")
+        self.dcm_input, self.dcm_kernels = dcm_input, dcm_kernels
         if dcm_placement not in ("fem_input", "pyramid", "decoder"):
             raise ValueError(f"dcm_placement: expected 'fem_input', 'pyramid' or 'decoder', got {dcm_placement!r}")
         self.dcm_placement = dcm_placement
@@ -256,6 +263,8 @@ class PFENet(FewShotSegmenter):
                                               for _ in self.ppm_scales)
             else:
                 self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), dcm_fusion, map_channels=c_dcm)
+            if dcm_kernels == "identity":
+                self.dcm.requires_grad_(False)
         n = len(self.ppm_scales)
         self.init_merge = nn.ModuleList(
             nn.Sequential(nn.Conv2d(2 * r + 1, r, 1, bias=False), nn.ReLU(inplace=True)) for _ in range(n)
@@ -325,11 +334,14 @@ class PFENet(FewShotSegmenter):
         # ---- DCM (option A): enhance the reduced query feature
         if self.use_dcm:
             if self.dcm_input == "raw":
-                enhanced = self.dcm(torch.cat([q3, q2], 1), torch.cat([s3, s2], 1).reshape(B, K, -1, h3, w3),
-                                    support_masks)
+                dcm_q, dcm_supp = torch.cat([q3, q2], 1), torch.cat([s3, s2], 1).reshape(B, K, -1, h3, w3)
             else:
+                dcm_q = query_feat
                 dcm_supp = supp_feat if self.dcm_support == "dropout" else supp_pre.reshape(B, K, r, h3, w3)
-                enhanced = self.dcm(query_feat, dcm_supp, support_masks)
+            if self.dcm_kernels == "identity":
+                enhanced = [dcm_q] * len(self.dcm.variants)
+            else:
+                enhanced = self.dcm(dcm_q, dcm_supp, support_masks)
             if self.dcm_placement == "fem_input":
                 query_feat = self.dcm_fuse(query_feat, enhanced)
 
@@ -369,6 +381,6 @@ class PFENet(FewShotSegmenter):
             f"reduce_dim={self.reduce_dim}, ppm_scales={list(self.ppm_scales)}, shot={self.shot}, "
             f"use_dcm={self.use_dcm}, aux_weight={self.aux_weight}"
             + (f", dcm_fusion={self.dcm_fusion!r}, dcm_support={self.dcm_support!r}, dcm_input={self.dcm_input!r}, "
-               f"dcm_placement={self.dcm_placement!r}, dcm_lr_scale={self.dcm_lr_scale}"
+               f"dcm_kernels={self.dcm_kernels!r}, dcm_placement={self.dcm_placement!r}, dcm_lr_scale={self.dcm_lr_scale}"
                if self.use_dcm else "")
         )

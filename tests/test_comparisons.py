@@ -371,6 +371,43 @@ def test_raw_dcm_input_convolves_the_backbone_feature(resnet, host):
         build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm_input="mid", **extra)
 
 
+@pytest.mark.parametrize("host, dcm_input", [("pfenet", "reduced"), ("pfenet", "raw"), ("canet", "raw")])
+def test_identity_kernels_control_feeds_the_dcm_input_to_the_fusion(resnet, host, dcm_input):
+    from models import build_model
+    extra = {"ppm_scales": [1.0]} if host == "pfenet" else {}
+    kw = dict(backbone=resnet, reduce_dim=8, dcm_input=dcm_input, **extra)
+    dyn = build_model(host + "+dcm", **kw).train()
+    ctl = build_model(host + "+dcm", dcm_kernels="identity", **kw).train()
+    assert "dcm_kernels='identity'" in repr(ctl)
+    # same fusion, no trainable kernel generators
+    assert ctl.dcm_fuse.proj[0].in_channels == dyn.dcm_fuse.proj[0].in_channels
+    n_gen = sum(p.numel() for p in dyn.dcm.parameters())
+    assert n_gen > 0 and all(not p.requires_grad for p in ctl.dcm.parameters())
+    n = lambda mdl: sum(p.numel() for p in mdl.trainable_parameters())
+    assert n(dyn) - n(ctl) == n_gen
+    seen, fused = [], []
+    dyn.dcm.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    ctl.dcm.register_forward_hook(lambda mod, args, out: seen.append("called"))
+    ctl.dcm_fuse.register_forward_hook(lambda mod, args, out: fused.append(args[1]))
+    torch.manual_seed(0)
+    q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
+    lab = torch.ones(1, 65, 65, dtype=torch.long)
+    ctl.load_state_dict(dyn.state_dict())
+    dyn.eval(), ctl.eval()
+    dyn(q, s, torch.ones(1, 1, 65, 65))
+    ctl(q, s, torch.ones(1, 1, 65, 65))
+    assert "called" not in seen and len(fused[0]) == len(ctl.dcm.variants)
+    for t in fused[0]:
+        torch.testing.assert_close(t, seen[0])  # the DCM's query input, unchanged
+    ctl.train()
+    with torch.no_grad():
+        ctl.dcm_fuse.gamma.fill_(1.0)
+    ctl(q, s, torch.ones(1, 1, 65, 65), query_mask=lab)["loss"].backward()
+    assert ctl.dcm_fuse.proj[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="dcm_kernels"):
+        build_model(host + "+dcm", dcm_kernels="delta", **kw)
+
+
 def test_dcm_fusion_map_channels():
     from dcm import DCMFusion
     f = DCMFusion(4, 2, "residual", map_channels=6)
@@ -407,6 +444,10 @@ def test_arm_variants_parse():
         "model.flags.dcm_fusion=residual", "model.flags.dcm_support=clean", "model.flags.dcm_input=raw"]
     assert parse_arm("pfenet+dcm[rawin]", "pfenet").overrides == ["model.flags.dcm_input=raw"]
     assert parse_arm("pfenet+dcm[pyramid]", "pfenet").overrides == ["model.flags.dcm_placement=pyramid"]
+    assert parse_arm("canet+dcm[residual+rawin+ident]", "canet").overrides == [
+        "model.flags.dcm_fusion=residual", "model.flags.dcm_input=raw", "model.flags.dcm_kernels=identity"]
+    with pytest.raises(ValueError, match="ident"):
+        parse_arm("dpcn[ident]", "dpcn")
     with pytest.raises(ValueError, match="rawin"):
         parse_arm("dpcn[rawin]", "dpcn")
     assert parse_arm("dpcn[l1]", "dpcn").overrides == ["model.flags.dcm_kernel_norm=l1"]
