@@ -34,6 +34,7 @@ from dcm import DynamicConvModule
 from .common import (
     DCMFusion,
     FewShotSegmenter,
+    check_choice,
     check_dcm_training_flags,
     check_episode,
     dcm_module_kwargs,
@@ -177,20 +178,15 @@ class CANet(FewShotSegmenter):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if shot_fusion not in ("prototype", "logits"):
-            raise ValueError(f"shot_fusion: expected 'prototype' or 'logits', got {shot_fusion!r}")
+        check_choice("shot_fusion", shot_fusion, ("prototype", "logits"))
         dcm_kwargs = dcm_module_kwargs(
             {"dcm_kernel_size": dcm_kernel_size, "dcm_variants": dcm_variants, "dcm_square_source": dcm_square_source,
              "dcm_kgen_kernel_size": dcm_kgen_kernel_size, "dcm_fg_threshold": dcm_fg_threshold,
              "dcm_kernel_norm": dcm_kernel_norm}, dcm_kwargs, use_dcm, "CANet")
-        if dcm_fusion not in ("concat", "residual"):
-            raise ValueError(f"dcm_fusion: expected 'concat' or 'residual', got {dcm_fusion!r}")
-        if dcm_support not in ("dropout", "clean"):
-            raise ValueError(f"dcm_support: expected 'dropout' or 'clean', got {dcm_support!r}")
-        if dcm_input not in ("reduced", "raw"):
-            raise ValueError(f"dcm_input: expected 'reduced' or 'raw', got {dcm_input!r}")
-        if dcm_kernels not in ("dynamic", "identity"):
-            raise ValueError(f"dcm_kernels: expected 'dynamic' or 'identity', got {dcm_kernels!r}")
+        check_choice("dcm_fusion", dcm_fusion, ("concat", "residual"))
+        check_choice("dcm_support", dcm_support, ("dropout", "clean"))
+        check_choice("dcm_input", dcm_input, ("reduced", "raw"))
+        check_choice("dcm_kernels", dcm_kernels, ("dynamic", "identity"))
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
         self.dcm_fusion, self.dcm_support, self.dcm_input = dcm_fusion, dcm_support, dcm_input
         self.dcm_kernels = dcm_kernels

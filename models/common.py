@@ -189,6 +189,14 @@ def resolve_backbone(backbone, weights=None, layer4_trainable: bool = False, **k
 DCM_FUSIONS = _DCM_FUSIONS
 
 
+def check_choice(name: str, value, choices) -> None:
+    """Raise ``ValueError("name: expected 'a', 'b' or 'c', got ...")`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        quoted = [repr(str(c)) for c in choices]
+        text = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+        raise ValueError(f"{name}: expected {text}, got {value!r}")
+
+
 def check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay) -> None:
     """Validate the ``dcm_lr_scale`` / ``dcm_weight_decay`` host flags."""
     if isinstance(dcm_lr_scale, bool) or not isinstance(dcm_lr_scale, (int, float)) or not dcm_lr_scale >= 0:

@@ -48,6 +48,7 @@ from dcm import DynamicConvModule, FeatureFiltering, SupportActivation
 from .common import (
     DCMFusion,
     FewShotSegmenter,
+    check_choice,
     check_dcm_training_flags,
     check_episode,
     dcm_module_kwargs,
@@ -248,14 +249,10 @@ class DPCN(FewShotSegmenter):
         for name, v in (("reduce_dim", reduce_dim), ("decoder_dim", decoder_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if support_branch_mask not in ("argmax", "soft"):
-            raise ValueError(f"support_branch_mask: expected 'argmax' or 'soft', got {support_branch_mask!r}")
-        if support_branch_shots not in ("all", "first"):
-            raise ValueError(f"support_branch_shots: expected 'all' or 'first', got {support_branch_shots!r}")
-        if dcm_off_feature not in ("query", "none"):
-            raise ValueError(f"dcm_off_feature: expected 'query' or 'none', got {dcm_off_feature!r}")
-        if dcm_fusion not in ("replace", "residual"):
-            raise ValueError(f"dcm_fusion: expected 'replace' or 'residual', got {dcm_fusion!r}")
+        check_choice("support_branch_mask", support_branch_mask, ("argmax", "soft"))
+        check_choice("support_branch_shots", support_branch_shots, ("all", "first"))
+        check_choice("dcm_off_feature", dcm_off_feature, ("query", "none"))
+        check_choice("dcm_fusion", dcm_fusion, ("replace", "residual"))
         if not float(support_branch_weight) >= 0:
             raise ValueError(f"support_branch_weight: expected a number >= 0, got {support_branch_weight!r}")
         if use_prior is None:

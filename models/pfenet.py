@@ -34,6 +34,7 @@ from dcm import DynamicConvModule, SupportActivation
 from .common import (
     DCMFusion,
     FewShotSegmenter,
+    check_choice,
     check_dcm_training_flags,
     check_episode,
     dcm_module_kwargs,
@@ -222,20 +223,14 @@ class PFENet(FewShotSegmenter):
             {"dcm_kernel_size": dcm_kernel_size, "dcm_variants": dcm_variants, "dcm_square_source": dcm_square_source,
              "dcm_kgen_kernel_size": dcm_kgen_kernel_size, "dcm_fg_threshold": dcm_fg_threshold,
              "dcm_kernel_norm": dcm_kernel_norm}, dcm_kwargs, use_dcm, "PFENet")
-        if dcm_fusion not in ("replace", "residual"):
-            raise ValueError(f"dcm_fusion: expected 'replace' or 'residual', got {dcm_fusion!r}")
-        if dcm_support not in ("dropout", "clean"):
-            raise ValueError(f"dcm_support: expected 'dropout' or 'clean', got {dcm_support!r}")
-        if dcm_input not in ("reduced", "raw"):
-            raise ValueError(f"dcm_input: expected 'reduced' or 'raw', got {dcm_input!r}")
-        if dcm_kernels not in ("dynamic", "identity"):
-            raise ValueError(f"dcm_kernels: expected 'dynamic' or 'identity', got {dcm_kernels!r}")
-        self.dcm_input, self.dcm_kernels = dcm_input, dcm_kernels
-        if dcm_placement not in ("fem_input", "pyramid", "decoder"):
-            raise ValueError(f"dcm_placement: expected 'fem_input', 'pyramid' or 'decoder', got {dcm_placement!r}")
-        self.dcm_placement = dcm_placement
+        check_choice("dcm_fusion", dcm_fusion, ("replace", "residual"))
+        check_choice("dcm_support", dcm_support, ("dropout", "clean"))
+        check_choice("dcm_input", dcm_input, ("reduced", "raw"))
+        check_choice("dcm_kernels", dcm_kernels, ("dynamic", "identity"))
+        check_choice("dcm_placement", dcm_placement, ("fem_input", "pyramid", "decoder"))
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
         self.dcm_fusion, self.dcm_support = dcm_fusion, dcm_support
+        self.dcm_input, self.dcm_kernels, self.dcm_placement = dcm_input, dcm_kernels, dcm_placement
         self.dcm_lr_scale = float(dcm_lr_scale)
         self.dcm_weight_decay = None if dcm_weight_decay is None else float(dcm_weight_decay)
         bkw = dict(backbone_kwargs or {})
