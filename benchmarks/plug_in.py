@@ -16,8 +16,8 @@ An arm is a registry model name with an optional DCM variant in brackets, tokens
 ``paper`` (the DCM as the paper describes it: PFENet's fused feature *replaces* the query feature,
 CANet concatenates the maps to its fusion layer's input, raw kernels), ``residual`` (zero-initialised
 residual fusion), ``replace`` / ``concat``, ``l1`` / ``l2`` / ``raw`` (kernel normalisation),
-``clean`` (PFENet, CANet: kernels from the support feature before dropout), ``rawin`` (PFENet, CANet: the
-DCM runs on the backbone's raw mid-level feature instead of the reduced one), ``ident`` (PFENet, CANet: a
+``clean`` (PFENet, CANet: kernels from the support feature before dropout), ``rawin`` / ``redin`` (the
+DCM runs on the backbone's raw mid-level feature / on the reduced one), ``ident`` (PFENet, CANet: a
 control, every DCM map is the DCM's query input instead of a dynamic convolution), ``pyramid`` / ``decoder`` (PFENet: the DCM
 maps fused into each pyramid level / into the FEM's output instead of its input), ``lr<x>`` / ``wd<x>`` (kernel
 generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM). ``pfenet+dcm`` alone is
@@ -101,8 +101,8 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             out.append(f"{norm_key}={'null' if tok == 'raw' else tok}")
         elif tok == "clean" and family in ("pfenet", "canet"):
             out.append("model.flags.dcm_support=clean")
-        elif tok == "rawin" and family in ("pfenet", "canet"):
-            out.append("model.flags.dcm_input=raw")
+        elif tok in ("rawin", "redin"):
+            out.append(f"model.flags.dcm_input={'raw' if tok == 'rawin' else 'reduced'}")
         elif tok == "ident" and family in ("pfenet", "canet"):
             out.append("model.flags.dcm_kernels=identity")
         elif tok in ("decoder", "pyramid") and family == "pfenet":
@@ -113,7 +113,7 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             out.append(f"model.flags.dcm_weight_decay={float(tok[2:])}")
         else:
             raise ValueError(f"arm '{model}[{variant}]': unknown variant token '{tok}' (paper, residual, "
-                             f"replace/concat, l1, l2, raw, clean, rawin, ident, pyramid, decoder, lr<x>, wd<x>, nodcm)")
+                             f"replace/concat, l1, l2, raw, clean, rawin, redin, ident, pyramid, decoder, lr<x>, wd<x>, nodcm)")
     return out
 
 

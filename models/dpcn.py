@@ -162,6 +162,11 @@ class DPCN(FewShotSegmenter):
             q_s`` take the place of ``x̃_q``) or ``"residual"``: ``x̃_q + γ ⊙ ReLU(Conv1x1([x̃_q, q_v, q_h,
             q_s]))`` with ``γ`` initialised to 0 takes the place of ``x̃_q`` (:class:`dcm.DCMFusion`), so
             that DPCN equals DPCN without DCM (``dcm_off_feature="query"``) at initialisation.
+        dcm_input: what the DCM convolves: ``"reduced"`` (default, the paper: the filtered reduced
+            query feature ``x̃_q``, kernels from the reduced support feature ``x_s``) or ``"raw"`` (the
+            backbone's mid-level feature ``[layer3, layer2]`` of query and support before the
+            reducers, ``C3 + C2`` channels; the maps are projected into ``x̃_q`` by
+            ``DCMFusion(map_channels=C3 + C2)``, so it needs ``dcm_fusion="residual"``).
         decoder_dim: decoder width ``D`` (256).
         aspp_rates: ASPP dilation rates ``(6, 12, 18)``.
         decoder_dropout: Dropout2d after ``F_conv`` (0.5).
@@ -229,6 +234,7 @@ class DPCN(FewShotSegmenter):
         dcm_weight_decay: Optional[float] = None,
         dcm_off_feature: str = "query",
         dcm_fusion: str = "replace",
+        dcm_input: str = "reduced",
         decoder_dim: int = 256,
         aspp_rates: Sequence[int] = (6, 12, 18),
         decoder_dropout: float = 0.5,
@@ -253,6 +259,10 @@ class DPCN(FewShotSegmenter):
         check_choice("support_branch_shots", support_branch_shots, ("all", "first"))
         check_choice("dcm_off_feature", dcm_off_feature, ("query", "none"))
         check_choice("dcm_fusion", dcm_fusion, ("replace", "residual"))
+        check_choice("dcm_input", dcm_input, ("reduced", "raw"))
+        if use_dcm and dcm_input == "raw" and dcm_fusion != "residual":
+            raise ValueError("dcm_input='raw' needs dcm_fusion='residual' (the raw-feature maps are projected into "
+                             "the reduced query feature; 'replace' would put them into x_out as they are)")
         if not float(support_branch_weight) >= 0:
             raise ValueError(f"support_branch_weight: expected a number >= 0, got {support_branch_weight!r}")
         if use_prior is None:
@@ -306,10 +316,12 @@ class DPCN(FewShotSegmenter):
         dcm_flags = {"dcm_kernel_size": dcm_kernel_size, "dcm_variants": dcm_variants,
                      "dcm_square_source": dcm_square_source, "dcm_kgen_kernel_size": dcm_kgen_kernel_size,
                      "dcm_fg_threshold": dcm_fg_threshold, "dcm_kernel_norm": dcm_kernel_norm}
-        self.dcm = DynamicConvModule(C, **dcm_module_kwargs(dcm_flags, None, self.use_dcm, "DPCN")) if self.use_dcm else None
+        self.dcm_input = dcm_input
+        c_dcm = C if dcm_input == "reduced" else mid_in
+        self.dcm = DynamicConvModule(c_dcm, **dcm_module_kwargs(dcm_flags, None, self.use_dcm, "DPCN")) if self.use_dcm else None
         self.dcm_fusion = dcm_fusion
         if self.use_dcm and dcm_fusion == "residual":
-            self.dcm_fuse = DCMFusion(C, len(self.dcm.variants), "residual")
+            self.dcm_fuse = DCMFusion(C, len(self.dcm.variants), "residual", map_channels=c_dcm)
 
         # ---------------------------------------------------------------- decoder
         if self.use_dcm:
@@ -372,7 +384,7 @@ class DPCN(FewShotSegmenter):
 
         parts = []
         if self.dcm is not None:
-            dyn = self.dcm(x_t, x_s, s_fg)
+            dyn = self.dcm(x_t, x_s, s_fg) if self.dcm_input == "reduced" else self.dcm(q_mid, s_mid, s_fg)
             parts.extend(dyn if self.dcm_fusion == "replace" else [self.dcm_fuse(x_t, dyn)])
         elif self.dcm_off_feature == "query":
             parts.append(x_t)
@@ -448,7 +460,7 @@ class DPCN(FewShotSegmenter):
         return (
             f"shot={self.shot}, use_sam={self.use_sam}, use_ffm={self.use_ffm}, use_dcm={self.use_dcm}, "
             f"use_prior={self.use_prior}, x_out_channels={self.x_out_channels}, "
-            + (f"dcm_fusion={self.dcm_fusion!r}, " if self.use_dcm else "")
+            + (f"dcm_fusion={self.dcm_fusion!r}, dcm_input={self.dcm_input!r}, " if self.use_dcm else "")
             + f"support_branch_weight={self.support_branch_weight}, support_branch_mask={self.support_branch_mask!r}"
         )
 

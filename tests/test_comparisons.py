@@ -286,6 +286,36 @@ def test_dpcn_residual_dcm_equals_dpcn_without_dcm_at_initialisation(resnet):
         build_model("dpcn", backbone=resnet, dcm_fusion="concat", **flags)
 
 
+def test_dpcn_raw_dcm_input_convolves_the_mid_level_feature(resnet):
+    from models import build_model
+    flags = {"reduce_dim": 16, "decoder_dim": 16}
+    plain = build_model("dpcn", backbone=resnet, use_dcm=False, **flags).eval()
+    raw = build_model("dpcn", backbone=resnet, dcm_fusion="residual", dcm_input="raw", **flags).eval()
+    mid = resnet.channels["layer2"] + resnet.channels["layer3"]
+    assert raw.dcm.channels == mid and raw.dcm_fuse.map_channels == mid and "dcm_input='raw'" in repr(raw)
+    assert raw.dcm_fuse.proj[0].in_channels == 16 + 3 * mid
+    missing, unexpected = raw.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("dcm.", "dcm_fuse.")) for k in missing)
+    torch.manual_seed(0)
+    q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
+    m = torch.zeros(1, 1, 65, 65)
+    m[:, :, 10:50, 15:45] = 1
+    assert torch.equal(plain(q, s, m)["logits"], raw(q, s, m)["logits"])  # zero gate: DPCN w/o DCM at init
+    seen = []
+    raw.dcm.register_forward_hook(lambda mod, args, out: seen.append(args))
+    raw.train()
+    raw(q, s, m, query_mask=(torch.rand(1, 65, 65) > 0.5).long())["loss"].backward()
+    torch.testing.assert_close(seen[0][0], raw._mid(q)[0])
+    torch.testing.assert_close(seen[0][1][:, 0], raw._mid(s[:, 0])[0])
+    assert raw.dcm_fuse.gamma.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in raw.dcm.parameters())
+    with pytest.raises(ValueError, match="dcm_input='raw' needs dcm_fusion='residual'"):
+        build_model("dpcn", backbone=resnet, dcm_input="raw", **flags)
+    with pytest.raises(ValueError, match="dcm_input"):
+        build_model("dpcn", backbone=resnet, dcm_input="mid", **flags)
+    build_model("dpcn", backbone=resnet, use_dcm=False, dcm_input="raw", **flags)  # no DCM: nothing to check
+
+
 def test_dcm_training_flags_make_an_optimiser_group(resnet):
     from models import build_model
     m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm_lr_scale=0.1, dcm_weight_decay=0.0)
@@ -448,8 +478,11 @@ def test_arm_variants_parse():
         "model.flags.dcm_fusion=residual", "model.flags.dcm_input=raw", "model.flags.dcm_kernels=identity"]
     with pytest.raises(ValueError, match="ident"):
         parse_arm("dpcn[ident]", "dpcn")
-    with pytest.raises(ValueError, match="rawin"):
-        parse_arm("dpcn[rawin]", "dpcn")
+    assert parse_arm("dpcn[residual+rawin]", "dpcn").overrides == ["model.flags.dcm_fusion=residual",
+                                                                  "model.flags.dcm_input=raw"]
+    assert parse_arm("canet+dcm[redin]", "canet").overrides == ["model.flags.dcm_input=reduced"]
+    with pytest.raises(ValueError, match="no DCM"):
+        parse_arm("baseline[rawin]", "dpcn")
     assert parse_arm("dpcn[l1]", "dpcn").overrides == ["model.flags.dcm_kernel_norm=l1"]
     for bad, host, word in (("pfenet[l1]", "pfenet", "no DCM"), ("pfenet+dcm[foo]", "pfenet", "unknown"),
                             ("canet", "pfenet", "not a pfenet arm"), ("canet+dcm[replace]", "canet", "concat"),
