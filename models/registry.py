@@ -41,8 +41,8 @@ MODELS: Dict[str, Tuple[str, str, Dict[str, object]]] = {
 #: every resolved config (:func:`pinned_flags`), so a saved run states it; a saved config that does
 #: not name it is read with the old value (:func:`legacy_flags`).
 LEGACY_DEFAULTS: Dict[str, Dict[str, object]] = {
-    "pfenet+dcm": {"dcm_fusion": "replace"},
-    "canet+dcm": {"dcm_fusion": "concat"},
+    "pfenet+dcm": {"dcm_fusion": "replace", "dcm_input": "reduced"},
+    "canet+dcm": {"dcm_fusion": "concat", "dcm_input": "reduced"},
 }
 
 
@@ -51,7 +51,7 @@ def pinned_flags(name: str) -> Dict[str, object]:
 
     Example:
         >>> pinned_flags("pfenet+dcm"), pinned_flags("dpcn")
-        ({'dcm_fusion': 'residual'}, {})
+        ({'dcm_fusion': 'residual', 'dcm_input': 'raw'}, {})
     """
     key = str(name).strip().lower()
     if key not in LEGACY_DEFAULTS:
@@ -74,7 +74,7 @@ def legacy_flags(name: str) -> Dict[str, object]:
 
     Example:
         >>> legacy_flags("canet+dcm")
-        {'dcm_fusion': 'concat'}
+        {'dcm_fusion': 'concat', 'dcm_input': 'reduced'}
     """
     return dict(LEGACY_DEFAULTS.get(str(name).strip().lower(), {}))
 

@@ -226,17 +226,17 @@ def test_paired_difference_by_hand():
 @pytest.mark.parametrize("host, flags", [
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5]}),
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_placement": "decoder"}),
-    ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_input": "raw"}),
+    ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_input": "reduced"}),
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_placement": "pyramid"}),
     ("canet", {"reduce_dim": 16}),
-    ("canet", {"reduce_dim": 16, "dcm_input": "raw"}),
-    ("canet", {"reduce_dim": 16, "dcm_support": "clean"}),
+    ("canet", {"reduce_dim": 16, "dcm_input": "reduced"}),
+    ("canet", {"reduce_dim": 16, "dcm_input": "reduced", "dcm_support": "clean"}),
 ])
 def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
     from models import build_model
     plain = build_model(host, backbone=resnet, **{k: v for k, v in flags.items() if not k.startswith("dcm_")}).eval()
     with_dcm = build_model(host + "+dcm", backbone=resnet, **flags).eval()  # the default fusion
-    assert with_dcm.dcm_fusion == "residual"
+    assert with_dcm.dcm_fusion == "residual" and with_dcm.dcm_input == flags.get("dcm_input", "raw")
     missing, unexpected = with_dcm.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(("dcm.", "dcm_fuse.")) for k in missing)
     torch.manual_seed(0)
@@ -281,7 +281,8 @@ def test_dpcn_residual_dcm_equals_dpcn_without_dcm_at_initialisation(resnet):
     paper = build_model("dpcn", backbone=resnet, **flags)  # the paper's replacing form is the default
     assert paper.dcm_fusion == "replace" and not hasattr(paper, "dcm_fuse")
     assert parse_arm("dpcn[residual]", "dpcn").overrides == ["model.flags.dcm_fusion=residual"]
-    assert parse_arm("dpcn[paper]", "dpcn").overrides == ["model.flags.dcm_fusion=replace", "model.flags.dcm_kernel_norm=null"]
+    assert parse_arm("dpcn[paper]", "dpcn").overrides == ["model.flags.dcm_fusion=replace", "model.flags.dcm_input=reduced",
+                                                        "model.flags.dcm_kernel_norm=null"]
     with pytest.raises(ValueError, match="dcm_fusion"):
         build_model("dpcn", backbone=resnet, dcm_fusion="concat", **flags)
 
@@ -333,7 +334,8 @@ def test_dcm_training_flags_make_an_optimiser_group(resnet):
 def test_pfenet_clean_support_skips_dropout_for_the_kernels(resnet):
     from models import build_model
     torch.manual_seed(0)
-    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm_support="clean").train()
+    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm_input="reduced",
+                    dcm_support="clean").train()
     seen = []
     m.dcm.register_forward_hook(lambda mod, args, out: seen.append(args[1]))
     q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
@@ -365,7 +367,7 @@ def test_pfenet_pyramid_placement_fuses_pooled_maps_per_level(resnet):
 def test_canet_clean_support_skips_dropout_for_the_kernels(resnet):
     from models import build_model
     torch.manual_seed(0)
-    m = build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_support="clean").train()
+    m = build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_input="reduced", dcm_support="clean").train()
     seen = []
     m.dcm.register_forward_hook(lambda mod, args, out: seen.append(args[1]))
     q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
@@ -374,6 +376,9 @@ def test_canet_clean_support_skips_dropout_for_the_kernels(resnet):
     torch.testing.assert_close(seen[0][:, 0], pre)
     with pytest.raises(ValueError, match="dcm_support"):
         build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_support="noisy")
+    for host in ("pfenet", "canet"):  # the raw input has no dropout: 'clean' would be silently ignored
+        with pytest.raises(ValueError, match="dcm_support='clean' applies to dcm_input='reduced'"):
+            build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm_support="clean")
 
 
 @pytest.mark.parametrize("host", ["pfenet", "canet"])
@@ -464,14 +469,15 @@ def test_arm_variants_parse():
     assert a.overrides == ["model.flags.dcm_fusion=residual", "model.flags.dcm_kernel_norm=l1",
                            "model.flags.dcm_lr_scale=0.1"]
     assert parse_arm("canet+dcm[paper]", "canet").overrides == ["model.flags.dcm_fusion=concat",
+                                                                "model.flags.dcm_input=reduced",
                                                                 "model.flags.dcm_kernel_norm=null"]
     assert parse_arm("dpcn[nodcm]", "dpcn").overrides == ["model.flags.use_dcm=false"]
     assert parse_arm("pfenet+dcm[residual+decoder]", "pfenet").overrides == ["model.flags.dcm_fusion=residual",
                                                                              "model.flags.dcm_placement=decoder"]
     with pytest.raises(ValueError, match="decoder"):
         parse_arm("canet+dcm[decoder]", "canet")
-    assert parse_arm("canet+dcm[residual+clean+rawin]", "canet").overrides == [
-        "model.flags.dcm_fusion=residual", "model.flags.dcm_support=clean", "model.flags.dcm_input=raw"]
+    assert parse_arm("canet+dcm[residual+clean+redin]", "canet").overrides == [
+        "model.flags.dcm_fusion=residual", "model.flags.dcm_support=clean", "model.flags.dcm_input=reduced"]
     assert parse_arm("pfenet+dcm[rawin]", "pfenet").overrides == ["model.flags.dcm_input=raw"]
     assert parse_arm("pfenet+dcm[pyramid]", "pfenet").overrides == ["model.flags.dcm_placement=pyramid"]
     assert parse_arm("canet+dcm[residual+rawin+ident]", "canet").overrides == [
@@ -554,20 +560,23 @@ def test_config_saved_before_the_fusion_default_changed_loads_in_its_old_form(tm
     from benchmarks.engine import build_model_from_config, load_checkpoint_model
     from dcm import DCMFusion
     from models.registry import LEGACY_DEFAULTS, pinned_flags
-    assert DCMFusion(4, 3).mode == "residual" and pinned_flags(name) == {"dcm_fusion": "residual"}
-    assert LEGACY_DEFAULTS[name] == {"dcm_fusion": old_form}
+    assert DCMFusion(4, 3).mode == "residual"
+    assert pinned_flags(name) == {"dcm_fusion": "residual", "dcm_input": "raw"}
+    assert LEGACY_DEFAULTS[name] == {"dcm_fusion": old_form, "dcm_input": "reduced"}
     host = name.split("+")[0]
     cfg = load_config(f"plug_in_{host}_synthetic", ["model.backbone_weights=random", f"model.name={name}",
                                                     "model.flags.reduce_dim=8"])
-    assert cfg["model"]["flags"]["dcm_fusion"] == "residual"  # recorded in every resolved config
+    flags = cfg["model"]["flags"]  # both recorded in every resolved config
+    assert flags["dcm_fusion"] == "residual" and flags["dcm_input"] == "raw"
     old = copy.deepcopy(cfg)
-    old["model"]["flags"]["dcm_fusion"] = old_form
+    old["model"]["flags"].update(dcm_fusion=old_form, dcm_input="reduced")
     torch.manual_seed(0)
     model = build_model_from_config(old).eval()
-    del old["model"]["flags"]["dcm_fusion"]  # as a config saved by the older version
+    del old["model"]["flags"]["dcm_fusion"], old["model"]["flags"]["dcm_input"]  # as saved by the first version
     torch.save({"model": model.state_dict(), "config": old}, tmp_path / "old.pth")
     loaded, c = load_checkpoint_model(tmp_path / "old.pth")
     assert loaded.dcm_fusion == old_form and c["model"]["flags"]["dcm_fusion"] == old_form
+    assert loaded.dcm_input == "reduced" and c["model"]["flags"]["dcm_input"] == "reduced"
     torch.manual_seed(1)
     q, s, m = torch.randn(1, 3, 40, 40), torch.randn(1, 1, 3, 40, 40), (torch.rand(1, 1, 40, 40) > 0.5).float()
     torch.testing.assert_close(loaded(q, s, m)["logits"], model(q, s, m)["logits"], rtol=0, atol=0)
@@ -593,6 +602,15 @@ def test_plug_in_refuses_to_reuse_a_run_of_another_network(tmp_path):
         check_run_dir(cfg, run_dir)
     check_run_dir(load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm", "model.flags.dcm_fusion=replace"]),
                   run_dir)
+    # a run of the reduced-input era (no dcm_input in its config) is not the raw-input default
+    era = {**old, "model": {**old["model"], "flags": {**old["model"]["flags"], "dcm_fusion": "residual"}}}
+    del era["model"]["flags"]["dcm_input"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(era))
+    with pytest.raises(ValueError, match=r"dcm_input: run 'reduced', asked 'raw'"):
+        check_run_dir(cfg, run_dir)
+    from benchmarks.plug_in import parse_arm
+    check_run_dir(load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm"] + parse_arm(
+        "pfenet+dcm[residual+redin]", "pfenet").overrides), run_dir)
     # the deprecated dcm_kwargs spelling and flags left at their defaults describe the same network
     old["model"]["flags"]["dcm_kwargs"] = {"kernel_norm": None}
     old["model"]["flags"]["dcm_fusion"] = "residual"
