@@ -21,7 +21,7 @@ DCM runs on the backbone's raw mid-level feature / on the reduced one), ``ident`
 control, every DCM map is the DCM's query input instead of a dynamic convolution), ``pyramid`` / ``decoder`` (PFENet: the DCM
 maps fused into each pyramid level / into the FEM's output instead of its input), ``lr<x>`` / ``wd<x>`` (kernel
 generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM). ``pfenet+dcm`` alone is
-the model's default (residual fusion, raw input, raw kernels); with ``--resume`` a run folder trained with another
+the model's default (residual fusion, raw kernels; CANet+DCM: on the raw input); with ``--resume`` a run folder trained with another
 network than the arm asks for (e.g. by a version with another default) is an error, not reused.
 
 ``--split val|test`` picks the split of the final evaluation (recipes that split their images have

@@ -125,14 +125,14 @@ class PFENet(FewShotSegmenter):
         reduce_dim: ``r`` (PFENet: 256).
         use_dcm: add the DCM (docs/MODELS_HOSTS.md#pfenet-dcm): kernels from the support feature and its
             mask (all shots' foreground vectors pooled together), three depthwise dynamic
-            convolutions of the query feature (``dcm_input``: the backbone's mid-level feature by
-            default), then the maps are merged into the reduced query feature ``q`` before the FEM
-            by ``dcm_fusion``. Everything else is unchanged.
+            convolutions of the query feature (``dcm_input``: the reduced query feature ``q`` by
+            default), then the maps are merged into ``q`` before the FEM by ``dcm_fusion``.
+            Everything else is unchanged.
         dcm_kernel_size, dcm_variants, dcm_square_source, dcm_kgen_kernel_size, dcm_fg_threshold,
             dcm_kernel_norm: the DCM's ``kernel_size``, ``variants``, ``square_source``,
             ``kgen_kernel_size``, ``fg_threshold`` and ``kernel_norm`` (:class:`dcm.DynamicConvModule`;
-            its channels are ``fea_dim``, or ``reduce_dim`` with ``dcm_input="reduced"``). The same
-            flags as DPCN's.
+            its channels are ``reduce_dim``, or ``fea_dim`` with ``dcm_input="raw"``). The same flags
+            as DPCN's.
         dcm_fusion: ``"residual"`` (default): ``q' = q + γ ⊙ ReLU(Conv1x1([q, q_v, q_h, q_s]))`` with
             ``γ`` initialised to 0, so that PFENet+DCM equals PFENet at initialisation (the form chosen
             on real images, docs/REAL_IMAGES.md), or ``"replace"`` (the paper's description):
@@ -142,16 +142,15 @@ class PFENet(FewShotSegmenter):
         dcm_support: what the kernel generators see of the support: ``"dropout"`` (the reduced
             support feature after ``down_supp``'s Dropout2d, as the prototype does) or ``"clean"``
             (the same feature before the dropout).
-        dcm_input: what the DCM convolves: ``"raw"`` (default: the backbone's mid-level feature
+        dcm_input: what the DCM convolves: ``"reduced"`` (default: the reduced query feature ``q``,
+            ``r`` channels, kernels from the reduced support feature; the form chosen on real images
+            for PFENet, docs/REAL_IMAGES.md) or ``"raw"`` (the backbone's mid-level feature
             ``[layer3, layer2]`` before ``down_query`` / ``down_supp``, ``fea_dim`` channels, for query
-            and support alike; ``dcm_support`` does not apply; ``dcm_fusion`` projects the
-            ``fea_dim``-channel maps into ``q``, ``DCMFusion(map_channels=fea_dim)``; the form chosen
-            on real images, docs/REAL_IMAGES.md) or ``"reduced"`` (the paper's: the reduced query
-            feature ``q``, ``r`` channels, kernels from the reduced support feature). The DCM's
-            size grows with the square of its channels: with ResNet-50 (``fea_dim`` = 1536) the raw
-            form's kernel generators hold 42.5 M parameters against 1.2 M for ``"reduced"`` at
-            ``r`` = 256. A saved config without this flag was trained with ``"reduced"`` and loads
-            as such (``models.registry.LEGACY_DEFAULTS``).
+            and support alike; ``dcm_support`` does not apply, ``"clean"`` with it is an error;
+            ``dcm_fusion`` projects the ``fea_dim``-channel maps into ``q``,
+            ``DCMFusion(map_channels=fea_dim)``). The DCM's size grows with the square of its
+            channels: with ResNet-50 (``fea_dim`` = 1536) the raw form's kernel generators hold
+            42.5 M parameters against 1.2 M for ``"reduced"`` at ``r`` = 256.
         dcm_kernels: ``"dynamic"`` (default: the DCM's support-generated kernels) or ``"identity"``
             (a control: every DCM map is the DCM's own query input, as a centre-tap kernel of 1 would
             give; the kernel generators are frozen and unused, the fusion is unchanged). It tells
@@ -212,7 +211,7 @@ class PFENet(FewShotSegmenter):
         dcm_weight_decay: Optional[float] = None,
         dcm_fusion: str = "residual",
         dcm_support: str = "dropout",
-        dcm_input: str = "raw",
+        dcm_input: str = "reduced",
         dcm_kernels: str = "dynamic",
         dcm_placement: str = "fem_input",
         ppm_scales: Sequence[float] = (60, 30, 15, 8),

@@ -41,7 +41,7 @@ MODELS: Dict[str, Tuple[str, str, Dict[str, object]]] = {
 #: every resolved config (:func:`pinned_flags`), so a saved run states it; a saved config that does
 #: not name it is read with the old value (:func:`legacy_flags`).
 LEGACY_DEFAULTS: Dict[str, Dict[str, object]] = {
-    "pfenet+dcm": {"dcm_fusion": "replace", "dcm_input": "reduced"},
+    "pfenet+dcm": {"dcm_fusion": "replace"},
     "canet+dcm": {"dcm_fusion": "concat", "dcm_input": "reduced"},
 }
 
@@ -50,8 +50,8 @@ def pinned_flags(name: str) -> Dict[str, object]:
     """Today's defaults of the flags of :data:`LEGACY_DEFAULTS` for model ``name`` (``{}`` if none).
 
     Example:
-        >>> pinned_flags("pfenet+dcm"), pinned_flags("dpcn")
-        ({'dcm_fusion': 'residual', 'dcm_input': 'raw'}, {})
+        >>> pinned_flags("pfenet+dcm"), pinned_flags("canet+dcm"), pinned_flags("dpcn")
+        ({'dcm_fusion': 'residual'}, {'dcm_fusion': 'residual', 'dcm_input': 'raw'}, {})
     """
     key = str(name).strip().lower()
     if key not in LEGACY_DEFAULTS:

@@ -81,8 +81,8 @@ def test_dcm_adds_exactly_dcm_and_fusion_conv(resnet, dcm_flags, n_gen, n_var, f
     c = 1536 if dcm_input == "raw" else r  # the DCM's channels: ResNet-50's [layer3, layer2], or r
     base = PFENet(resnet, reduce_dim=r)
     plus = PFENet(resnet, reduce_dim=r, use_dcm=True, **({} if fusion == "residual" else {"dcm_fusion": fusion}),
-                  **({} if dcm_input == "raw" else {"dcm_input": dcm_input}), **dcm_flags)
-    assert plus.dcm_fusion == fusion and plus.dcm_input == dcm_input  # residual, raw: the defaults
+                  **({} if dcm_input == "reduced" else {"dcm_input": dcm_input}), **dcm_flags)
+    assert plus.dcm_fusion == fusion and plus.dcm_input == dcm_input  # residual, reduced: the defaults
     pb, pp = per_module(base), per_module(plus)
     assert set(pp) - set(pb) == {"dcm", "dcm_fuse"}
     assert {k: pp[k] for k in pb} == pb  # every host module unchanged
