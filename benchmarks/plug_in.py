@@ -13,15 +13,15 @@ folds, the mean of the fold means with the interval from the within-fold seed va
     python benchmarks/plug_in.py --host dpcn --config dpcn_voc_lite0 --data-root VOC2012   # Baseline, DPCN w/o DCM, DPCN
 
 An arm is a registry model name with an optional DCM variant in brackets, tokens joined by ``+``:
-``paper`` (the DCM as the paper describes it: PFENet's fused feature *replaces* the query feature,
-CANet concatenates the maps to its fusion layer's input, raw kernels), ``residual`` (zero-initialised
+``paper`` (the DCM as the paper describes it: on the reduced feature, PFENet's fused feature *replaces*
+the query feature, CANet concatenates the maps to its fusion layer's input, raw kernels), ``residual`` (zero-initialised
 residual fusion), ``replace`` / ``concat``, ``l1`` / ``l2`` / ``raw`` (kernel normalisation),
 ``clean`` (PFENet, CANet: kernels from the support feature before dropout), ``rawin`` / ``redin`` (the
 DCM runs on the backbone's raw mid-level feature / on the reduced one), ``ident`` (PFENet, CANet: a
 control, every DCM map is the DCM's query input instead of a dynamic convolution), ``pyramid`` / ``decoder`` (PFENet: the DCM
 maps fused into each pyramid level / into the FEM's output instead of its input), ``lr<x>`` / ``wd<x>`` (kernel
 generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM). ``pfenet+dcm`` alone is
-the model's default (residual fusion, raw kernels); with ``--resume`` a run folder trained with another
+the model's default (residual fusion, raw kernels; CANet+DCM: on the raw input); with ``--resume`` a run folder trained with another
 network than the arm asks for (e.g. by a version with another default) is an error, not reused.
 
 ``--split val|test`` picks the split of the final evaluation (recipes that split their images have
@@ -92,7 +92,7 @@ def variant_overrides(model: str, variant: str) -> List[str]:
         if not has_dcm:
             raise ValueError(f"arm '{model}[{variant}]': '{tok}' is a DCM variant but '{model}' has no DCM")
         if tok == "paper":
-            out += [f"model.flags.dcm_fusion={paper_fusion}", f"{norm_key}=null"]
+            out += [f"model.flags.dcm_fusion={paper_fusion}", "model.flags.dcm_input=reduced", f"{norm_key}=null"]
         elif tok in ("replace", "residual", "concat"):
             if tok != "residual" and tok != paper_fusion:
                 raise ValueError(f"arm '{model}[{variant}]': {family} takes dcm_fusion '{paper_fusion}' or 'residual'")

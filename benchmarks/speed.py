@@ -23,7 +23,7 @@ Usage (from the repository root)::
     python benchmarks/speed.py                          # CUDA defaults: B=8, 60×60, C=256 / 2048
     python benchmarks/speed.py --dtype bfloat16 --ops sam,dynconv --json speed.json
     python benchmarks/speed.py --device cpu --batch 1 --size 8   # tiny CPU smoke run
-    python benchmarks/speed.py --ops models              # DPCN / PFENet train step + 1-shot inference
+    python benchmarks/speed.py --ops models              # DPCN, PFENet±DCM, CANet±DCM: train step + 1-shot inference
     python benchmarks/speed.py --ops dynconv --sweep DW_ROWS=1,2,4   # time launch configurations
 
 ``--sweep NAME=v1,v2,...`` (repeatable; every combination) runs the selected ops once per
@@ -334,6 +334,13 @@ def _in(ctx, *fns):
 
 
 # ------------------------------------------------------------------------------------ models
+#: The networks of ``--ops models`` (registry name, flags), ResNet-50: DPCN, PFENet and CANet, each host
+#: with its default DCM and with the DCM on the other input (the raw input's kernel generators grow
+#: with the square of the backbone feature's channels, 1536 on ResNet-50).
+MODEL_ROWS = (("dpcn", {}), ("pfenet", {}), ("pfenet+dcm", {}), ("pfenet+dcm", {"dcm_input": "raw"}),
+              ("canet", {}), ("canet+dcm", {}), ("canet+dcm", {"dcm_input": "reduced"}))
+
+
 def op_models(bench: Bench, a, dtype, B, K, add):
     try:
         import models.registry as registry
@@ -343,13 +350,15 @@ def op_models(bench: Bench, a, dtype, B, K, add):
         return
     dev = bench.device
     size = 473 if bench.cuda else 65
-    for name in ("dpcn", "pfenet"):
+    for name, flags in MODEL_ROWS:
+        label = name + "".join(f" {k}={v}" for k, v in flags.items())
         try:
-            net = registry.build_model(name, backbone="resnet50", shot=K, backbone_weights="random").to(dev)
+            net = registry.build_model(name, backbone="resnet50", shot=K, backbone_weights="random", **flags).to(dev)
         except Exception as e:  # noqa: BLE001
-            print(f"[models] {name}: build failed ({type(e).__name__}: {e})")
-            add(dict(op=f"model {name}", mode="-", variant="-", ms=None, peak_mb=None, note=f"build failed: {e}"))
+            print(f"[models] {label}: build failed ({type(e).__name__}: {e})")
+            add(dict(op=f"model {label}", mode="-", variant="-", ms=None, peak_mb=None, note=f"build failed: {e}"))
             continue
+        n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
         g = torch.Generator(device=dev).manual_seed(4)
         qi = torch.randn(B, 3, size, size, device=dev, generator=g)
         si = torch.randn(B, K, 3, size, size, device=dev, generator=g)
@@ -377,9 +386,10 @@ def op_models(bench: Bench, a, dtype, B, K, add):
                     with dcm.use_backend(backend):
                         ms = bench.time_ms(fn)
                         mem = bench.peak_mb(fn)
-                    add(dict(op=f"model {name} {size}² B={B} K={K}", mode=mode, variant="ours" if backend == "auto" else "ours-torch", ms=ms, peak_mb=mem, note=""))
+                    add(dict(op=f"model {label} {size}² B={B} K={K}", mode=mode, variant="ours" if backend == "auto" else "ours-torch",
+                             ms=ms, peak_mb=mem, note=f"{n_train:,} trainable parameters"))
                 except Exception as e:  # noqa: BLE001
-                    add(dict(op=f"model {name}", mode=mode, variant=backend, ms=None, peak_mb=None, note=f"failed: {type(e).__name__}: {str(e)[:160]}"))
+                    add(dict(op=f"model {label}", mode=mode, variant=backend, ms=None, peak_mb=None, note=f"failed: {type(e).__name__}: {str(e)[:160]}"))
         del net, opt
         if bench.cuda:
             torch.cuda.empty_cache()

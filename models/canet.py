@@ -100,11 +100,15 @@ class CANet(FewShotSegmenter):
         dcm_support: what the kernel generators see of the support: ``"dropout"`` (default: the
             support embedding after ``layer5``'s Dropout2d, as the prototype does) or ``"clean"``
             (the same embedding before the dropout).
-        dcm_input: what the DCM convolves: ``"reduced"`` (default: the embeddings after
-            ``layer5``, ``r`` channels) or ``"raw"`` (the backbone's ``[layer2, layer3]`` feature
-            before ``layer5``, ``fea_dim`` channels, for query and support alike; ``dcm_support``
-            does not apply). ``"concat"`` then widens ``layer55``'s input by ``n_variants·fea_dim``;
+        dcm_input: what the DCM convolves: ``"raw"`` (default: the backbone's ``[layer2, layer3]``
+            feature before ``layer5``, ``fea_dim`` channels, for query and support alike;
+            ``dcm_support`` does not apply; the form chosen on real images, docs/REAL_IMAGES.md) or
+            ``"reduced"`` (the paper's: the embeddings after ``layer5``, ``r`` channels). With
+            ``"raw"``, ``"concat"`` widens ``layer55``'s input by ``n_variants·fea_dim`` and
             ``"residual"`` projects the maps into the query embedding (``DCMFusion(map_channels=fea_dim)``).
+            With ResNet-50 (``fea_dim`` = 1536) the raw form's kernel generators hold 42.5 M
+            parameters (1.2 M for ``"reduced"`` at ``r`` = 256). A saved config without this flag
+            was trained with ``"reduced"`` and loads as such (``models.registry.LEGACY_DEFAULTS``).
         dcm_kernels: ``"dynamic"`` (default) or ``"identity"`` (a control: every DCM map is the
             DCM's own query input; the kernel generators are frozen and unused), as in PFENet.
         dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the kernel
@@ -160,7 +164,7 @@ class CANet(FewShotSegmenter):
         dcm_weight_decay: Optional[float] = None,
         dcm_fusion: str = "residual",
         dcm_support: str = "dropout",
-        dcm_input: str = "reduced",
+        dcm_input: str = "raw",
         dcm_kernels: str = "dynamic",
         iom_iterations: int = 1,
         eval_iom_iterations: Optional[int] = None,
@@ -186,6 +190,9 @@ class CANet(FewShotSegmenter):
         check_choice("dcm_fusion", dcm_fusion, ("concat", "residual"))
         check_choice("dcm_support", dcm_support, ("dropout", "clean"))
         check_choice("dcm_input", dcm_input, ("reduced", "raw"))
+        if use_dcm and dcm_input == "raw" and dcm_support != "dropout":
+            raise ValueError(f"dcm_support={dcm_support!r} applies to dcm_input='reduced' (the raw mid-level "
+                             f"feature has no dropout); pass dcm_input='reduced' with it")
         check_choice("dcm_kernels", dcm_kernels, ("dynamic", "identity"))
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
         self.dcm_fusion, self.dcm_support, self.dcm_input = dcm_fusion, dcm_support, dcm_input

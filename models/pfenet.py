@@ -123,15 +123,16 @@ class PFENet(FewShotSegmenter):
             reproduces PFENet's released code, which trains with batch statistics).
         backbone_kwargs: extra keyword arguments of ``build_backbone`` (e.g. ``input_norm``).
         reduce_dim: ``r`` (PFENet: 256).
-        use_dcm: add the DCM (docs/MODELS_HOSTS.md#pfenet-dcm): kernels from the reduced support feature and its
+        use_dcm: add the DCM (docs/MODELS_HOSTS.md#pfenet-dcm): kernels from the support feature and its
             mask (all shots' foreground vectors pooled together), three depthwise dynamic
-            convolutions of the reduced query feature ``q``, then
-            the maps are merged into ``q`` before the FEM by ``dcm_fusion``. Everything else is
-            unchanged.
+            convolutions of the query feature (``dcm_input``: the reduced query feature ``q`` by
+            default), then the maps are merged into ``q`` before the FEM by ``dcm_fusion``.
+            Everything else is unchanged.
         dcm_kernel_size, dcm_variants, dcm_square_source, dcm_kgen_kernel_size, dcm_fg_threshold,
             dcm_kernel_norm: the DCM's ``kernel_size``, ``variants``, ``square_source``,
             ``kgen_kernel_size``, ``fg_threshold`` and ``kernel_norm`` (:class:`dcm.DynamicConvModule`;
-            its channels are ``reduce_dim``). The same flags as DPCN's.
+            its channels are ``reduce_dim``, or ``fea_dim`` with ``dcm_input="raw"``). The same flags
+            as DPCN's.
         dcm_fusion: ``"residual"`` (default): ``q' = q + γ ⊙ ReLU(Conv1x1([q, q_v, q_h, q_s]))`` with
             ``γ`` initialised to 0, so that PFENet+DCM equals PFENet at initialisation (the form chosen
             on real images, docs/REAL_IMAGES.md), or ``"replace"`` (the paper's description):
@@ -142,10 +143,14 @@ class PFENet(FewShotSegmenter):
             support feature after ``down_supp``'s Dropout2d, as the prototype does) or ``"clean"``
             (the same feature before the dropout).
         dcm_input: what the DCM convolves: ``"reduced"`` (default: the reduced query feature ``q``,
-            ``r`` channels, kernels from the reduced support feature) or ``"raw"`` (the backbone's
-            mid-level feature ``[layer3, layer2]`` before ``down_query`` / ``down_supp``, ``fea_dim``
-            channels, for query and support alike; ``dcm_support`` does not apply); ``dcm_fusion``
-            then projects the ``fea_dim``-channel maps into ``q`` (``DCMFusion(map_channels=fea_dim)``).
+            ``r`` channels, kernels from the reduced support feature; the form chosen on real images
+            for PFENet, docs/REAL_IMAGES.md) or ``"raw"`` (the backbone's mid-level feature
+            ``[layer3, layer2]`` before ``down_query`` / ``down_supp``, ``fea_dim`` channels, for query
+            and support alike; ``dcm_support`` does not apply, ``"clean"`` with it is an error;
+            ``dcm_fusion`` projects the ``fea_dim``-channel maps into ``q``,
+            ``DCMFusion(map_channels=fea_dim)``). The DCM's size grows with the square of its
+            channels: with ResNet-50 (``fea_dim`` = 1536) the raw form's kernel generators hold
+            42.5 M parameters against 1.2 M for ``"reduced"`` at ``r`` = 256.
         dcm_kernels: ``"dynamic"`` (default: the DCM's support-generated kernels) or ``"identity"``
             (a control: every DCM map is the DCM's own query input, as a centre-tap kernel of 1 would
             give; the kernel generators are frozen and unused, the fusion is unchanged). It tells
@@ -153,9 +158,9 @@ class PFENet(FewShotSegmenter):
         dcm_placement: where the fused DCM maps enter: ``"fem_input"`` (the reduced query feature
             before the FEM, as above), ``"pyramid"`` (per pyramid level: the maps are pooled to each
             bin like the query feature and merged into that level's pooled query feature, one
-            ``DCMFusion`` per level, ``dcm_fuse[i]``) or ``"decoder"`` (the DCM still convolves the
-            reduced query feature; ``dcm_fusion`` merges its maps into the FEM's output feature, the
-            input of the final classifier).
+            ``DCMFusion`` per level, ``dcm_fuse[i]``) or ``"decoder"`` (the DCM convolves the feature
+            ``dcm_input`` names, as before; ``dcm_fusion`` merges its maps into the FEM's output
+            feature, the input of the final classifier).
         dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the DCM's kernel
             generators (an optimiser group of their own, :meth:`param_groups`).
         ppm_scales: pyramid bins, see :func:`resolve_bins` (PASCAL ``[60, 30, 15, 8]``, the
@@ -226,6 +231,9 @@ class PFENet(FewShotSegmenter):
         check_choice("dcm_fusion", dcm_fusion, ("replace", "residual"))
         check_choice("dcm_support", dcm_support, ("dropout", "clean"))
         check_choice("dcm_input", dcm_input, ("reduced", "raw"))
+        if use_dcm and dcm_input == "raw" and dcm_support != "dropout":
+            raise ValueError(f"dcm_support={dcm_support!r} applies to dcm_input='reduced' (the raw mid-level "
+                             f"feature has no dropout); pass dcm_input='reduced' with it")
         check_choice("dcm_kernels", dcm_kernels, ("dynamic", "identity"))
         check_choice("dcm_placement", dcm_placement, ("fem_input", "pyramid", "decoder"))
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)

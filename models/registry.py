@@ -42,7 +42,7 @@ MODELS: Dict[str, Tuple[str, str, Dict[str, object]]] = {
 #: not name it is read with the old value (:func:`legacy_flags`).
 LEGACY_DEFAULTS: Dict[str, Dict[str, object]] = {
     "pfenet+dcm": {"dcm_fusion": "replace"},
-    "canet+dcm": {"dcm_fusion": "concat"},
+    "canet+dcm": {"dcm_fusion": "concat", "dcm_input": "reduced"},
 }
 
 
@@ -50,8 +50,8 @@ def pinned_flags(name: str) -> Dict[str, object]:
     """Today's defaults of the flags of :data:`LEGACY_DEFAULTS` for model ``name`` (``{}`` if none).
 
     Example:
-        >>> pinned_flags("pfenet+dcm"), pinned_flags("dpcn")
-        ({'dcm_fusion': 'residual'}, {})
+        >>> pinned_flags("pfenet+dcm"), pinned_flags("canet+dcm"), pinned_flags("dpcn")
+        ({'dcm_fusion': 'residual'}, {'dcm_fusion': 'residual', 'dcm_input': 'raw'}, {})
     """
     key = str(name).strip().lower()
     if key not in LEGACY_DEFAULTS:
@@ -74,7 +74,7 @@ def legacy_flags(name: str) -> Dict[str, object]:
 
     Example:
         >>> legacy_flags("canet+dcm")
-        {'dcm_fusion': 'concat'}
+        {'dcm_fusion': 'concat', 'dcm_input': 'reduced'}
     """
     return dict(LEGACY_DEFAULTS.get(str(name).strip().lower(), {}))
 

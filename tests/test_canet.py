@@ -71,7 +71,8 @@ def test_parameter_count_small_reduce_dim_vgg():
 def test_dcm_adds_exactly_dcm_and_wider_layer55(resnet, dcm_flags, n_gen, n_var):
     """The concatenating (paper-like) form widens layer55."""
     r = 256
-    base, plus = CANet(resnet, reduce_dim=r), CANet(resnet, reduce_dim=r, use_dcm=True, dcm_fusion="concat", **dcm_flags)
+    base = CANet(resnet, reduce_dim=r)
+    plus = CANet(resnet, reduce_dim=r, use_dcm=True, dcm_fusion="concat", dcm_input="reduced", **dcm_flags)
     pb, pp = per_module(base), per_module(plus)
     assert set(pp) - set(pb) == {"dcm"}
     assert pp["dcm"] == n_gen * 2 * (3 * r * r + r) == sum(p.numel() for p in DynamicConvModule(r, **{k[4:]: v for k, v in dcm_flags.items()}).parameters())
@@ -83,14 +84,18 @@ def test_dcm_adds_exactly_dcm_and_wider_layer55(resnet, dcm_flags, n_gen, n_var)
         assert sum(pp.values()) - sum(pb.values()) == 1_181_184 + 1_769_472
 
 
-def test_dcm_residual_default_adds_dcm_and_a_gated_projection(resnet):
+@pytest.mark.parametrize("dcm_input", ["raw", "reduced"])
+def test_dcm_residual_default_adds_dcm_and_a_gated_projection(resnet, dcm_input):
     r = 256
-    base, plus = CANet(resnet, reduce_dim=r), CANet(resnet, reduce_dim=r, use_dcm=True)
-    assert plus.dcm_fusion == "residual"
+    c = 1536 if dcm_input == "raw" else r  # the DCM's channels: ResNet-50's [layer2, layer3], or r
+    base = CANet(resnet, reduce_dim=r)
+    plus = CANet(resnet, reduce_dim=r, use_dcm=True, **({} if dcm_input == "raw" else {"dcm_input": dcm_input}))
+    assert plus.dcm_fusion == "residual" and plus.dcm_input == dcm_input  # both defaults: residual, raw
     pb, pp = per_module(base), per_module(plus)
     assert set(pp) - set(pb) == {"dcm", "dcm_fuse"}
     assert {k: pp[k] for k in pb} == pb  # layer55 keeps its 2r input
-    assert pp["dcm_fuse"] == 4 * r * r + r  # 1x1 4r -> r without bias, and the per-channel γ
+    assert pp["dcm"] == 3 * 2 * (3 * c * c + c)
+    assert pp["dcm_fuse"] == (r + 3 * c) * r + r  # 1x1 r + 3c -> r without bias, and the per-channel γ
 
 
 # ---------------------------------------------------------------- train / eval matrix

@@ -223,28 +223,42 @@ def test_paired_difference_by_hand():
 
 
 # ------------------------------------------------------------------------------ DCM fusion in the hosts
+def _box_episode(batch):
+    """A seeded query/support pair of 65-px images with a box mask on the support."""
+    torch.manual_seed(0)
+    q, s = torch.randn(batch, 3, 65, 65), torch.randn(batch, 1, 3, 65, 65)
+    m = torch.zeros(batch, 1, 65, 65)
+    m[:, :, 10:50, 15:45] = 1
+    return q, s, m
+
+
+def _assert_loads_and_equals(plain, with_dcm, batch=2):
+    """``with_dcm`` takes ``plain``'s weights (missing only its DCM and fusion) and then computes the same
+    logits, bit for bit; returns the episode and those logits."""
+    missing, unexpected = with_dcm.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(("dcm.", "dcm_fuse.")) for k in missing)
+    q, s, m = _box_episode(batch)
+    a = plain(q, s, m)["logits"]
+    assert torch.equal(a, with_dcm(q, s, m)["logits"])
+    return (q, s, m), a
+
+
 @pytest.mark.parametrize("host, flags", [
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5]}),
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_placement": "decoder"}),
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_input": "raw"}),
     ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_placement": "pyramid"}),
     ("canet", {"reduce_dim": 16}),
-    ("canet", {"reduce_dim": 16, "dcm_input": "raw"}),
-    ("canet", {"reduce_dim": 16, "dcm_support": "clean"}),
+    ("canet", {"reduce_dim": 16, "dcm_input": "reduced"}),
+    ("canet", {"reduce_dim": 16, "dcm_input": "reduced", "dcm_support": "clean"}),
 ])
 def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
     from models import build_model
     plain = build_model(host, backbone=resnet, **{k: v for k, v in flags.items() if not k.startswith("dcm_")}).eval()
     with_dcm = build_model(host + "+dcm", backbone=resnet, **flags).eval()  # the default fusion
-    assert with_dcm.dcm_fusion == "residual"
-    missing, unexpected = with_dcm.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(("dcm.", "dcm_fuse.")) for k in missing)
-    torch.manual_seed(0)
-    q, s = torch.randn(2, 3, 65, 65), torch.randn(2, 1, 3, 65, 65)
-    m = torch.zeros(2, 1, 65, 65)
-    m[:, :, 10:50, 15:45] = 1
-    a, b = plain(q, s, m)["logits"], with_dcm(q, s, m)["logits"]
-    assert torch.equal(a, b)
+    default_input = {"pfenet": "reduced", "canet": "raw"}[host]  # each host's default, chosen on real images
+    assert with_dcm.dcm_fusion == "residual" and with_dcm.dcm_input == flags.get("dcm_input", default_input)
+    (q, s, m), a = _assert_loads_and_equals(plain, with_dcm)
     # ... and the DCM branch receives a gradient through its gate
     with_dcm.train()
     out = with_dcm(q, s, m, query_mask=(torch.rand(2, 65, 65) > 0.5).long())
@@ -268,20 +282,15 @@ def test_dpcn_residual_dcm_equals_dpcn_without_dcm_at_initialisation(resnet):
     plain = build_model("dpcn", backbone=resnet, use_dcm=False, **flags).eval()  # x̃_q in place of the DCM maps
     res = build_model("dpcn", backbone=resnet, dcm_fusion="residual", **flags).eval()
     assert res.x_out_channels == plain.x_out_channels and "dcm_fusion='residual'" in repr(res)
-    missing, unexpected = res.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith(("dcm.", "dcm_fuse.")) for k in missing)
-    torch.manual_seed(0)
-    q, s = torch.randn(2, 3, 65, 65), torch.randn(2, 1, 3, 65, 65)
-    m = torch.zeros(2, 1, 65, 65)
-    m[:, :, 10:50, 15:45] = 1
-    assert torch.equal(plain(q, s, m)["logits"], res(q, s, m)["logits"])
+    (q, s, m), _ = _assert_loads_and_equals(plain, res)
     res.train()
     res(q, s, m, query_mask=(torch.rand(2, 65, 65) > 0.5).long())["loss"].backward()
     assert res.dcm_fuse.gamma.grad.abs().sum() > 0
     paper = build_model("dpcn", backbone=resnet, **flags)  # the paper's replacing form is the default
     assert paper.dcm_fusion == "replace" and not hasattr(paper, "dcm_fuse")
     assert parse_arm("dpcn[residual]", "dpcn").overrides == ["model.flags.dcm_fusion=residual"]
-    assert parse_arm("dpcn[paper]", "dpcn").overrides == ["model.flags.dcm_fusion=replace", "model.flags.dcm_kernel_norm=null"]
+    assert parse_arm("dpcn[paper]", "dpcn").overrides == ["model.flags.dcm_fusion=replace", "model.flags.dcm_input=reduced",
+                                                        "model.flags.dcm_kernel_norm=null"]
     with pytest.raises(ValueError, match="dcm_fusion"):
         build_model("dpcn", backbone=resnet, dcm_fusion="concat", **flags)
 
@@ -294,13 +303,7 @@ def test_dpcn_raw_dcm_input_convolves_the_mid_level_feature(resnet):
     mid = resnet.channels["layer2"] + resnet.channels["layer3"]
     assert raw.dcm.channels == mid and raw.dcm_fuse.map_channels == mid and "dcm_input='raw'" in repr(raw)
     assert raw.dcm_fuse.proj[0].in_channels == 16 + 3 * mid
-    missing, unexpected = raw.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(("dcm.", "dcm_fuse.")) for k in missing)
-    torch.manual_seed(0)
-    q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
-    m = torch.zeros(1, 1, 65, 65)
-    m[:, :, 10:50, 15:45] = 1
-    assert torch.equal(plain(q, s, m)["logits"], raw(q, s, m)["logits"])  # zero gate: DPCN w/o DCM at init
+    (q, s, m), _ = _assert_loads_and_equals(plain, raw, batch=1)  # zero gate: DPCN w/o DCM at init
     seen = []
     raw.dcm.register_forward_hook(lambda mod, args, out: seen.append(args))
     raw.train()
@@ -333,7 +336,8 @@ def test_dcm_training_flags_make_an_optimiser_group(resnet):
 def test_pfenet_clean_support_skips_dropout_for_the_kernels(resnet):
     from models import build_model
     torch.manual_seed(0)
-    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm_support="clean").train()
+    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm_input="reduced",
+                    dcm_support="clean").train()
     seen = []
     m.dcm.register_forward_hook(lambda mod, args, out: seen.append(args[1]))
     q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
@@ -365,7 +369,7 @@ def test_pfenet_pyramid_placement_fuses_pooled_maps_per_level(resnet):
 def test_canet_clean_support_skips_dropout_for_the_kernels(resnet):
     from models import build_model
     torch.manual_seed(0)
-    m = build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_support="clean").train()
+    m = build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_input="reduced", dcm_support="clean").train()
     seen = []
     m.dcm.register_forward_hook(lambda mod, args, out: seen.append(args[1]))
     q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
@@ -374,6 +378,9 @@ def test_canet_clean_support_skips_dropout_for_the_kernels(resnet):
     torch.testing.assert_close(seen[0][:, 0], pre)
     with pytest.raises(ValueError, match="dcm_support"):
         build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_support="noisy")
+    for host in ("pfenet", "canet"):  # the raw input has no dropout: 'clean' would be silently ignored
+        with pytest.raises(ValueError, match="dcm_support='clean' applies to dcm_input='reduced'"):
+            build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm_input="raw", dcm_support="clean")
 
 
 @pytest.mark.parametrize("host", ["pfenet", "canet"])
@@ -464,14 +471,15 @@ def test_arm_variants_parse():
     assert a.overrides == ["model.flags.dcm_fusion=residual", "model.flags.dcm_kernel_norm=l1",
                            "model.flags.dcm_lr_scale=0.1"]
     assert parse_arm("canet+dcm[paper]", "canet").overrides == ["model.flags.dcm_fusion=concat",
+                                                                "model.flags.dcm_input=reduced",
                                                                 "model.flags.dcm_kernel_norm=null"]
     assert parse_arm("dpcn[nodcm]", "dpcn").overrides == ["model.flags.use_dcm=false"]
     assert parse_arm("pfenet+dcm[residual+decoder]", "pfenet").overrides == ["model.flags.dcm_fusion=residual",
                                                                              "model.flags.dcm_placement=decoder"]
     with pytest.raises(ValueError, match="decoder"):
         parse_arm("canet+dcm[decoder]", "canet")
-    assert parse_arm("canet+dcm[residual+clean+rawin]", "canet").overrides == [
-        "model.flags.dcm_fusion=residual", "model.flags.dcm_support=clean", "model.flags.dcm_input=raw"]
+    assert parse_arm("canet+dcm[residual+clean+redin]", "canet").overrides == [
+        "model.flags.dcm_fusion=residual", "model.flags.dcm_support=clean", "model.flags.dcm_input=reduced"]
     assert parse_arm("pfenet+dcm[rawin]", "pfenet").overrides == ["model.flags.dcm_input=raw"]
     assert parse_arm("pfenet+dcm[pyramid]", "pfenet").overrides == ["model.flags.dcm_placement=pyramid"]
     assert parse_arm("canet+dcm[residual+rawin+ident]", "canet").overrides == [
@@ -550,24 +558,29 @@ def test_checkpoint_of_an_older_config_loads_with_todays_defaults(tmp_path):
 
 @pytest.mark.parametrize("name, old_form", [("pfenet+dcm", "replace"), ("canet+dcm", "concat")])
 def test_config_saved_before_the_fusion_default_changed_loads_in_its_old_form(tmp_path, name, old_form):
-    """Resolved configs record ``dcm_fusion``; a saved config without it is read as the old default."""
+    """Resolved configs record the flags whose default changed; a saved config without them is read
+    with the old values (PFENet+DCM: the fusion; CANet+DCM: the fusion and the DCM's input)."""
     from benchmarks.engine import build_model_from_config, load_checkpoint_model
     from dcm import DCMFusion
     from models.registry import LEGACY_DEFAULTS, pinned_flags
-    assert DCMFusion(4, 3).mode == "residual" and pinned_flags(name) == {"dcm_fusion": "residual"}
-    assert LEGACY_DEFAULTS[name] == {"dcm_fusion": old_form}
+    assert DCMFusion(4, 3).mode == "residual"
+    today = {"pfenet+dcm": {"dcm_fusion": "residual"}, "canet+dcm": {"dcm_fusion": "residual", "dcm_input": "raw"}}
+    legacy = {"pfenet+dcm": {"dcm_fusion": old_form}, "canet+dcm": {"dcm_fusion": old_form, "dcm_input": "reduced"}}
+    assert pinned_flags(name) == today[name] and LEGACY_DEFAULTS[name] == legacy[name]
     host = name.split("+")[0]
     cfg = load_config(f"plug_in_{host}_synthetic", ["model.backbone_weights=random", f"model.name={name}",
                                                     "model.flags.reduce_dim=8"])
-    assert cfg["model"]["flags"]["dcm_fusion"] == "residual"  # recorded in every resolved config
+    assert {k: cfg["model"]["flags"][k] for k in today[name]} == today[name]  # recorded in every resolved config
     old = copy.deepcopy(cfg)
-    old["model"]["flags"]["dcm_fusion"] = old_form
+    old["model"]["flags"].update(legacy[name])
     torch.manual_seed(0)
     model = build_model_from_config(old).eval()
-    del old["model"]["flags"]["dcm_fusion"]  # as a config saved by the older version
+    for k in legacy[name]:  # as saved by the version before each default changed
+        del old["model"]["flags"][k]
     torch.save({"model": model.state_dict(), "config": old}, tmp_path / "old.pth")
     loaded, c = load_checkpoint_model(tmp_path / "old.pth")
-    assert loaded.dcm_fusion == old_form and c["model"]["flags"]["dcm_fusion"] == old_form
+    for k, v in legacy[name].items():
+        assert getattr(loaded, k) == v and c["model"]["flags"][k] == v, k
     torch.manual_seed(1)
     q, s, m = torch.randn(1, 3, 40, 40), torch.randn(1, 1, 3, 40, 40), (torch.rand(1, 1, 40, 40) > 0.5).float()
     torch.testing.assert_close(loaded(q, s, m)["logits"], model(q, s, m)["logits"], rtol=0, atol=0)
@@ -593,6 +606,20 @@ def test_plug_in_refuses_to_reuse_a_run_of_another_network(tmp_path):
         check_run_dir(cfg, run_dir)
     check_run_dir(load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm", "model.flags.dcm_fusion=replace"]),
                   run_dir)
+    # a CANet+DCM run of the reduced-input era (no dcm_input in its config) is not the raw-input default
+    from benchmarks.plug_in import parse_arm
+    canet = load_config("plug_in_canet_synthetic", ["model.name=canet+dcm"])
+    era = tmp_path / "canet_dcm_f0_seed0"
+    era.mkdir()
+    save_config(canet, era / "config.yaml")
+    check_run_dir(canet, era)
+    saved = yaml.safe_load((era / "config.yaml").read_text())
+    del saved["model"]["flags"]["dcm_input"]
+    (era / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ValueError, match=r"canet_dcm_f0_seed0.*dcm_input: run 'reduced', asked 'raw'"):
+        check_run_dir(canet, era)
+    check_run_dir(load_config("plug_in_canet_synthetic", ["model.name=canet+dcm"] + parse_arm(
+        "canet+dcm[residual+redin]", "canet").overrides), era)
     # the deprecated dcm_kwargs spelling and flags left at their defaults describe the same network
     old["model"]["flags"]["dcm_kwargs"] = {"kernel_norm": None}
     old["model"]["flags"]["dcm_fusion"] = "residual"

@@ -269,3 +269,19 @@ def test_plug_into_your_model_example_runs():
     mean = float(diff.split("seed")[1].split()[0])
     assert abs(mean - ((per_seed[1][0] - per_seed[0][0]) + (per_seed[1][1] - per_seed[0][1])) / 2) < 0.02
     assert "95 % interval over seeds [" in diff
+
+
+def test_readme_layer_example_runs_and_starts_as_the_host():
+    """The README's "Use the layer" block runs as written; its zero-gated DCM leaves the head unchanged."""
+    import re
+    import torch
+    block = re.search(r"## Use the layer in your network\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "README.md: no python block under 'Use the layer in your network'"
+    ns = {}
+    torch.manual_seed(0)
+    exec(compile(block.group(1), "README.md", "exec"), ns)
+    m = ns["HostWithDCM"]()
+    assert ns["logits"].shape == (2, 2, 60, 60) and m.dcm.channels == 512 and m.fuse.map_channels == 512
+    q, s = torch.randn(1, 512, 20, 20), torch.randn(1, 2, 512, 20, 20)
+    mask = torch.randint(0, 2, (1, 2, 80, 80))
+    torch.testing.assert_close(m(q, s, mask), m.cls(m.reduce(q)), rtol=0, atol=0)

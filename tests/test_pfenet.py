@@ -73,21 +73,25 @@ def test_parameter_count_small_reduce_dim_and_fractional_bins(resnet):
     assert per_module(m) == pfenet_head_count(R, 1536, 3)
 
 
+@pytest.mark.parametrize("dcm_input", ["raw", "reduced"])
 @pytest.mark.parametrize("fusion", ["residual", "replace"])
 @pytest.mark.parametrize("dcm_flags,n_gen,n_var", [({}, 3, 3), ({"dcm_variants": ("v", "h")}, 2, 2), ({"dcm_kernel_size": 3}, 3, 3)])
-def test_dcm_adds_exactly_dcm_and_fusion_conv(resnet, dcm_flags, n_gen, n_var, fusion):
+def test_dcm_adds_exactly_dcm_and_fusion_conv(resnet, dcm_flags, n_gen, n_var, fusion, dcm_input):
     r = 256
+    c = 1536 if dcm_input == "raw" else r  # the DCM's channels: ResNet-50's [layer3, layer2], or r
     base = PFENet(resnet, reduce_dim=r)
-    plus = PFENet(resnet, reduce_dim=r, use_dcm=True, **({} if fusion == "residual" else {"dcm_fusion": fusion}), **dcm_flags)
-    assert plus.dcm_fusion == fusion  # residual: the default
+    plus = PFENet(resnet, reduce_dim=r, use_dcm=True, **({} if fusion == "residual" else {"dcm_fusion": fusion}),
+                  **({} if dcm_input == "reduced" else {"dcm_input": dcm_input}), **dcm_flags)
+    assert plus.dcm_fusion == fusion and plus.dcm_input == dcm_input  # residual, reduced: the defaults
     pb, pp = per_module(base), per_module(plus)
     assert set(pp) - set(pb) == {"dcm", "dcm_fuse"}
     assert {k: pp[k] for k in pb} == pb  # every host module unchanged
-    assert pp["dcm"] == dcm_count(r, n_gen) == sum(p.numel() for p in DynamicConvModule(r, **{k[4:]: v for k, v in dcm_flags.items()}).parameters())
+    assert pp["dcm"] == dcm_count(c, n_gen) == sum(p.numel() for p in DynamicConvModule(c, **{k[4:]: v for k, v in dcm_flags.items()}).parameters())
     gate = r if fusion == "residual" else 0  # the per-channel γ
-    assert pp["dcm_fuse"] == (1 + n_var) * r * r + gate  # 1x1 (1 + n_variants)·r -> r, no bias
-    if not dcm_flags:
-        assert sum(pp.values()) - sum(pb.values()) == 1_181_184 + 262_144 + gate
+    assert pp["dcm_fuse"] == (r + n_var * c) * r + gate  # 1x1 r + n_variants·c -> r, no bias
+    if not dcm_flags:  # documented in the model docstrings and docs/MODELS_HOSTS.md
+        want = 1_181_184 + 262_144 if dcm_input == "reduced" else 42_476_544 + 1_245_184
+        assert sum(pp.values()) - sum(pb.values()) == want + gate
 
 
 # ---------------------------------------------------------------- train / eval matrix
