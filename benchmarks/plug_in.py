@@ -433,7 +433,8 @@ def main(argv=None) -> int:
         minutes = sum(v or 0.0 for a in arms for per in res[a.spec]["train_seconds"].values() for v in per.values()) / 60
     device = str(resolve_device(cfg0["run"]["device"]))
     if device == "cpu":
-        device = f"cpu ({torch.get_num_threads()} threads)"
+        # the runs' thread count (run.threads), which a --report-only process has not applied to itself
+        device = f"cpu ({cfg0['run'].get('threads') or torch.get_num_threads()} threads)"
     versions = f"torch {torch.__version__}"
     folds_txt = f"fold{'s' if len(folds) > 1 else ''} {','.join(map(str, folds))}"
     ptxt = protocol_text.replace(f"fold {folds[-1]}", folds_txt, 1) if protocol_text else folds_txt

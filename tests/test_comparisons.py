@@ -530,11 +530,13 @@ def test_plug_in_seeds_and_intervals_tiny(tmp_path):
     assert res2["results"] == res["results"]
     # --report-only trains nothing: a run without results is listed as missing and left out
     (tmp_path / "plug_in_pfenet" / "pfenet_f0_seed322" / "results_val.json").unlink()
-    p3 = subprocess.run(cmd + ["--report-only"], cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+    p3 = subprocess.run(cmd + ["--report-only", "--set", "run.threads=3"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=400, env=env)
     assert p3.returncode == 0 and "missing (no results_val.json): pfenet_f0_seed322" in p3.stdout, p3.stdout[-2000:]
     assert "=== " not in p3.stdout and not (tmp_path / "plug_in_pfenet" / "pfenet_f0_seed322" / "results_val.json").exists()
     res3 = json.loads((tmp_path / "plug_in_pfenet" / "table6_pfenet_val.json").read_text())
     assert set(res3["results"]["pfenet"]["miou"]["0"]) == {"321"} and res3["missing_runs"] == ["pfenet_f0_seed322"]
+    assert res3["device"] == "cpu (3 threads)"  # the runs' run.threads, not the reporting process's
 
 
 def test_checkpoint_of_an_older_config_loads_with_todays_defaults(tmp_path):
