@@ -197,6 +197,13 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}: expected {text}, got {value!r}")
 
 
+def check_dcm_support(use_dcm, dcm_input, dcm_support) -> None:
+    """A host's ``dcm_support`` (``"dropout"`` / ``"clean"``) applies only to the reduced DCM input."""
+    if use_dcm and dcm_input == "raw" and dcm_support != "dropout":
+        raise ValueError(f"dcm_support={dcm_support!r} applies to dcm_input='reduced' (the raw mid-level "
+                         f"feature has no dropout); pass dcm_input='reduced' with it")
+
+
 def check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay) -> None:
     """Validate the ``dcm_lr_scale`` / ``dcm_weight_decay`` host flags."""
     if isinstance(dcm_lr_scale, bool) or not isinstance(dcm_lr_scale, (int, float)) or not dcm_lr_scale >= 0:

@@ -35,6 +35,7 @@ from .common import (
     DCMFusion,
     FewShotSegmenter,
     check_choice,
+    check_dcm_support,
     check_dcm_training_flags,
     check_episode,
     dcm_module_kwargs,
@@ -231,9 +232,7 @@ class PFENet(FewShotSegmenter):
         check_choice("dcm_fusion", dcm_fusion, ("replace", "residual"))
         check_choice("dcm_support", dcm_support, ("dropout", "clean"))
         check_choice("dcm_input", dcm_input, ("reduced", "raw"))
-        if use_dcm and dcm_input == "raw" and dcm_support != "dropout":
-            raise ValueError(f"dcm_support={dcm_support!r} applies to dcm_input='reduced' (the raw mid-level "
-                             f"feature has no dropout); pass dcm_input='reduced' with it")
+        check_dcm_support(use_dcm, dcm_input, dcm_support)
         check_choice("dcm_kernels", dcm_kernels, ("dynamic", "identity"))
         check_choice("dcm_placement", dcm_placement, ("fem_input", "pyramid", "decoder"))
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
