@@ -20,7 +20,8 @@ residual fusion), ``replace`` / ``concat``, ``l1`` / ``l2`` / ``raw`` (kernel no
 DCM runs on the backbone's raw mid-level feature / on the reduced one), ``ident`` (PFENet, CANet: a
 control, every DCM map is the DCM's query input instead of a dynamic convolution), ``pyramid`` / ``decoder`` (PFENet: the DCM
 maps fused into each pyramid level / into the FEM's output instead of its input), ``lr<x>`` / ``wd<x>`` (kernel
-generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM). ``pfenet+dcm`` alone is
+generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM), ``sb<x>`` (DPCN and its
+Baseline: weight λ of the q→s support-branch loss, e.g. ``baseline[sb1]``). ``pfenet+dcm`` alone is
 the model's default (residual fusion, raw kernels; CANet+DCM: on the raw input); with ``--resume`` a run folder trained with another
 network than the arm asks for (e.g. by a version with another default) is an error, not reused.
 
@@ -89,6 +90,9 @@ def variant_overrides(model: str, variant: str) -> List[str]:
         if tok == "nodcm" and model == "dpcn":
             out.append("model.flags.use_dcm=false")
             continue
+        if re.fullmatch(r"sb[0-9.e-]+", tok) and family == "dpcn":
+            out.append(f"model.flags.support_branch_weight={float(tok[2:])}")
+            continue
         if not has_dcm:
             raise ValueError(f"arm '{model}[{variant}]': '{tok}' is a DCM variant but '{model}' has no DCM")
         if tok == "paper":
@@ -113,7 +117,7 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             out.append(f"model.flags.dcm_weight_decay={float(tok[2:])}")
         else:
             raise ValueError(f"arm '{model}[{variant}]': unknown variant token '{tok}' (paper, residual, "
-                             f"replace/concat, l1, l2, raw, clean, rawin, redin, ident, pyramid, decoder, lr<x>, wd<x>, nodcm)")
+                             f"replace/concat, l1, l2, raw, clean, rawin, redin, ident, pyramid, decoder, lr<x>, wd<x>, nodcm, sb<x>)")
     return out
 
 

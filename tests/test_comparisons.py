@@ -492,6 +492,12 @@ def test_arm_variants_parse():
     with pytest.raises(ValueError, match="no DCM"):
         parse_arm("baseline[rawin]", "dpcn")
     assert parse_arm("dpcn[l1]", "dpcn").overrides == ["model.flags.dcm_kernel_norm=l1"]
+    assert parse_arm("baseline[sb1]", "dpcn").overrides == ["model.flags.support_branch_weight=1.0"]
+    assert parse_arm("dpcn[residual+rawin+sb0.5]", "dpcn").overrides == [
+        "model.flags.dcm_fusion=residual", "model.flags.dcm_input=raw", "model.flags.support_branch_weight=0.5"]
+    assert parse_arm("baseline[sb1]", "dpcn").tag == "baseline_sb1"
+    with pytest.raises(ValueError, match="unknown variant token 'sb1'"):
+        parse_arm("pfenet+dcm[sb1]", "pfenet")  # the q->s branch is DPCN's
     for bad, host, word in (("pfenet[l1]", "pfenet", "no DCM"), ("pfenet+dcm[foo]", "pfenet", "unknown"),
                             ("canet", "pfenet", "not a pfenet arm"), ("canet+dcm[replace]", "canet", "concat"),
                             ("pfenet+dcm[", "pfenet", "cannot read")):
