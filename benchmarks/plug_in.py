@@ -86,12 +86,22 @@ def variant_overrides(model: str, variant: str) -> List[str]:
     norm_key = "model.flags.dcm_kernel_norm"
     paper_fusion = {"pfenet": "replace", "canet": "concat", "dpcn": "replace"}[family]
     out: List[str] = []
+
+    def number(tok: str, prefix: str):
+        """The value of a ``<prefix><x>`` token (``lr0.1``, ``sb1``), None when ``tok`` is not one."""
+        if not re.fullmatch(prefix + r"[0-9.e-]+", tok):
+            return None
+        try:
+            return float(tok[len(prefix):])
+        except ValueError:
+            raise ValueError(f"arm '{model}[{variant}]': '{tok}' needs a number after '{prefix}'") from None
+
     for tok in variant.split("+"):
         if tok == "nodcm" and model == "dpcn":
             out.append("model.flags.use_dcm=false")
             continue
-        if re.fullmatch(r"sb[0-9.e-]+", tok) and family == "dpcn":
-            out.append(f"model.flags.support_branch_weight={float(tok[2:])}")
+        if family == "dpcn" and (x := number(tok, "sb")) is not None:
+            out.append(f"model.flags.support_branch_weight={x}")
             continue
         if not has_dcm:
             raise ValueError(f"arm '{model}[{variant}]': '{tok}' is a DCM variant but '{model}' has no DCM")
@@ -111,10 +121,10 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             out.append("model.flags.dcm_kernels=identity")
         elif tok in ("decoder", "pyramid") and family == "pfenet":
             out.append(f"model.flags.dcm_placement={tok}")
-        elif re.fullmatch(r"lr[0-9.e-]+", tok):
-            out.append(f"model.flags.dcm_lr_scale={float(tok[2:])}")
-        elif re.fullmatch(r"wd[0-9.e-]+", tok):
-            out.append(f"model.flags.dcm_weight_decay={float(tok[2:])}")
+        elif (x := number(tok, "lr")) is not None:
+            out.append(f"model.flags.dcm_lr_scale={x}")
+        elif (x := number(tok, "wd")) is not None:
+            out.append(f"model.flags.dcm_weight_decay={x}")
         else:
             raise ValueError(f"arm '{model}[{variant}]': unknown variant token '{tok}' (paper, residual, "
                              f"replace/concat, l1, l2, raw, clean, rawin, redin, ident, pyramid, decoder, lr<x>, wd<x>, nodcm, sb<x>)")

@@ -498,6 +498,9 @@ def test_arm_variants_parse():
     assert parse_arm("baseline[sb1]", "dpcn").tag == "baseline_sb1"
     with pytest.raises(ValueError, match="unknown variant token 'sb1'"):
         parse_arm("pfenet+dcm[sb1]", "pfenet")  # the q->s branch is DPCN's
+    for bad in ("dpcn[sb1.2.3]", "pfenet+dcm[lr1e]"):
+        with pytest.raises(ValueError, match="needs a number after"):
+            parse_arm(bad, "pfenet" if bad.startswith("pfenet") else "dpcn")
     for bad, host, word in (("pfenet[l1]", "pfenet", "no DCM"), ("pfenet+dcm[foo]", "pfenet", "unknown"),
                             ("canet", "pfenet", "not a pfenet arm"), ("canet+dcm[replace]", "canet", "concat"),
                             ("pfenet+dcm[", "pfenet", "cannot read")):
