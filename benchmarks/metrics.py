@@ -11,6 +11,9 @@ Per episode ``e`` with prediction ``P`` (argmax of the 2-class logits) and targe
 * **episode-wise fg IoU** (extra, off by default in reports): mean over episodes of ``I_1(e)/U_1(e)``;
   episodes with ``U_1(e) = 0`` (empty target and empty prediction) count as 1.
 
+Every episode's class, query image and ``I_1(e)``, ``U_1(e)`` are kept as well
+(:meth:`FewShotIoU.episode_records`): the two-level bootstrap of :mod:`benchmarks.stats` resamples them.
+
 All values are fractions in [0, 1]; :mod:`benchmarks.protocols` reports percentages.
 """
 from __future__ import annotations
@@ -110,9 +113,14 @@ class FewShotIoU:
         self.fb_inter = torch.zeros(2, dtype=torch.float64)
         self.fb_union = torch.zeros(2, dtype=torch.float64)
         self.episode_fg_iou = []
+        self._ep_class: list = []
+        self._ep_query: list = []
+        self._ep_inter: list = []
+        self._ep_union: list = []
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor, class_index) -> None:
-        """Add episodes: ``pred``/``target`` ``[H, W]`` or ``[B, H, W]``; ``class_index`` int or ``[B]``."""
+    def update(self, pred: torch.Tensor, target: torch.Tensor, class_index, query=None) -> None:
+        """Add episodes: ``pred``/``target`` ``[H, W]`` or ``[B, H, W]``; ``class_index`` int or ``[B]``;
+        ``query``: the query image's name (a string, or one per episode), kept in :meth:`episode_records`."""
         inter, union = intersection_and_union(pred, target, 2, self.ignore_index)
         if inter.dim() == 1:
             inter, union = inter[None], union[None]
@@ -121,6 +129,13 @@ class FewShotIoU:
             raise ValueError(f"class_index: expected {inter.shape[0]} entries (one per episode), got {ci.numel()}")
         if bool(((ci < 0) | (ci >= len(self.class_ids))).any()):
             raise ValueError(f"class_index: values must be in 0..{len(self.class_ids) - 1}, got {ci.tolist()}")
+        queries = [query] * ci.numel() if query is None or isinstance(query, str) else [str(q) for q in query]
+        if len(queries) != ci.numel():
+            raise ValueError(f"query: expected {ci.numel()} names (one per episode), got {len(queries)}")
+        self._ep_class += [self.class_ids[i] for i in ci.tolist()]
+        self._ep_query += queries
+        self._ep_inter += [int(x) for x in inter[:, 1].tolist()]
+        self._ep_union += [int(x) for x in union[:, 1].tolist()]
         inter, union = inter.cpu().double(), union.cpu().double()
         self.fg_inter.index_add_(0, ci, inter[:, 1])
         self.fg_union.index_add_(0, ci, union[:, 1])
@@ -134,6 +149,13 @@ class FewShotIoU:
     @property
     def episodes(self) -> int:
         return int(self.counts.sum())
+
+    def episode_records(self) -> Dict[str, list]:
+        """Every episode so far, in order, as columns: ``{'class': class ids, 'query': query image names
+        (None where not given), 'inter': foreground intersections, 'union': foreground unions}`` (pixels).
+        ``IoU_c = Σ inter / Σ union`` over the episodes of class ``c`` is the class IoU of :meth:`compute`."""
+        return {"class": list(self._ep_class), "query": list(self._ep_query), "inter": list(self._ep_inter),
+                "union": list(self._ep_union)}
 
     def compute(self) -> Dict[str, object]:
         """``{'miou', 'fbiou', 'class_iou': {class_id: iou}, 'fg_iou', 'bg_iou', 'episodes', 'episodes_per_class'

@@ -2,10 +2,12 @@
 
 Trains the host network (PFENet or CANet) and the host with DCM -- or any list of arms -- under the
 same recipe, with ``--seeds N`` training seeds per arm and fold, evaluates every run on the same test
-episodes and prints, per fold, every seed's mIoU / FB-IoU, the mean ± std over seeds, and the paired
-difference of each arm from the first (seed by seed) with its 95 % Student-t interval over seeds; over
-folds, the mean of the fold means with the interval from the within-fold seed variances
-(:mod:`benchmarks.stats`)::
+episodes and prints, per fold, every seed's mIoU / FB-IoU, the mean ± std over seeds, the paired
+difference of each arm from the first (seed by seed) with two 95 % intervals -- over training seeds
+(Student-t, Welch df across folds) and over seeds × test images (a paired two-level bootstrap of the
+runs' per-episode results) -- and the per-class IoU of every arm with the test images and episodes of
+each class (:mod:`benchmarks.stats`). ``--preregistered FILE`` names the committed file that fixed the
+comparison before its runs (the table is then labelled confirmatory, otherwise exploratory)::
 
     python benchmarks/plug_in.py --host pfenet                  # synthetic set, a few CPU minutes per run
     python benchmarks/plug_in.py --host pfenet --config plug_in_pfenet_voc_lite0 --data-root VOC2012 --folds 1 2 3
@@ -49,7 +51,7 @@ from typing import Dict, List, Optional  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.config import CONFIG_DIR, ConfigError, add_config_args, load_config, overrides_from_args  # noqa: E402
-from benchmarks.stats import fold_average, format_interval, paired_difference  # noqa: E402
+from benchmarks.stats import bootstrap_difference, fold_average, format_interval, paired_difference, wider  # noqa: E402
 
 #: DPCN Table 6 (1-shot, ResNet-50, PASCAL-5i): per-fold mIoU, mean, FB-IoU (docs/MODELS_HOSTS.md).
 #: The paper prints CANet fold 0 as 53.5, but its mean 55.4 (and the CANet paper) imply 52.5.
@@ -141,6 +143,28 @@ def parse_arm(spec: str, host: str) -> Arm:
     return Arm(spec.strip(), model, variant, variant_overrides(model, variant))
 
 
+def preregistered(path: str) -> dict:
+    """``{"file", "commit"}`` of a pre-registration file: the commit that last changed it (it must be
+    committed and unchanged since, so that the runs cannot have changed it)."""
+    f = Path(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"--preregistered: '{path}' not found")
+    root = Path(__file__).resolve().parents[1]
+    import subprocess
+    try:
+        rel = str(f.resolve().relative_to(root))
+        commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", rel], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", rel], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (ValueError, OSError, subprocess.CalledProcessError):
+        raise ValueError(f"--preregistered: '{path}' is not a file of this repository's git history") from None
+    if not commit or dirty:
+        raise ValueError(f"--preregistered: '{path}' has {'uncommitted changes' if commit else 'never been committed'}; "
+                         f"commit it before the runs")
+    return {"file": rel, "commit": commit}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -163,6 +187,10 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: tabulate the runs that have results for --split, list the others "
                         "as missing")
+    p.add_argument("--preregistered", default=None, metavar="FILE",
+                   help="the committed file (e.g. docs/preregistered/<name>.md) that fixed this comparison's arms, "
+                        "folds, seeds, metric and decision rule before its runs: the table names it and its commit "
+                        "and labels the result confirmatory; without it the result is labelled exploratory")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.seeds < 1:
@@ -273,20 +301,120 @@ def _pm(ms) -> str:
     return f"{ms['mean']:.2f}" + (f" ± {ms['std']:.2f}" if ms.get("std") is not None else "")
 
 
-def summarise(arms: List[str], folds, res: dict) -> dict:
-    """Per-arm fold averages and the paired differences of every arm from the first (and DPCN from each)."""
+def collect_episodes(row: dict, fold: int, seed: int, r: dict, episodes: dict, class_info: dict, run_dir: Path) -> None:
+    """Keep a run's per-episode foreground intersections and unions (``r["episode_iu"][fold][seed]``), the
+    fold's episode table (class and query image per episode, which every run of the fold must share:
+    ``episodes[fold]``) and the fold's test images / episodes per class (``class_info[fold]``). A run
+    evaluated before per-episode results were stored, or on several episode seeds, leaves
+    ``episodes[fold] = None`` (no test-image interval for that fold)."""
+    per_seed = row.get("per_seed") or []
+    names = {int(c): n for c, n in (row.get("class_names") or {}).items()}
+    if per_seed and fold not in class_info:
+        ps = per_seed[0]
+        class_info[fold] = {int(c): {"name": names.get(int(c), str(c)),
+                                     "episodes": int(ps.get("episodes_per_class", {}).get(c, 0)),
+                                     "images": (ps.get("images_per_class") or {}).get(c)}
+                            for c in ps.get("class_iou", {})}
+    rec = per_seed[0].get("episode_records") if len(per_seed) == 1 else None
+    if rec is None:
+        episodes[fold] = None
+        return
+    table_ = {"class": [int(c) for c in rec["class"]], "query": list(rec["query"])}
+    if episodes.setdefault(fold, table_) is None:
+        return
+    if episodes[fold] != table_:
+        raise ValueError(f"'{run_dir}': its test episodes differ from the other runs of fold {fold}; the paired "
+                         f"comparison needs identical episodes (same recipe, eval.seeds and data)")
+    r["episode_iu"].setdefault(fold, {})[seed] = {"inter": list(rec["inter"]), "union": list(rec["union"])}
+
+
+#: replicates and generator seed of the seed x test-image bootstrap (benchmarks.stats.bootstrap_difference)
+BOOTSTRAP = {"n_boot": 4000, "seed": 0}
+FEW_IMAGES = 10  # classes with fewer test images than this are marked in the per-class tables
+
+
+def summarise(arms: List[str], folds, res: dict, episodes: Optional[dict] = None,
+              class_info: Optional[dict] = None) -> dict:
+    """Per-arm fold averages, the paired differences of every arm from the first (and the last arm from
+    each), each with its seed interval and, where every run stored its per-episode results, its seed x
+    test-image interval and the wider of the two (``decide``); and the per-class IoU of every arm."""
+    episodes, class_info = episodes or {}, class_info or {}
     summary = {a: {"miou": fold_average(res[a]["miou"]), "fbiou": fold_average(res[a]["fbiou"])} for a in arms}
     pairs = [(arms[0], b) for b in arms[1:]]
     if len(arms) > 2:  # the last arm (e.g. DPCN) against every other one as well
         pairs += [(a, arms[-1]) for a in arms[1:-1]]
-    diffs = {f"{b} - {a}": {"a": a, "b": b, "miou": paired_difference(res[a]["miou"], res[b]["miou"]),
-                            "fbiou": paired_difference(res[a]["fbiou"], res[b]["fbiou"])} for a, b in pairs}
-    return {"arms": summary, "differences": diffs}
+    boot_ok = bool(folds) and all(episodes.get(f) is not None for f in folds)
+    diffs = {}
+    for a, b in pairs:
+        d = {"a": a, "b": b, "miou": paired_difference(res[a]["miou"], res[b]["miou"]),
+             "fbiou": paired_difference(res[a]["fbiou"], res[b]["fbiou"])}
+        if boot_ok:
+            d["bootstrap"] = bootstrap_difference({f: res[a]["episode_iu"][f] for f in folds},
+                                                  {f: res[b]["episode_iu"][f] for f in folds},
+                                                  {f: episodes[f] for f in folds}, **BOOTSTRAP)
+        else:
+            d["bootstrap"] = None
+        d["decide"] = wider(d["miou"]["ci95"], d["bootstrap"]["ci95"] if d["bootstrap"] else None)
+        diffs[f"{b} - {a}"] = d
+    classes: Dict[int, dict] = {}
+    for f in folds:
+        info = class_info.get(f, {})
+        per = {}
+        for c in sorted(set().union(*(set(v) for a in arms for v in res[a]["class_iou"].get(f, {}).values()))):
+            iou = {}
+            for a in arms:
+                vals = [v[c] for v in res[a]["class_iou"].get(f, {}).values()
+                        if c in v and v[c] is not None and not math.isnan(v[c])]
+                iou[a] = sum(vals) / len(vals) if vals else None
+            n_img = (info.get(c) or {}).get("images")
+            per[c] = {"name": (info.get(c) or {}).get("name", str(c)), "images": n_img,
+                      "episodes": (info.get(c) or {}).get("episodes"), "iou": iou,
+                      "few_images": n_img is not None and n_img < FEW_IMAGES,
+                      "difference": {name: (None if iou[d["a"]] is None or iou[d["b"]] is None
+                                            else iou[d["b"]] - iou[d["a"]]) for name, d in diffs.items()}}
+        classes[f] = per
+    return {"arms": summary, "differences": diffs, "classes": classes,
+            "bootstrap_missing": [] if boot_ok else [f for f in folds if episodes.get(f) is None]}
 
 
-INTERVAL_TEXT = ("95 % Student-t interval over training seeds of the paired (same seed, same test episodes) "
-                 "difference; across folds: mean of the fold means, SE from the within-fold seed variances, "
-                 "df = sum over folds of (seeds - 1)")
+INTERVAL_TEXT = ("seed interval: 95 % Student-t interval over training seeds of the paired (same seed, same test "
+                 "episodes) difference; across folds the mean of the fold means, SE from the within-fold seed "
+                 "variances, Welch-Satterthwaite df. Seed x image interval: paired two-level bootstrap (query images "
+                 "resampled within each class, seeds within each fold; class IoU recomputed as sum I / sum U), "
+                 "2.5-97.5 % percentiles. A claim is decided by the wider of the two")
+
+
+def _boot(d: dict, f=None) -> str:
+    b = d.get("bootstrap")
+    if not b:
+        return "n/a"
+    return format_interval(b["ci95"] if f is None else b["folds"][f]["ci95"])
+
+
+def _df(m: dict) -> str:
+    return "n/a" if m.get("df") is None else f"{m['df']:.1f}"
+
+
+def _class_lines(folds, stats: dict, arms: List[str], md: bool) -> List[str]:
+    """Per-class IoU of every arm, each difference, and the test images / episodes of the class."""
+    diffs = list(stats["differences"])
+    out = []
+    if md:
+        out += ["| fold | class | test images | episodes | " + " | ".join(arms) + " | " + " | ".join(diffs) + " |",
+                "|---|---|---|---|" + "---|" * (len(arms) + len(diffs))]
+    for f in folds:
+        for c, r in stats["classes"].get(f, {}).items():
+            mark = " (<10 images)" if r["few_images"] else ""
+            ious = [_fmt(r["iou"][a]).strip() for a in arms]
+            ds = ["-" if r["difference"][n] is None else f"{r['difference'][n]:+.2f}" for n in diffs]
+            img = "?" if r["images"] is None else str(r["images"])
+            if md:
+                out.append(f"| {f} | {r['name']}{mark} | {img} | {r['episodes']} | " + " | ".join(ious) + " | "
+                           + " | ".join(ds) + " |")
+            else:
+                out.append(f"  fold {f} {r['name']:>14}{mark:14} images {img:>4} episodes {r['episodes']!s:>4}  "
+                           + "  ".join(ious) + "  |  " + "  ".join(ds))
+    return out
 
 
 def table(host: str, folds, seeds, res: dict, stats: dict, protocol_text: str) -> str:
@@ -300,13 +428,21 @@ def table(host: str, folds, seeds, res: dict, stats: dict, protocol_text: str) -
         lines.append(f"{a:{w}}" + "".join(f"{_pm(s['miou']['folds'][f]):>16}" for f in folds)
                      + f"{_pm(s['miou']):>16}{s['fbiou']['mean']:9.2f}")
     lines.append("")
-    lines.append("paired difference (mIoU), mean [95 % interval]")
+    lines.append("paired difference (mIoU), mean [seed interval] [seed x image interval]")
     for name, d in stats["differences"].items():
         m = d["miou"]
-        lines.append(f"{name:{w}}" + "".join(f"{m['folds'][f]['mean']:+7.2f} {format_interval(m['folds'][f]['ci95']):>8}"
-                                                for f in folds)
-                     + f"   mean {m['mean']:+.2f} {format_interval(m['ci95'])}   FB-IoU {d['fbiou']['mean']:+.2f}")
+        lines.append(f"{name:{w}}" + "".join(f"{m['folds'][f]['mean']:+7.2f} {format_interval(m['folds'][f]['ci95'])}"
+                                                f" {_boot(d, f)}" for f in folds))
+        lines.append(f"{'':{w}}mean {m['mean']:+.2f}  seeds {format_interval(m['ci95'])} (df {_df(m)})  "
+                     f"seeds x images {_boot(d)}  decide by {format_interval(d['decide'])}  "
+                     f"FB-IoU {d['fbiou']['mean']:+.2f}")
+    if stats.get("bootstrap_missing"):
+        lines.append(f"(no seed x image interval: fold(s) {stats['bootstrap_missing']} have runs without stored "
+                     f"per-episode results)")
     lines.append(f"({INTERVAL_TEXT})")
+    lines.append("")
+    lines.append("per-class IoU (mean over seeds): " + ", ".join(arms) + " | " + ", ".join(stats["differences"]))
+    lines += _class_lines(folds, stats, arms, md=False)
     lines.append("")
     lines.append("per-seed mIoU / FB-IoU")
     for a in arms:
@@ -325,27 +461,38 @@ def table(host: str, folds, seeds, res: dict, stats: dict, protocol_text: str) -
 
 
 def markdown(host: str, folds, seeds, res: dict, stats: dict, protocol_text: str, minutes: float, device: str,
-             versions: str) -> str:
+             versions: str, label: str = "") -> str:
     arms = list(res)
-    out = [f"### {host}: {', '.join(arms)}", "",
-           f"Protocol: {protocol_text}. Seeds {', '.join(map(str, seeds))} per arm and fold, identical test episodes; "
-           f"{minutes:.1f} min on {device} ({versions}).", "",
-           "mIoU, mean ± std over seeds:", "",
-           "| arm | " + " | ".join(f"fold {f}" for f in folds) + " | mean | FB-IoU |",
-           "|---|" + "---|" * (len(folds) + 2)]
+    out = [f"### {host}: {', '.join(arms)}", ""]
+    if label:
+        out += [label, ""]
+    out += [f"Protocol: {protocol_text}. Seeds {', '.join(map(str, seeds))} per arm and fold, identical test episodes; "
+            f"{minutes:.1f} min on {device} ({versions}).", "",
+            "mIoU, mean ± std over seeds:", "",
+            "| arm | " + " | ".join(f"fold {f}" for f in folds) + " | mean | FB-IoU |",
+            "|---|" + "---|" * (len(folds) + 2)]
     for a in arms:
         s = stats["arms"][a]
         out.append(f"| {a} | " + " | ".join(_pm(s["miou"]["folds"][f]) for f in folds)
                    + f" | {_pm(s['miou'])} | {s['fbiou']['mean']:.2f} |")
-    out += ["", "Paired difference (mIoU), mean [95 % interval]:", "",
-            "| difference | " + " | ".join(f"fold {f}" for f in folds) + " | mean over folds | FB-IoU |",
-            "|---|" + "---|" * (len(folds) + 2)]
+    out += ["", "Paired difference (mIoU): mean, seed interval, seed × image interval:", "",
+            "| difference | " + " | ".join(f"fold {f}" for f in folds)
+            + " | mean over folds | seed interval (df) | seed × image interval | decided by | FB-IoU |",
+            "|---|" + "---|" * (len(folds) + 5)]
     for name, d in stats["differences"].items():
         m = d["miou"]
         out.append(f"| {name} | " + " | ".join(f"{m['folds'][f]['mean']:+.2f} {format_interval(m['folds'][f]['ci95'])}"
-                                              for f in folds)
-                   + f" | **{m['mean']:+.2f}** {format_interval(m['ci95'])} | {d['fbiou']['mean']:+.2f} |")
-    out += ["", f"Interval: {INTERVAL_TEXT}.", "", "Per-seed mIoU:", ""]
+                                              f" {_boot(d, f)}" for f in folds)
+                   + f" | **{m['mean']:+.2f}** | {format_interval(m['ci95'])} ({_df(m)}) | {_boot(d)} | "
+                     f"{format_interval(d['decide'])} | {d['fbiou']['mean']:+.2f} |")
+    out += ["", f"Intervals: {INTERVAL_TEXT}."]
+    if stats.get("bootstrap_missing"):
+        out += ["", f"No seed × image interval: fold(s) {stats['bootstrap_missing']} have runs without stored "
+                    f"per-episode results."]
+    out += ["", "Per-class IoU (mean over seeds) and differences; classes with fewer than 10 test images are marked:",
+            ""]
+    out += _class_lines(folds, stats, arms, md=True)
+    out += ["", "Per-seed mIoU:", ""]
     for a in arms:
         for f in folds:
             out.append(f"- {a}, fold {f}: " + ", ".join(f"seed {s} {res[a]['miou'][f][s]:.2f}" for s in sorted(res[a]["miou"][f])))
@@ -370,6 +517,7 @@ def main(argv=None) -> int:
         if len({a.spec for a in arms}) != len(arms):
             raise ValueError(f"--arms: an arm is listed twice: {[a.spec for a in arms]}")
         recipe = recipe_for(args.host, args.dataset, args.config)
+        preregistration = preregistered(args.preregistered) if args.preregistered else None
         base = overrides_from_args(args)
         if args.no_progress:
             base.append("run.progress=false")
@@ -387,7 +535,10 @@ def main(argv=None) -> int:
         seed0 = int(cfg0["train"]["seed"])
         seeds = [seed0 + i for i in range(args.seeds)]
         out_dir = Path(cfg0["run"]["out_dir"]) / f"plug_in_{args.host}"
-        res: Dict[str, dict] = {a.spec: {"miou": {}, "fbiou": {}, "runs": {}, "train_seconds": {}} for a in arms}
+        res: Dict[str, dict] = {a.spec: {"miou": {}, "fbiou": {}, "runs": {}, "train_seconds": {}, "class_iou": {},
+                                         "episode_iu": {}} for a in arms}
+        episodes: Dict[int, Optional[dict]] = {}
+        class_info: Dict[int, dict] = {}
         protocol_text = None
         missing: List[str] = []
         for fold in folds:
@@ -414,6 +565,8 @@ def main(argv=None) -> int:
                     r["fbiou"].setdefault(fold, {})[seed] = row["fbiou"]
                     r["runs"].setdefault(fold, {})[seed] = str(run_dir)
                     r["train_seconds"].setdefault(fold, {})[seed] = results.get("train_seconds")
+                    r["class_iou"].setdefault(fold, {})[seed] = {int(c): v for c, v in row["class_iou"].items()}
+                    collect_episodes(row, fold, seed, r, episodes, class_info, run_dir)
                     protocol_text = results["protocol_text"]
     except TrainingInterrupted as e:
         _save_caches(cfg0)
@@ -437,11 +590,14 @@ def main(argv=None) -> int:
             return 2
         folds = have
         for a in arms:
-            for k in ("miou", "fbiou", "runs", "train_seconds"):
+            for k in ("miou", "fbiou", "runs", "train_seconds", "class_iou", "episode_iu"):
                 res[a.spec][k] = {f: v for f, v in res[a.spec][k].items() if f in folds}
     if any(not res[a.spec]["miou"] for a in arms):
         return 0  # non-zero rank
-    stats = summarise([a.spec for a in arms], folds, res)
+    stats = summarise([a.spec for a in arms], folds, res, episodes, class_info)
+    label, prereg = ("confirmatory", preregistration) if preregistration else ("exploratory", None)
+    label_text = (f"**Confirmatory**: pre-registered in `{prereg['file']}` (commit {prereg['commit'][:10]}) before "
+                  f"its runs." if prereg else "**Exploratory**: no pre-registration given (`--preregistered`).")
     minutes = (time.perf_counter() - t0) / 60
     if args.report_only:  # the runs' own wall-clock time, not this report's
         minutes = sum(v or 0.0 for a in arms for per in res[a.spec]["train_seconds"].values() for v in per.values()) / 60
@@ -458,14 +614,19 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     js = out_dir / f"table6_{args.host}_{split}.json"
     md = out_dir / f"table6_{args.host}_{split}.md"
+    ep_file = js.with_name(js.stem + "_episodes.json")
+    per_run = {a: r.pop("episode_iu") for a, r in res.items()}
+    ep_file.write_text(json.dumps({"episodes": episodes, "episode_iu": per_run, "bootstrap": BOOTSTRAP},
+                                  separators=(",", ":")))
     js.write_text(json.dumps({"host": args.host, "arms": {a.spec: {"model": a.model, "variant": a.variant,
                                                                     "overrides": a.overrides} for a in arms},
                               "folds": folds, "seeds": seeds, "split": split, "protocol": ptxt, "recipe": recipe,
                               "overrides": base, "interval": INTERVAL_TEXT, "minutes": minutes, "device": device,
-                              "versions": versions, "results": res, "summary": stats, "paper": PAPER_TABLE6,
+                              "versions": versions, "label": label, "preregistered": prereg, "results": res,
+                              "summary": stats, "episodes_file": ep_file.name, "paper": PAPER_TABLE6,
                               "missing_runs": missing if args.report_only else []},
                              indent=1))
-    md.write_text(markdown(args.host, folds, seeds, res, stats, ptxt, minutes, device, versions))
+    md.write_text(markdown(args.host, folds, seeds, res, stats, ptxt, minutes, device, versions, label_text))
     print(f"wrote {js} and {md}")
     return 0
 

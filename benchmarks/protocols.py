@@ -176,7 +176,9 @@ class EvaluationResult:
     """Metrics of one evaluation with its protocol. Percentages (×100) as in the papers' tables.
 
     ``per_seed``: one dict per seed (``seed``, ``miou``, ``fbiou``, ``class_iou`` {class_id: %},
-    ``episodes``, ``episodes_per_class``, ``seconds`` and optionally ``episode_miou``).
+    ``episodes``, ``episodes_per_class``, ``images_per_class`` (distinct query images), ``episode_records``
+    (:meth:`benchmarks.metrics.FewShotIoU.episode_records`: class, query image, foreground intersection and
+    union of every episode), ``seconds`` and optionally ``episode_miou``).
     """
 
     protocol: Protocol
@@ -414,15 +416,19 @@ def evaluate_many(predict_fn: Callable[[dict], Dict[str, torch.Tensor]], dataset
                         for lg, b in zip(logits[k], batches):
                             p = _scored_probs(lg, b, i, protocol, base_hw)
                             prob = p if prob is None else prob + p
-                        meter.update(prob.argmax(0), _scored_target(b0, i, protocol), int(b0["class_index"][i]))
+                        meter.update(prob.argmax(0), _scored_target(b0, i, protocol), int(b0["class_index"][i]),
+                                     query=str(b0["query_name"][i]))
         seconds = time.perf_counter() - t0
         if not meters:
             raise ValueError(f"evaluate: seed {seed} produced no episode")
         for k in labels:
             r = meters[k].compute()
+            rec = meters[k].episode_records()
+            images = {c: len({q for cc, q in zip(rec["class"], rec["query"]) if cc == c}) for c in ref.class_ids}
             res = {"seed": seed, "miou": 100 * r["miou"], "fbiou": 100 * r["fbiou"],
                    "class_iou": {c: 100 * v for c, v in r["class_iou"].items()}, "episodes": r["episodes"],
-                   "episodes_per_class": r["episodes_per_class"], "seconds": seconds}
+                   "episodes_per_class": r["episodes_per_class"], "images_per_class": images,
+                   "episode_records": rec, "seconds": seconds}
             if protocol.episode_iou:
                 res["episode_miou"] = 100 * r["episode_miou"]
             per_seed.setdefault(k, []).append(res)

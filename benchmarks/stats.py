@@ -1,37 +1,68 @@
-"""Seed statistics of a comparison: mean ± std over training seeds, paired differences with 95 % intervals.
+"""Statistics of a comparison: mean ± std over training seeds, paired differences with two 95 % intervals.
 
 Every comparison script (``benchmarks/plug_in.py``) trains each network with several seeds on
 identical episodes and reports, per fold, the seeds' values, their mean ± sample std, and the paired
-difference ``b − a`` (seed ``s`` of ``b`` minus seed ``s`` of ``a``) with a Student-t 95 % interval over
-the seeds. Over folds the difference is the mean of the fold means; its standard error comes from
-the within-fold seed variances, ``SE = sqrt(Σ_f s_f² / n_f) / F`` with ``Σ_f (n_f − 1)`` degrees of
-freedom (folds are fixed strata, not samples). With one seed per fold no interval exists (``None``).
+difference ``b − a`` (seed ``s`` of ``b`` minus seed ``s`` of ``a``) with two intervals:
+
+* **seed interval** (:func:`paired_difference`): a Student-t 95 % interval over the training seeds, the
+  test episodes held fixed. Over folds the difference is the mean of the fold means; its standard
+  error comes from the within-fold seed variances, ``SE² = Σ_f v_f / F²`` with ``v_f = s_f² / n_f``
+  (folds are fixed strata, not samples), and the degrees of freedom are Welch–Satterthwaite's,
+  ``df = (Σ_f v_f)² / Σ_f v_f² / (n_f − 1)`` (fractional; the t quantile comes from ``scipy.stats``).
+  With one seed in a fold no interval exists (``None``).
+* **seed × test-image interval** (:func:`bootstrap_difference`): a paired two-level bootstrap from
+  the runs' per-episode intersections and unions. Each replicate resamples, in every fold, the query
+  images within each class (one draw shared by every seed and every arm: they all see the same
+  episodes) and the training seeds (one draw shared by both arms), recomputes every class IoU as
+  ``ΣI / ΣU`` over the resampled episodes and the fold's class mIoU, and takes the difference of the
+  arms' mean over the resampled seeds; over folds, the mean of the fold differences. The interval is
+  the 2.5 / 97.5 % percentiles of the replicates.
+
+A claim is decided by the wider of the two (:func:`wider`).
 
 Example:
     >>> a = {1: {0: 40.0, 1: 42.0, 2: 41.0}, 2: {0: 30.0, 1: 31.0, 2: 29.0}}
     >>> b = {1: {0: 42.0, 1: 43.0, 2: 44.0}, 2: {0: 31.0, 1: 33.0, 2: 30.0}}
     >>> d = paired_difference(a, b)
-    >>> round(d["mean"], 3), d["df"], [round(x, 2) for x in d["ci95"]]
-    (1.667, 4, [0.74, 2.59])
+    >>> round(d["mean"], 3), round(d["df"], 2), [round(x, 2) for x in d["ci95"]]
+    (1.667, 3.2, [0.64, 2.69])
 """
 from __future__ import annotations
 
 import math
 from typing import Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["t_quantile_975", "mean_std", "paired_difference", "fold_average", "format_interval"]
+import numpy as np
 
-# two-sided 95 % Student-t quantiles t_{0.975, df}
-_T975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
-         2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
-         2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423]
+__all__ = ["t_quantile_975", "welch_df", "mean_std", "paired_difference", "bootstrap_difference", "wider",
+           "fold_average", "format_interval"]
+
+EPS = 1e-10  # the class-IoU denominator's epsilon of benchmarks.metrics
 
 
-def t_quantile_975(df: int) -> float:
-    """``t_{0.975}`` for ``df >= 1`` degrees of freedom (table to 30, then the 1.96 + 2.4/df approximation)."""
-    if df < 1:
-        raise ValueError(f"df: expected >= 1, got {df}")
-    return _T975[df - 1] if df <= 30 else 1.959964 + 2.4 / df
+def t_quantile_975(df: float) -> float:
+    """``t_{0.975}`` of Student's t with ``df > 0`` (possibly fractional) degrees of freedom (``scipy.stats.t``)."""
+    from scipy.stats import t
+    if not df > 0:
+        raise ValueError(f"df: expected > 0, got {df}")
+    return float(t.ppf(0.975, df))
+
+
+def welch_df(variances: Sequence[float], ns: Sequence[int]) -> float:
+    """Welch–Satterthwaite degrees of freedom of ``Σ_f v_f`` with ``v_f = variances[f] / ns[f]``.
+
+    ``variances`` are the strata's sample variances, ``ns`` their sizes (each >= 2). When every variance
+    is 0 the sum has no spread and any df gives a zero-width interval: ``Σ (n_f − 1)`` is returned.
+    """
+    if len(variances) != len(ns) or not ns:
+        raise ValueError("welch_df: expected one variance per stratum and at least one stratum")
+    if any(n < 2 for n in ns):
+        raise ValueError(f"welch_df: every stratum needs >= 2 values, got sizes {list(ns)}")
+    v = [float(s2) / n for s2, n in zip(variances, ns)]
+    den = sum(x * x / (n - 1) for x, n in zip(v, ns))
+    if den == 0.0:
+        return float(sum(n - 1 for n in ns))
+    return sum(v) ** 2 / den
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
@@ -44,17 +75,19 @@ def mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
     return {"mean": m, "std": sd, "n": len(v)}
 
 
-def _interval(mean: float, se: Optional[float], df: int) -> Optional[List[float]]:
-    if se is None or df < 1:
+def _interval(mean: float, se: Optional[float], df: Optional[float]) -> Optional[List[float]]:
+    if se is None or df is None or not df > 0:
         return None
     h = t_quantile_975(df) * se
     return [mean - h, mean + h]
 
 
 def paired_difference(a: Mapping[int, Mapping[int, float]], b: Mapping[int, Mapping[int, float]]) -> dict:
-    """``b − a`` from ``{fold: {seed: value}}`` tables, paired by seed (only seeds present in both).
+    """``b − a`` from ``{fold: {seed: value}}`` tables, paired by seed (only seeds present in both), with
+    the seed interval of the module docstring.
 
-    Returns ``{"folds": {fold: {"values", "mean", "std", "n", "ci95"}}, "mean", "se", "df", "ci95"}``.
+    Returns ``{"folds": {fold: {"seeds", "values", "mean", "std", "n", "ci95"}}, "mean", "se", "df", "ci95"}``
+    (``df`` Welch–Satterthwaite across folds, ``n − 1`` within a fold; ``None`` with one seed in a fold).
     """
     folds = [f for f in a if f in b]
     if not folds:
@@ -70,12 +103,130 @@ def paired_difference(a: Mapping[int, Mapping[int, float]], b: Mapping[int, Mapp
         per[f] = {"seeds": seeds, "values": d, **ms, "ci95": _interval(ms["mean"], se, ms["n"] - 1)}
     F = len(folds)
     mean = sum(per[f]["mean"] for f in folds) / F
-    df = sum(per[f]["n"] - 1 for f in folds)
     if all(per[f]["std"] is not None for f in folds):
         se = math.sqrt(sum(per[f]["std"] ** 2 / per[f]["n"] for f in folds)) / F
+        df: Optional[float] = welch_df([per[f]["std"] ** 2 for f in folds], [per[f]["n"] for f in folds])
     else:
-        se = None
+        se, df = None, None
     return {"folds": per, "mean": mean, "se": se, "df": df, "ci95": _interval(mean, se, df)}
+
+
+def _fold_arrays(ep: Mapping, runs_a: Mapping, runs_b: Mapping, fold) -> tuple:
+    """Checked arrays of one fold: class index per episode, unit (class, query image) per episode, the
+    units of each class, the common seeds, and ``I, U`` ``[arm, seed, episode]``."""
+    cls = np.asarray(ep["class"])
+    query = list(ep["query"])
+    E = len(cls)
+    if E == 0 or len(query) != E:
+        raise ValueError(f"bootstrap_difference: fold {fold}: expected one class and one query per episode, "
+                         f"got {E} classes and {len(query)} queries")
+    seeds = sorted(s for s in runs_a if s in runs_b)
+    if not seeds:
+        raise ValueError(f"bootstrap_difference: fold {fold} has no seed in common")
+    classes, cidx = np.unique(cls, return_inverse=True)
+    units: Dict[tuple, int] = {}
+    unit = np.array([units.setdefault((int(c), q), len(units)) for c, q in zip(cidx, query)])
+    unit_class = np.empty(len(units), dtype=np.int64)
+    for (c, _), u in units.items():
+        unit_class[u] = c
+    by_class = [np.flatnonzero(unit_class == c) for c in range(len(classes))]
+    IU = np.empty((2, 2, len(seeds), E))
+    for k, runs in enumerate((runs_a, runs_b)):
+        for j, s in enumerate(seeds):
+            r = runs[s]
+            i, u = np.asarray(r["inter"], dtype=np.float64), np.asarray(r["union"], dtype=np.float64)
+            if i.shape != (E,) or u.shape != (E,):
+                raise ValueError(f"bootstrap_difference: fold {fold} seed {s}: expected {E} intersections and "
+                                 f"unions (one per episode), got {i.shape[0] if i.ndim else 0} and "
+                                 f"{u.shape[0] if u.ndim else 0}")
+            if not (np.isfinite(i).all() and np.isfinite(u).all()) or (i < 0).any() or (i > u).any():
+                raise ValueError(f"bootstrap_difference: fold {fold} seed {s}: intersections and unions must be "
+                                 f"finite with 0 <= I <= U")
+            IU[0, k, j], IU[1, k, j] = i, u
+    return cidx, len(classes), unit, by_class, seeds, IU
+
+
+def _class_miou(W: np.ndarray, cidx: np.ndarray, C: int, I: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """Class mIoU (%) ``[R, S]`` for episode weights ``W [R, E]`` and per-seed ``I, U [S, E]``."""
+    onehot = np.zeros((len(cidx), C))
+    onehot[np.arange(len(cidx)), cidx] = 1.0
+    S = I.shape[0]
+    num = W @ (I.T[:, :, None] * onehot[:, None, :]).reshape(len(cidx), S * C)
+    den = W @ (U.T[:, :, None] * onehot[:, None, :]).reshape(len(cidx), S * C)
+    return 100.0 * (num / (den + EPS)).reshape(W.shape[0], S, C).mean(-1)
+
+
+def bootstrap_difference(a: Mapping, b: Mapping, episodes: Mapping, *, n_boot: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> dict:
+    """The seed × test-image interval of ``b − a`` (class mIoU, %): the paired two-level bootstrap of the
+    module docstring.
+
+    Args:
+        a, b: ``{fold: {seed: {"inter": [...], "union": [...]}}}``: each run's foreground intersection and
+            union (pixels) per test episode, in the episode order of ``episodes``.
+        episodes: ``{fold: {"class": [...], "query": [...]}}``: each episode's class and query image, the
+            same for every run of the fold.
+        n_boot, seed: replicates and the seed of their generator (the same seed gives the same draws,
+            so several differences of one table are resampled alike).
+        level: the interval's coverage.
+    Returns:
+        ``{"folds": {fold: {"mean", "ci95"}}, "mean", "ci95", "n_boot", "seed", "level"}``; ``mean`` is the
+        difference on the episodes as run (no resampling), equal to the mean of the seeds' paired
+        differences of the reported class mIoU.
+
+    Example:
+        >>> ep = {1: {"class": [3, 3, 5, 5], "query": ["x", "y", "z", "z"]}}
+        >>> a = {1: {0: {"inter": [5, 0, 4, 4], "union": [10, 10, 8, 8]}, 1: {"inter": [6, 1, 4, 3], "union": [10, 10, 8, 8]}}}
+        >>> b = {1: {0: {"inter": [6, 1, 5, 4], "union": [10, 10, 8, 8]}, 1: {"inter": [7, 1, 4, 4], "union": [10, 10, 8, 8]}}}
+        >>> r = bootstrap_difference(a, b, ep, n_boot=200)
+        >>> round(r["mean"], 3), r["ci95"][0] <= r["mean"] <= r["ci95"][1]
+        (6.875, True)
+    """
+    if n_boot < 10:
+        raise ValueError(f"n_boot: expected >= 10, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level: expected in (0, 1), got {level}")
+    folds = [f for f in a if f in b]
+    if not folds:
+        raise ValueError("bootstrap_difference: no fold in common")
+    missing = [f for f in folds if f not in episodes]
+    if missing:
+        raise ValueError(f"bootstrap_difference: no episode table for fold(s) {missing}")
+    rng = np.random.default_rng(seed)
+    lo_q, hi_q = (1.0 - level) / 2.0, 1.0 - (1.0 - level) / 2.0
+    per: Dict[object, dict] = {}
+    reps = []
+    for f in folds:
+        cidx, C, unit, by_class, seeds, IU = _fold_arrays(episodes[f], a[f], b[f], f)
+        n_units, S = int(unit.max()) + 1, len(seeds)
+        # image draws: within each class, as many (class, image) units as the class has, with replacement
+        uw = np.zeros((n_boot, n_units))
+        rows = np.arange(n_boot)[:, None]
+        for members in by_class:
+            pick = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
+            np.add.at(uw, (np.broadcast_to(rows, pick.shape), pick), 1.0)
+        W = uw[:, unit]
+        sidx = rng.integers(0, S, size=(n_boot, S))
+        diff_seed = _class_miou(W, cidx, C, IU[0, 1], IU[1, 1]) - _class_miou(W, cidx, C, IU[0, 0], IU[1, 0])
+        rep = np.take_along_axis(diff_seed, sidx, axis=1).mean(1)
+        ones = np.ones((1, len(cidx)))
+        observed = float((_class_miou(ones, cidx, C, IU[0, 1], IU[1, 1])
+                          - _class_miou(ones, cidx, C, IU[0, 0], IU[1, 0])).mean())
+        lo, hi = np.quantile(rep, [lo_q, hi_q])
+        per[f] = {"mean": observed, "ci95": [float(lo), float(hi)], "seeds": seeds}
+        reps.append(rep)
+    total = np.mean(reps, axis=0)
+    lo, hi = np.quantile(total, [lo_q, hi_q])
+    return {"folds": per, "mean": float(np.mean([per[f]["mean"] for f in folds])), "ci95": [float(lo), float(hi)],
+            "n_boot": int(n_boot), "seed": int(seed), "level": float(level)}
+
+
+def wider(*intervals: Optional[Sequence[float]]) -> Optional[List[float]]:
+    """The widest of ``intervals`` (the one a claim is decided by); ``None`` if any is missing, since an
+    interval that could not be computed cannot be ruled narrower."""
+    if not intervals or any(ci is None for ci in intervals):
+        return None
+    return list(max(intervals, key=lambda ci: ci[1] - ci[0]))
 
 
 def fold_average(table: Mapping[int, Mapping[int, float]]) -> Dict[str, Optional[float]]:

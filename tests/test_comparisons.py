@@ -211,8 +211,11 @@ def test_paired_difference_by_hand():
     lo, hi = d["folds"][1]["ci95"]
     assert math.isclose(hi - 1.5, 12.7062 * 0.70710678 / math.sqrt(2), rel_tol=1e-5)
     se = math.sqrt(0.5 / 2 + 2.0 / 2) / 2
-    assert d["df"] == 2 and math.isclose(d["se"], se, rel_tol=1e-9)
-    assert math.isclose(d["ci95"][0], 1.75 - 4.3027 * se, rel_tol=1e-6)
+    # Welch-Satterthwaite: (0.25 + 1.0)^2 / (0.25^2 / 1 + 1.0^2 / 1) = 1.5625 / 1.0625
+    assert math.isclose(d["df"], 1.5625 / 1.0625, rel_tol=1e-12) and math.isclose(d["se"], se, rel_tol=1e-9)
+    # t_{0.975} at 1.470588 df (scipy.special.stdtrit, an independent route to the quantile)
+    from scipy.special import stdtrit
+    assert math.isclose(d["ci95"][0], 1.75 - float(stdtrit(1.5625 / 1.0625, 0.975)) * se, rel_tol=1e-9)
     one = paired_difference({1: {0: 1.0}}, {1: {0: 2.0}})
     assert one["ci95"] is None and one["mean"] == 1.0
     with pytest.raises(ValueError):
@@ -530,6 +533,19 @@ def test_plug_in_seeds_and_intervals_tiny(tmp_path):
     assert d["ci95"] is not None and d["df"] == 1
     ms = [res["results"][a]["miou"]["0"][s] for a in ("pfenet", "pfenet+dcm[residual+l1]") for s in ("321", "322")]
     assert math.isclose(d["mean"], ((ms[2] - ms[0]) + (ms[3] - ms[1])) / 2, abs_tol=1e-9)
+    # the seed x test-image interval from the stored per-episode results, the decision by the wider one
+    diff = res["summary"]["differences"]["pfenet+dcm[residual+l1] - pfenet"]
+    boot = diff["bootstrap"]
+    assert math.isclose(boot["mean"], d["mean"], abs_tol=1e-6) and boot["ci95"][0] <= boot["ci95"][1]
+    widths = [ci[1] - ci[0] for ci in (d["ci95"], boot["ci95"])]
+    assert diff["decide"][1] - diff["decide"][0] == max(widths)
+    ep = json.loads((tmp_path / "plug_in_pfenet" / res["episodes_file"]).read_text())
+    n = len(ep["episodes"]["0"]["class"])
+    assert n == 8 and len(ep["episode_iu"]["pfenet"]["0"]["321"]["inter"]) == n
+    classes = res["summary"]["classes"]["0"]
+    assert classes and all({"images", "episodes", "iou", "difference", "few_images"} <= set(c) for c in classes.values())
+    assert sum(c["episodes"] for c in classes.values()) == n
+    assert res["label"] == "exploratory" and "Per-class IoU" in (tmp_path / "plug_in_pfenet" / "table6_pfenet_val.md").read_text()
     cfg = (tmp_path / "plug_in_pfenet" / "pfenet_dcm_residual-l1_f0_seed322" / "config.yaml").read_text()
     assert "dcm_fusion: residual" in cfg and "kernel_norm: l1" in cfg and "seed: 322" in cfg
     # resume reuses every run and writes the same table
