@@ -38,7 +38,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["dcm", "dcm.*"]),
-    package_data={"dcm": ["py.typed"]},  # PEP 561: dcm ships inline type annotations
+    # PEP 561: dcm ships inline type annotations; kernels/verified.json: the record of the kernels that
+    # passed their CUDA tests (what DCM_BACKEND=auto runs, dcm/verification.py)
+    package_data={"dcm": ["py.typed", "kernels/verified.json"]},
     zip_safe=False,
     install_requires=_requires,
     extras_require={

@@ -87,8 +87,9 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "checkpoint_every_iters": 0,   # also checkpoint inside an epoch every N iterations (0 = only at epoch end)
         "val_split": "val",            # split of the per-epoch validation (val | test)
         "cache_backbone": False,       # memoise the frozen backbone's features per input (benchmarks/feature_cache.py)
-        "cache_backbone_gb": 8.0,      # memory cap of that cache (GiB)
-        "cache_backbone_dir": None,    # folder to load the cache from / save it to (shared across processes)
+        "cache_backbone_gb": 8.0,      # memory cap of that cache (GiB); with a dir: new features are spilled to
+                                       # the dir at min(this, 0.5 GiB), nothing stops being stored
+        "cache_backbone_dir": None,    # on-disk feature store shared by every process and session (memory-mapped)
         "deterministic": True,         # torch.use_deterministic_algorithms(warn_only) + cudnn.deterministic
     },
     "eval": {
@@ -112,6 +113,8 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "progress": True,              # tqdm bars
         "log_every": 10,               # iterations between JSON-lines log records
         "threads": None,               # torch.set_num_threads (None = leave)
+        "move_aside": False,           # a new run into a folder that holds another run: rename that folder to
+                                       # <name>.old-<time> first (false: refuse; benchmarks/engine/runfolder.py)
     },
 }
 
@@ -289,6 +292,8 @@ def _validate(cfg: dict) -> dict:
     if (d["train_args"] or {}).get("support_annotation", "mask") not in ("mask", "box"):
         raise ConfigError(f"data.train_args.support_annotation: expected mask or box, got "
                           f"{d['train_args']['support_annotation']!r}")
+    if not isinstance(cfg["run"]["move_aside"], bool):
+        raise ConfigError(f"run.move_aside: expected true or false, got {cfg['run']['move_aside']!r}")
     if not isinstance(t["cache_backbone"], bool):
         raise ConfigError(f"train.cache_backbone: expected true or false, got {t['cache_backbone']!r}")
     pos("train", "cache_backbone_gb", t["cache_backbone_gb"], zero=True)
@@ -331,13 +336,11 @@ def dump_config(cfg: dict) -> str:
 
 
 def save_config(cfg: dict, path: Union[str, os.PathLike]) -> Path:
-    """Write the resolved config atomically (``tmp`` + ``os.replace``) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    os.replace(tmp, path)
-    return path
+    """Write the resolved config atomically (a uniquely named temporary file + ``os.replace``,
+    :func:`benchmarks.engine.runfolder.atomic_write`) and return the path."""
+    from .engine.runfolder import atomic_write
+    text = dump_config(cfg)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # =============================================================================== command lines

@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# One GPU session of dcm: everything a run on one CUDA device should record, time-boxed to fit a
-# 7-minute slot, packed into a few files of one output folder.
+# One GPU session of dcm: everything a run on one CUDA device should record, within a time budget,
+# packed into a few files of one output folder.
 #
 #   bash benchmarks/gpu_session.sh [--rehearse] [--budget SECONDS] STEP OUTDIR
 #
 # STEP:   all      the steps below in this order
 #         tests    the CUDA tests, tests/test_*cuda*.py: every fast path against float64, CUDA graphs,
 #                  torch.compile, one bf16 training step of each of the six networks (pytest-xdist
-#                  workers when it is installed; the timing steps below run alone on the GPU)
+#                  workers when it is installed; the timing steps below run alone on the GPU). They
+#                  run every op's Triton kernels under DCM_BACKEND=auto through a candidate record of
+#                  the current sources (DCM_VERIFIED, dcm/verification.py); then the step `record`
+#                  writes verified.json: the record of every op whose CUDA tests all passed (its own
+#                  and the shared ones), keyed by its source and this GPU's compute-capability major,
+#                  merged with the shipped dcm/kernels/verified.json (its records of other sources are
+#                  dropped). The steps after it run under that record: "ours" is what DCM_BACKEND=auto
+#                  gives once it is committed. Every step runs `record` (without the tests it adds none).
 #         speed    benchmarks/speed.py's tables (sam, dynconv, fgpool, ffm), float32 and bfloat16
 #         sweep    the launch knobs of dcm.kernels.KNOBS, one process per line of SWEEP_PLAN below
 #         models   DPCN vs PFENet: training step and 1-shot inference (bf16 autocast, speed.py)
-# OUTDIR: gets exactly four files, no folders:
+# OUTDIR: gets exactly five files, no folders:
 #         session.log   every step's full output, with its command, exit status and time
-#         results.json  environment, step statuses, test counts and failures, the speed tables, the
-#                       sweep (plan, every configuration's rows), the model timings
+#         results.json  environment, step statuses, test counts and failures, which ops were verified
+#                       and why not, the speed tables, the sweep (plan, every configuration's rows),
+#                       the model timings
 #         summary.txt   the end of session.log: one line per step and the headline numbers
+#         verified.json the record in its committed form: cp OUTDIR/verified.json dcm/kernels/verified.json
 #         raw.tar.gz    the per-step logs, speed.py's JSON files and the tests' JUnit XML
 # Options: --rehearse (or REHEARSE=1) runs on the CPU what can run there, at tiny sizes: the
 #         argument parsing, the wheel install, the environment record, the CUDA tests (they skip
-#         themselves there), speed.py on the CPU, the validation of every sweep configuration and the first of
+#         themselves there), the record (no device: it adds nothing), speed.py on the CPU, the validation of every sweep configuration and the first of
 #         each dtype, the model builds, the packing. Without it, a machine where torch sees no CUDA
 #         device gets one line on stderr and exit status 3, before anything is written.
 #         --budget SECONDS (default 400, or BUDGET=): the whole session's time. Each step runs
@@ -111,7 +120,7 @@ fi
 mkdir_out || die "cannot create OUTDIR '$out'"
 cd "$root" || die "cannot enter $root"
 log=$out/session.log
-rm -f "$out/session.log" "$out/results.json" "$out/summary.txt" "$out/raw.tar.gz"
+rm -f "$out/session.log" "$out/results.json" "$out/summary.txt" "$out/verified.json" "$out/raw.tar.gz"
 work=$(mktemp -d "${TMPDIR:-/tmp}/dcm-gpu-session.XXXXXX") || die "cannot create a work folder"
 mkdir -p "$work/sweep"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -185,6 +194,11 @@ from dcm import kernels  # noqa: E402
 
 info["dcm"] = dcm.__version__
 info["kernels_available"] = kernels.available()
+from dcm import verification  # noqa: E402
+
+# what DCM_BACKEND=auto runs here under the shipped record (before this session verifies anything)
+info["kernel_keys"] = verification.current_keys()
+info["auto_with_shipped_record"] = {op: [r["path"], r["why"]] for op, r in verification.backend_report("cuda").items()}
 info["knob_defaults"] = {k: v[0] for k, v in kernels.KNOBS.items()}
 h = hashlib.sha256()
 for f in sorted(Path("dcm").rglob("*.py")) + [Path("benchmarks/speed.py"), Path("benchmarks/gpu_session.sh")]:
@@ -334,6 +348,7 @@ results = dict(
     env=load("env.json"), steps=steps, tests=tests or None,
     speed={dt: load(f"speed-{dt}.json") for dt in ("float32", "bfloat16")},
     sweep=dict(plan=plan, runs=sweep_runs), models=load("models-bf16.json"),
+    verified=load("verified-summary.json"),
 )
 (out / "results.json").write_text(json.dumps(results, indent=1))
 
@@ -393,6 +408,17 @@ if mods and "rows" in mods:
             train[r["op"].split()[1]] = r["ms"]
     if "dpcn" in train and "pfenet" in train:
         L.append(f"  DPCN / PFENet training step: {train['dpcn'] / train['pfenet']:.2f}x")
+ver = results["verified"]
+if ver and "ops" in ver:
+    dev = ver.get("device")
+    where = f"{dev['device']} (sm_{dev['cc_major']}x)" if dev else "no CUDA device"
+    L.append(f"\nkernels verified on {where}; "
+             f"{ver['records']} record(s) in verified.json (to commit: cp OUTDIR/verified.json dcm/kernels/verified.json):")
+    for op, s in ver["ops"].items():
+        L.append(f"  {op:20s} {'RECORDED' if s['recorded'] else 'not recorded':13s} {s['why']}")
+    auto = ver.get("auto") or {}
+    if auto:
+        L.append("  DCM_BACKEND=auto with it: " + ", ".join(f"{op} {p}" for op, p in auto.items()))
 bad = [s["name"] for s in steps if s["status"] in ("failed", "timeout")]
 L.append(f"\nresult: {'every step that ran passed' if not bad else 'NOT OK: ' + ', '.join(bad)}")
 (out / "summary.txt").write_text("\n".join(L) + "\n")
@@ -435,8 +461,21 @@ tests() {
   # xdist workers on the one GPU (the Triton and Inductor compiles dominate); the rehearsal runs them
   # in one process, where they skip themselves
   [[ $rehearse == 0 ]] && "$py" -c "import xdist" 2>/dev/null && par=(-n 8)
-  step tests "$BOX_TESTS" "$1" "$py" -m pytest -q -p no:cacheprovider "${par[@]}" -rfEsP --durations=15 \
-    --junitxml="$work/tests.xml" "${files[@]}"
+  # the candidate record: every op's current source on this GPU, so that DCM_BACKEND=auto (what the
+  # tests use) runs every kernel; `record` keeps the ops whose tests passed
+  say "=== [tests] candidate record: $("$py" -m dcm.verification candidate "$work/candidate.json" 2>&1 | tail -n 1)"
+  step tests "$BOX_TESTS" "$1" env DCM_VERIFIED="$work/candidate.json" "$py" -m pytest -q -p no:cacheprovider "${par[@]}" \
+    -rfEsP --durations=15 --junitxml="$work/tests.xml" "${files[@]}"
+  tests_status=$status
+}
+
+# the record of the kernels whose CUDA tests passed (tests_status: the tests step's status, if it ran)
+tests_status=missing
+kernel_record() {
+  step record 60 "$1" "$py" -m dcm.verification record --junit "$work/tests.xml" --candidate "$work/candidate.json" \
+    --tests-status "$tests_status" --out "$work/verified.json" --summary "$work/verified-summary.json"
+  # the steps after this one time what DCM_BACKEND=auto gives with this record committed
+  [[ $status == ok && -f $work/verified.json ]] && export DCM_VERIFIED=$work/verified.json
 }
 
 speed() {
@@ -495,8 +534,9 @@ for name in ('dpcn', 'pfenet'):
 pack() {
   "$py" "$work/bin/pack.py" "$work" "$out" "$mode" "$target" "$budget" "$SECONDS" "$cleared" 2>&1 | tee -a "$log"
   local prc=${PIPESTATUS[0]} f
+  [[ -f $work/verified.json ]] && cp "$work/verified.json" "$out/verified.json"
   tar -czf "$out/raw.tar.gz" -C "$work" . 2>>"$log" || say "tar failed"
-  for f in "$out"/*; do  # a device machine sends back files of at most 16 MiB
+  for f in "$out"/*; do  # every output file stays under 16 MiB (easy to move and to attach)
     if (($(stat -c %s "$f") > 15 * 1024 * 1024)); then
       say "$f is over 15 MiB: keeping its first and last 7 MiB"
       { head -c 7M "$f"; printf '\n[... cut ...]\n'; tail -c 7M "$f"; } >"$f.cut" && mv "$f.cut" "$f"
@@ -525,6 +565,7 @@ case $target in
     wheels "$keep"
     env_info "$KEEP_PACK"
     tests "$keep"
+    kernel_record "$KEEP_PACK"
     speed "$keep"
     sweep $((KEEP_MODELS + KEEP_PACK))
     models "$KEEP_PACK"
@@ -532,7 +573,13 @@ case $target in
   *)
     wheels "$KEEP_PACK"
     env_info "$KEEP_PACK"
-    "$target" "$KEEP_PACK"
+    if [[ $target == tests ]]; then
+      tests "$KEEP_PACK"
+      kernel_record "$KEEP_PACK"
+    else
+      kernel_record "$KEEP_PACK"
+      "$target" "$KEEP_PACK"
+    fi
     ;;
 esac
 trap - INT TERM

@@ -21,7 +21,9 @@ residual fusion), ``replace`` / ``concat``, ``l1`` / ``l2`` / ``raw`` (kernel no
 ``clean`` (PFENet, CANet: kernels from the support feature before dropout), ``rawin`` / ``redin`` (the
 DCM runs on the backbone's raw mid-level feature / on the reduced one), ``ident`` (PFENet, CANet: a
 control, every DCM map is the DCM's query input instead of a dynamic convolution), ``pyramid`` / ``decoder`` (PFENet: the DCM
-maps fused into each pyramid level / into the FEM's output instead of its input), ``lr<x>`` / ``wd<x>`` (kernel
+maps fused into each pyramid level / into the FEM's output instead of its input), ``fit`` (PFENet, CANet:
+the residual fusion gated per query position by how well the support foreground matches it,
+``dcm_gate``), ``mapdrop<x>`` (PFENet, CANet: channel dropout ``x`` on the DCM maps while training), ``lr<x>`` / ``wd<x>`` (kernel
 generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM), ``sb<x>`` (DPCN and its
 Baseline: weight λ of the q→s support-branch loss, e.g. ``baseline[sb1]``). ``pfenet+dcm`` alone is
 the model's default (residual fusion, raw kernels; CANet+DCM: on the raw input); with ``--resume`` a run folder trained with another
@@ -31,8 +33,11 @@ network than the arm asks for (e.g. by a version with another default) is an err
 both). Model choices are made on ``val``; ``--split test --resume`` afterwards evaluates the finished
 runs' best checkpoints on the test split without training again. Each run keeps its folder
 (``<out>/plug_in_<host>/<arm>_f<fold>_seed<seed>``: checkpoints, config.yaml, log.jsonl,
-``results_<split>.json``), so an interrupted comparison continues with ``--resume``. Everything goes
-to ``<out>/plug_in_<host>/table6_<host>_<split>.json`` and ``.md``.
+``results_<split>.json``), so an interrupted comparison continues with ``--resume``. The table goes
+to ``<out>/plug_in_<host>/table6_<host>_<split>_<key>.json`` and ``.md``, ``<key>`` a short hash of the
+ordered arm list and the tabulated folds, so every comparison has its own file (the default arm list on
+the recipe's default folds: ``table6_<host>_<split>.json``); the same comparison rewrites its file (with
+more runs), a file that holds another comparison is never replaced.
 """
 import sys
 import pathlib
@@ -123,13 +128,18 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             out.append("model.flags.dcm_kernels=identity")
         elif tok in ("decoder", "pyramid") and family == "pfenet":
             out.append(f"model.flags.dcm_placement={tok}")
+        elif tok == "fit" and family in ("pfenet", "canet"):
+            out.append("model.flags.dcm_gate=fit")
+        elif family in ("pfenet", "canet") and (x := number(tok, "mapdrop")) is not None:
+            out.append(f"model.flags.dcm_map_dropout={x}")
         elif (x := number(tok, "lr")) is not None:
             out.append(f"model.flags.dcm_lr_scale={x}")
         elif (x := number(tok, "wd")) is not None:
             out.append(f"model.flags.dcm_weight_decay={x}")
         else:
             raise ValueError(f"arm '{model}[{variant}]': unknown variant token '{tok}' (paper, residual, "
-                             f"replace/concat, l1, l2, raw, clean, rawin, redin, ident, pyramid, decoder, lr<x>, wd<x>, nodcm, sb<x>)")
+                             f"replace/concat, l1, l2, raw, clean, rawin, redin, ident, pyramid, decoder, fit, mapdrop<x>, lr<x>, wd<x>, "
+                             f"nodcm, sb<x>)")
     return out
 
 
@@ -503,7 +513,7 @@ def _save_caches(cfg0) -> None:
     if cfg0 is not None and cfg0["train"]["cache_backbone"] and cfg0["train"].get("cache_backbone_dir"):
         from benchmarks.feature_cache import save_shared_caches
         for f in save_shared_caches(cfg0["train"]["cache_backbone_dir"]):
-            print(f"feature cache saved to {f}")
+            print(f"feature cache: new features written to {f}")
 
 
 def main(argv=None) -> int:
@@ -580,6 +590,7 @@ def main(argv=None) -> int:
         print(f"error: {short_error(e)}", file=sys.stderr)
         return 2
     _save_caches(cfg0)
+    requested_folds = list(folds)  # a --report-only table may keep fewer (its file name says which)
     if args.report_only:
         if missing:
             print(f"missing (no results_{split}.json): {', '.join(missing)}")
@@ -612,8 +623,27 @@ def main(argv=None) -> int:
     print(table(args.host, folds, seeds, res, stats, ptxt))
     print(f"({minutes:.1f} min on {device}, {versions})")
     out_dir.mkdir(parents=True, exist_ok=True)
-    js = out_dir / f"table6_{args.host}_{split}.json"
-    md = out_dir / f"table6_{args.host}_{split}.md"
+    # one table file per comparison (ordered arm list + folds); a file holding another one is never replaced
+    import hashlib
+    specs, key_folds = [a.spec for a in arms], [int(f) for f in folds]
+    key = hashlib.sha1(json.dumps([specs, key_folds]).encode()).hexdigest()[:8]
+    names = [f"table6_{args.host}_{split}_{key}"]
+    if specs == DEFAULT_ARMS[args.host] and args.folds is None and key_folds == requested_folds:
+        names.insert(0, f"table6_{args.host}_{split}")
+    js = None
+    for n in names:
+        try:
+            old = json.loads((out_dir / f"{n}.json").read_text()) if (out_dir / f"{n}.json").is_file() else None
+        except ValueError:
+            old = {}
+        if old is None or (list(old.get("arms") or {}), old.get("folds")) == (specs, key_folds):
+            js = out_dir / f"{n}.json"
+            break
+    if js is None:
+        print(f"error: '{out_dir / names[-1]}.json' holds the table of another comparison; move it away to write "
+              f"this one", file=sys.stderr)
+        return 2
+    md = js.with_suffix(".md")
     ep_file = js.with_name(js.stem + "_episodes.json")
     per_run = {a: r.pop("episode_iu") for a, r in res.items()}
     ep_file.write_text(json.dumps({"episodes": episodes, "episode_iu": per_run, "bootstrap": BOOTSTRAP},

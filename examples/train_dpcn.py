@@ -15,7 +15,9 @@ The paper's recipes (configs/*.yaml) on the real benchmarks::
 
 Any key can be overridden (``--set train.lr=0.01 --set model.flags.dcm_kernel_size=3``); the resolved
 config is saved as ``<run>/config.yaml``. A killed run continues with ``--resume`` (same --out/--name,
-or the run folder / a checkpoint path). See docs/TRAINING.md.
+or the run folder / a checkpoint path). A run folder belongs to one run: a new run into a folder that
+holds another one stops with an error, unless ``--move-aside`` renames that folder to
+``<name>.old-<time>`` first. See docs/TRAINING.md.
 """
 import sys
 import pathlib
@@ -48,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_OR_CKPT",
                    help="continue a run: without a value the run folder given by --out/--name (or the default "
                         "name); or a run folder, or a checkpoint file")
+    p.add_argument("--move-aside", action="store_true",
+                   help="when the run folder already holds another run, rename that folder to "
+                        "<name>.old-<time> and start there afresh (config key run.move_aside; without it such a "
+                        "start is refused; nothing is deleted)")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (log lines only)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -62,6 +68,8 @@ def resolve(args):
         overrides.append("run.progress=false")
     if args.no_eval:
         overrides.append("eval.enabled=false")
+    if args.move_aside:
+        overrides.append("run.move_aside=true")
     resume = None
     if args.resume not in (None, True):  # a run folder or a checkpoint
         r = Path(args.resume)
@@ -99,7 +107,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from benchmarks.engine import TrainingInterrupted, ValidationFailed, train
+    from benchmarks.engine import RunFolderError, RunFolderTaken, TrainingInterrupted, ValidationFailed, train
     t0 = time.perf_counter()
     try:
         out = train(cfg, run_dir, resume=resume)
@@ -109,6 +117,14 @@ def main(argv=None) -> int:
     except ValidationFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RunFolderTaken as e:
+        print(f"error: run folder '{e.run_dir}' already holds another run ({', '.join(e.found)}); continue it with "
+              f"--resume, give this run another --name, or pass --move-aside to rename the old folder to "
+              f"'{Path(e.run_dir).name}.old-<time>' first", file=sys.stderr)
+        return 2
+    except RunFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, ImportError, FileNotFoundError) as e:
         from benchmarks.engine import short_error
         print(f"error: {type(e).__name__}: {short_error(e)}", file=sys.stderr)

@@ -35,10 +35,14 @@ from .common import (
     DCMFusion,
     FewShotSegmenter,
     check_choice,
+    check_dcm_branch_flags,
     check_dcm_support,
     check_dcm_training_flags,
     check_episode,
     dcm_module_kwargs,
+    drop_maps,
+    gated_fusion,
+    kernel_fit,
     resolve_backbone,
     segmentation_loss,
     upsample,
@@ -114,6 +118,11 @@ class CANet(FewShotSegmenter):
             DCM's own query input; the kernel generators are frozen and unused), as in PFENet.
         dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the kernel
             generators (an optimiser group of their own).
+        dcm_gate: ``"none"`` or ``"fit"``: the residual fusion's contribution at each query position is
+            scaled by :func:`models.common.kernel_fit` (the cosine of the DCM's query input with the
+            support foreground prototype its kernels come from, clamped at 0), so that the DCM acts only
+            where the support matches the query (needs ``dcm_fusion="residual"``).
+        dcm_map_dropout: channel dropout (``Dropout2d``) on each DCM map while training (0: none).
         iom_iterations: IOM passes per forward in training (official: 1, with the history mask
             given as input; DENet: 3, unrolled). Each pass after the first takes the softmax of the
             previous pass's logits (at feature resolution, not detached) as history mask.
@@ -167,6 +176,8 @@ class CANet(FewShotSegmenter):
         dcm_support: str = "dropout",
         dcm_input: str = "raw",
         dcm_kernels: str = "dynamic",
+        dcm_gate: str = "none",
+        dcm_map_dropout: float = 0.0,
         iom_iterations: int = 1,
         eval_iom_iterations: Optional[int] = None,
         shot_fusion: str = "prototype",
@@ -194,6 +205,8 @@ class CANet(FewShotSegmenter):
         check_dcm_support(use_dcm, dcm_input, dcm_support)
         check_choice("dcm_kernels", dcm_kernels, ("dynamic", "identity"))
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
+        check_dcm_branch_flags(dcm_gate, dcm_map_dropout, dcm_fusion, "CANet")
+        self.dcm_gate, self.dcm_map_dropout = dcm_gate, float(dcm_map_dropout)
         self.dcm_fusion, self.dcm_support, self.dcm_input = dcm_fusion, dcm_support, dcm_input
         self.dcm_kernels = dcm_kernels
         self.dcm_lr_scale = float(dcm_lr_scale)
@@ -305,8 +318,10 @@ class CANet(FewShotSegmenter):
                 extra = [dcm_q] * len(self.dcm.variants)
             else:
                 extra = list(self.dcm(dcm_q, dcm_s, support_masks))
+            extra = drop_maps(extra, self.dcm_map_dropout, self.training)
             if self.dcm_fusion == "residual":
-                q, extra = self.dcm_fuse(q, extra), []
+                fit = kernel_fit(dcm_q, dcm_s, support_masks) if self.dcm_gate == "fit" else None
+                q, extra = gated_fusion(self.dcm_fuse, q, extra, fit), []
 
         if self.shot_fusion == "prototype" or K == 1:
             z = protos.mean(1)[:, :, None, None].expand(-1, -1, h, w)

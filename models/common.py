@@ -28,6 +28,11 @@ __all__ = [
     "DCM_FUSIONS",
     "DCM_MODULE_FLAGS",
     "dcm_module_kwargs",
+    "DCM_GATES",
+    "check_dcm_branch_flags",
+    "kernel_fit",
+    "gated_fusion",
+    "drop_maps",
 ]
 
 
@@ -202,6 +207,62 @@ def check_dcm_support(use_dcm, dcm_input, dcm_support) -> None:
     if use_dcm and dcm_input == "raw" and dcm_support != "dropout":
         raise ValueError(f"dcm_support={dcm_support!r} applies to dcm_input='reduced' (the raw mid-level "
                          f"feature has no dropout); pass dcm_input='reduced' with it")
+
+
+#: how the residual DCM fusion is gated: ``"none"`` (``q + γ ⊙ y`` everywhere) or ``"fit"`` (scaled per query
+#: position by :func:`kernel_fit`)
+DCM_GATES = ("none", "fit")
+
+
+def check_dcm_branch_flags(dcm_gate, dcm_map_dropout, dcm_fusion: str, owner: str) -> None:
+    """Validate the ``dcm_gate`` / ``dcm_map_dropout`` host flags (``dcm_gate='fit'`` needs the residual fusion)."""
+    check_choice("dcm_gate", dcm_gate, DCM_GATES)
+    if dcm_gate == "fit" and dcm_fusion != "residual":
+        raise ValueError(f"dcm_gate='fit' gates the residual fusion; {owner} with dcm_fusion={dcm_fusion!r} has none "
+                         f"(pass dcm_fusion='residual')")
+    if isinstance(dcm_map_dropout, bool) or not isinstance(dcm_map_dropout, (int, float)) \
+            or not 0.0 <= dcm_map_dropout < 1.0:
+        raise ValueError(f"dcm_map_dropout: expected a number in [0, 1), got {dcm_map_dropout!r}")
+
+
+def kernel_fit(query: torch.Tensor, support: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
+    """How well the support foreground the DCM's kernels come from matches each query position.
+
+    ``max(0, cos(query[:, :, y, x], p))`` with ``p`` the support's foreground prototype (masked average
+    pooling, mean over shots) of the same feature the kernels are generated from.
+
+    Args:
+        query: ``Tensor[B, C, h, w]``, the DCM's query input.
+        support: ``Tensor[B, K, C, h', w']``, the DCM's support input.
+        support_masks: ``Tensor[B, K, H, W]`` in ``{0, 1, 255}`` or ``[0, 1]`` (255 is background here).
+    Returns:
+        ``Tensor[B, 1, h, w]`` in ``[0, 1]``; 0 where the support has no foreground (zero prototype).
+
+    Example:
+        >>> q = torch.zeros(1, 2, 1, 2); q[0, 0, 0, 0] = 1.0; q[0, 1, 0, 1] = 1.0
+        >>> s = torch.zeros(1, 1, 2, 2, 2); s[0, 0, 0] = 3.0
+        >>> kernel_fit(q, s, torch.ones(1, 1, 2, 2)).flatten().tolist()
+        [1.0, 0.0]
+    """
+    from dcm.functional import masked_average_pool
+
+    proto = masked_average_pool(support, support_masks).mean(1)  # [B, C]
+    cos = F.cosine_similarity(query, proto[:, :, None, None].to(query.dtype), dim=1, eps=1e-8)
+    return cos.clamp_min(0.0)[:, None]
+
+
+def gated_fusion(fuse: nn.Module, q: torch.Tensor, maps, fit: Optional[torch.Tensor]) -> torch.Tensor:
+    """``fuse(q, maps)`` (a residual :class:`dcm.DCMFusion`: ``q + γ ⊙ y``), its residual scaled by ``fit``
+    (``q + fit ⊙ γ ⊙ y``) when ``fit`` is given."""
+    out = fuse(q, maps)
+    return out if fit is None else q + fit * (out - q)
+
+
+def drop_maps(maps, p: float, training: bool) -> list:
+    """Channel dropout (``F.dropout2d``) on each DCM map while training; the maps unchanged otherwise."""
+    if p <= 0.0 or not training:
+        return list(maps)
+    return [F.dropout2d(m, p, True) for m in maps]
 
 
 def check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay) -> None:

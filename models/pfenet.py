@@ -35,10 +35,14 @@ from .common import (
     DCMFusion,
     FewShotSegmenter,
     check_choice,
+    check_dcm_branch_flags,
     check_dcm_support,
     check_dcm_training_flags,
     check_episode,
     dcm_module_kwargs,
+    drop_maps,
+    gated_fusion,
+    kernel_fit,
     reduce_block,
     resolve_backbone,
     segmentation_loss,
@@ -164,6 +168,11 @@ class PFENet(FewShotSegmenter):
             feature, the input of the final classifier).
         dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the DCM's kernel
             generators (an optimiser group of their own, :meth:`param_groups`).
+        dcm_gate: ``"none"`` or ``"fit"``: the residual fusion's contribution at each query position is
+            scaled by :func:`models.common.kernel_fit` (the cosine of the DCM's query input with the
+            support foreground prototype its kernels come from, clamped at 0), so that the DCM acts only
+            where the support matches the query (needs ``dcm_fusion="residual"``).
+        dcm_map_dropout: channel dropout (``Dropout2d``) on each DCM map while training (0: none).
         ppm_scales: pyramid bins, see :func:`resolve_bins` (PASCAL ``[60, 30, 15, 8]``, the
             default, made for 473 inputs; COCO ``[1.0, 0.5, 0.25, 0.125]``).
         aux_weight: weight of the auxiliary (``inner_cls``) loss, mean over bins (PFENet: 1.0).
@@ -215,6 +224,8 @@ class PFENet(FewShotSegmenter):
         dcm_input: str = "reduced",
         dcm_kernels: str = "dynamic",
         dcm_placement: str = "fem_input",
+        dcm_gate: str = "none",
+        dcm_map_dropout: float = 0.0,
         ppm_scales: Sequence[float] = (60, 30, 15, 8),
         aux_weight: float = 1.0,
         prior_eps: float = 1e-7,
@@ -236,6 +247,11 @@ class PFENet(FewShotSegmenter):
         check_choice("dcm_kernels", dcm_kernels, ("dynamic", "identity"))
         check_choice("dcm_placement", dcm_placement, ("fem_input", "pyramid", "decoder"))
         check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
+        check_dcm_branch_flags(dcm_gate, dcm_map_dropout, dcm_fusion, "PFENet")
+        if dcm_gate == "fit" and dcm_placement != "fem_input":
+            raise ValueError(f"dcm_gate='fit' gates the fusion at the FEM input; pass dcm_placement='fem_input' "
+                             f"(got {dcm_placement!r})")
+        self.dcm_gate, self.dcm_map_dropout = dcm_gate, float(dcm_map_dropout)
         self.dcm_fusion, self.dcm_support = dcm_fusion, dcm_support
         self.dcm_input, self.dcm_kernels, self.dcm_placement = dcm_input, dcm_kernels, dcm_placement
         self.dcm_lr_scale = float(dcm_lr_scale)
@@ -344,8 +360,10 @@ class PFENet(FewShotSegmenter):
                 enhanced = [dcm_q] * len(self.dcm.variants)
             else:
                 enhanced = self.dcm(dcm_q, dcm_supp, support_masks)
+            enhanced = drop_maps(enhanced, self.dcm_map_dropout, self.training)
             if self.dcm_placement == "fem_input":
-                query_feat = self.dcm_fuse(query_feat, enhanced)
+                fit = kernel_fit(dcm_q, dcm_supp, support_masks) if self.dcm_gate == "fit" else None
+                query_feat = gated_fusion(self.dcm_fuse, query_feat, enhanced, fit)
 
         # ---- FEM
         bins = resolve_bins(self.ppm_scales, (fh, fw))

@@ -22,7 +22,10 @@ Layout (one concern per module; every name below is importable from ``benchmarks
                     evaluate_reference, has_prior
     runlog.py       RunLogger (log.jsonl + TensorBoard), format_table, the JSON encoding of logged values
     device.py       resolve_device, amp_context
-    errors.py       TrainingInterrupted, ValidationFailed, short_error
+    runfolder.py    claim_run_folder (one run per folder: the check, --move-aside), RunLock (the folder's
+                    flock), move_aside, atomic_write (unique temporary name + os.replace)
+    errors.py       TrainingInterrupted, ValidationFailed, RunFolderError / RunFolderTaken / RunFolderLocked,
+                    short_error
 
 The names are resolved lazily (PEP 562), so ``from benchmarks.engine import load_checkpoint_model`` imports
 :mod:`~benchmarks.engine.checkpoints` and what it needs, not the trainer.
@@ -32,12 +35,17 @@ Run folder (``run.out_dir/run.name``)::
     config.yaml     the resolved config (every default filled in)
     log.jsonl       one JSON object per line: "start", "train" (every log_every iterations), "epoch",
                     "eval", "end" events (append-only; a resumed run continues the file)
-    last.pth        written atomically (tmp + os.replace) at the end of every epoch and every
+    last.pth        written atomically (unique tmp + os.replace) at the end of every epoch and every
                     ``train.checkpoint_every_iters`` iterations: model, optimizer, scheduler, sampler
                     position, RNG states, history
     best.pth        the checkpoint with the best validation mIoU
     results.json    the final evaluation (trained model and references) with its protocol
     tb/             TensorBoard events (only when ``tensorboard`` is importable)
+    .lock           the lock file: rank 0 holds an exclusive flock on it while the run trains and evaluates
+
+A run folder belongs to one run: a new run (not ``--resume``) refuses a folder that holds another run, or
+with ``run.move_aside=true`` (``--move-aside``) renames it to ``<name>.old-<time>`` first; a second process
+cannot use a folder whose lock is held (:mod:`benchmarks.engine.runfolder`).
 
 Determinism / resume: every epoch starts with ``seed_everything(seed + epoch + 100000·rank)``; the
 training episodes of an epoch are a pure function of ``(seed, epoch)`` and their augmentation of
@@ -77,7 +85,10 @@ _EXPORTS: Dict[str, str] = {
                      "_PRIOR_KEYS"], "fusion"),
     **dict.fromkeys(["RunLogger", "format_table", "_json_default"], "runlog"),
     **dict.fromkeys(["resolve_device", "amp_context"], "device"),
-    **dict.fromkeys(["TrainingInterrupted", "ValidationFailed", "short_error", "_first_line"], "errors"),
+    **dict.fromkeys(["TrainingInterrupted", "ValidationFailed", "RunFolderError", "RunFolderTaken", "RunFolderLocked",
+                     "short_error", "_first_line"], "errors"),
+    **dict.fromkeys(["claim_run_folder", "RunLock", "move_aside", "atomic_write", "run_files", "RUN_FILES"],
+                    "runfolder"),
 }
 
 __all__ = [
@@ -87,6 +98,7 @@ __all__ = [
     "make_predict_fn", "make_fusions_predict_fn", "evaluate_model", "evaluate_fusions", "evaluate_reference",
     "has_prior", "load_checkpoint_model", "strip_module_prefix", "rng_state", "set_rng_state", "format_table",
     "RunLogger", "amp_context", "unwrap", "default_run_name", "short_error", "with_legacy_flags",
+    "RunFolderError", "RunFolderTaken", "RunFolderLocked", "claim_run_folder", "RunLock", "move_aside", "atomic_write",
 ]
 
 
@@ -109,10 +121,12 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs
     from .device import amp_context, resolve_device
     from .distributed import (DistInfo, ResumableDistributedSampler, all_ranks_finite, ddp_find_unused_parameters,
                               exit_process, init_distributed, teardown, unused_parameters, unwrap)
-    from .errors import TrainingInterrupted, ValidationFailed, _first_line, short_error
+    from .errors import (RunFolderError, RunFolderLocked, RunFolderTaken, TrainingInterrupted, ValidationFailed,
+                         _first_line, short_error)
     from .from_config import build_model_from_config, build_train_dataset, eval_factory, eval_protocol, test_size
     from .fusion import (_fuse, evaluate_fusions, evaluate_model, evaluate_reference, has_prior,
                          make_fusions_predict_fn, make_predict_fn)
+    from .runfolder import RUN_FILES, RunLock, atomic_write, claim_run_folder, move_aside, run_files
     from .runlog import RunLogger, _json_default, format_table
     from .schedule import PolyFactor, PolyLR
     from .trainer import Trainer, default_run_name, train

@@ -24,6 +24,7 @@ from ..config import _validate as validate_config
 from ..config import apply_overrides
 from .errors import _first_line
 from .from_config import build_model_from_config
+from .runfolder import atomic_write
 
 __all__ = ["atomic_save", "load_checkpoint_model", "strip_module_prefix", "rng_state", "set_rng_state",
            "seed_everything", "with_legacy_flags"]
@@ -57,13 +58,10 @@ def set_rng_state(st: dict) -> None:
 
 
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
-    """``torch.save`` to ``path.tmp`` then ``os.replace``: a crash never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    """``torch.save`` to a uniquely named temporary file beside ``path``, then ``os.replace``
+    (:func:`~benchmarks.engine.runfolder.atomic_write`): a crash never leaves a truncated file, and
+    concurrent writers of one path never share a temporary file."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def strip_module_prefix(state: dict) -> dict:

@@ -1,12 +1,15 @@
 """The engine's exceptions and its one-line error messages.
 
 :class:`TrainingInterrupted` and :class:`ValidationFailed` are what :meth:`~benchmarks.engine.trainer.Trainer.fit`
-raises when a run stops before its end with its checkpoint on disk; :func:`short_error` turns any exception
+raises when a run stops before its end with its checkpoint on disk; :class:`RunFolderTaken` and
+:class:`RunFolderLocked` (both :class:`RunFolderError`, a ``ValueError``) what a run raises before it writes
+anything when its folder holds another run or is in use; :func:`short_error` turns any exception
 (also one re-raised from a DataLoader worker) into the one line the command-line scripts print.
 """
 from __future__ import annotations
 
-__all__ = ["TrainingInterrupted", "ValidationFailed", "short_error"]
+__all__ = ["TrainingInterrupted", "ValidationFailed", "RunFolderError", "RunFolderTaken", "RunFolderLocked",
+           "short_error"]
 
 
 class TrainingInterrupted(RuntimeError):
@@ -15,6 +18,30 @@ class TrainingInterrupted(RuntimeError):
 
 class ValidationFailed(RuntimeError):
     """The per-epoch validation raised; the epoch's ``last.pth`` is already written (resume validates first)."""
+
+
+class RunFolderError(ValueError):
+    """A run cannot use its run folder (:mod:`benchmarks.engine.runfolder`); ``run_dir`` is the folder."""
+
+    def __init__(self, message: str, run_dir=None):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+class RunFolderTaken(RunFolderError):
+    """A new run (not resumed) into a folder that holds another run; ``found``: the run files present."""
+
+    def __init__(self, message: str, run_dir=None, found=()):
+        super().__init__(message, run_dir)
+        self.found = list(found)
+
+
+class RunFolderLocked(RunFolderError):
+    """Another process holds the run folder's lock; ``holder``: e.g. ``process 1234``."""
+
+    def __init__(self, message: str, run_dir=None, holder: str = ""):
+        super().__init__(message, run_dir)
+        self.holder = holder
 
 
 def _first_line(e: BaseException, index: int = 0) -> str:

@@ -12,6 +12,9 @@ validation, so a failed validation (:class:`~benchmarks.engine.errors.Validation
 training; ``best.pth`` follows the validation class mIoU. SIGINT/SIGTERM writes ``last.pth`` after the
 current iteration and raises :class:`~benchmarks.engine.errors.TrainingInterrupted` (a second signal stops
 at once).
+
+A run folder belongs to one run: the Trainer locks it (``<run>/.lock``) and a new run refuses a folder
+that holds another one (:mod:`benchmarks.engine.runfolder`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -37,11 +40,12 @@ from ..protocols import EvaluationResult, Protocol
 from . import checkpoints
 from .checkpoints import rng_state, seed_everything, set_rng_state, strip_module_prefix
 from .device import amp_context, resolve_device
-from .distributed import (ResumableDistributedSampler, all_ranks_finite, ddp_find_unused_parameters, init_distributed,
-                          teardown)
-from .errors import TrainingInterrupted, ValidationFailed, _first_line, short_error
+from .distributed import (ResumableDistributedSampler, _any_rank, all_ranks_finite, ddp_find_unused_parameters,
+                          init_distributed, teardown)
+from .errors import RunFolderError, TrainingInterrupted, ValidationFailed, _first_line, short_error
 from .from_config import build_model_from_config, build_train_dataset, eval_factory, eval_protocol
 from .fusion import evaluate_model, evaluate_reference, has_prior
+from .runfolder import RunLock, claim_run_folder
 from .runlog import RunLogger, _json_default, format_table
 from .schedule import PolyLR
 
@@ -67,10 +71,26 @@ class Trainer:
         stop_after_iters: raise :class:`TrainingInterrupted` after this many iterations of this process
             (simulates a kill in tests; checkpoints are only those already written).
         echo: print progress lines (rank 0).
+
+    Rank 0 takes the run folder's lock and checks that the run may use the folder before anything is
+    written (:func:`~benchmarks.engine.runfolder.claim_run_folder`): without ``resume`` a folder that holds
+    another run raises :class:`~benchmarks.engine.errors.RunFolderTaken` (or, with ``run.move_aside``, is
+    renamed to a fresh sibling), a folder locked by another process raises
+    :class:`~benchmarks.engine.errors.RunFolderLocked`. The lock is held until :meth:`release`
+    (:func:`train` releases it after the final evaluation).
     """
 
     def __init__(self, cfg: dict, run_dir=None, *, resume=None, model: Optional[nn.Module] = None,
                  stop_after_iters: Optional[int] = None, echo: Callable[[str], None] = print):
+        self._lock: Optional[RunLock] = None
+        try:
+            self._setup(cfg, run_dir, resume=resume, model=model, stop_after_iters=stop_after_iters, echo=echo)
+        except BaseException:
+            self.release()
+            raise
+
+    def _setup(self, cfg: dict, run_dir, *, resume, model: Optional[nn.Module], stop_after_iters: Optional[int],
+               echo: Callable[[str], None]) -> None:
         self.cfg = copy.deepcopy(cfg)
         self.dist = init_distributed(cfg["run"]["device"])
         self.device = resolve_device(cfg["run"]["device"], self.dist.local_rank)
@@ -91,6 +111,7 @@ class Trainer:
             cfg["run"]["name"] or default_run_name(cfg))
         self.main = self.dist.is_main
         self.echo = echo if self.main else (lambda *_: None)
+        self.moved_aside = self._claim_run_dir(resume)
         self.stop_after_iters = stop_after_iters
         self.progress = bool(cfg["run"]["progress"]) and self.main
 
@@ -150,6 +171,39 @@ class Trainer:
         self._wrap()
         self.logger = RunLogger(self.run_dir, self.main, cfg["run"]["tensorboard"])
         self._stop_signal = None
+
+    # ------------------------------------------------------------------ the run folder
+    def _claim_run_dir(self, resume) -> Optional[str]:
+        """Rank 0 locks the run folder and checks that this run may use it
+        (:func:`~benchmarks.engine.runfolder.claim_run_folder`); every process raises when rank 0 refused.
+        Returns where an earlier run in the folder was moved (``run.move_aside``), else ``None``."""
+        failure = None
+        if self.main:
+            try:
+                self._lock = claim_run_folder(self.run_dir, resume=bool(resume), cfg=self.cfg,
+                                              move=bool(self.cfg["run"].get("move_aside")), echo=self.echo)
+            except RunFolderError as e:
+                failure = e
+        if self.dist.distributed:
+            if _any_rank(torch.tensor([float(failure is not None)]), self.dist, self.device) and failure is None:
+                raise RunFolderError(f"run folder '{self.run_dir}': rank 0 refused it (its error names the reason)",
+                                     self.run_dir)
+        if failure is not None:
+            raise failure
+        moved = getattr(self._lock, "moved_aside", None)
+        return str(moved) if moved is not None else None
+
+    def release(self) -> None:
+        """Release the run folder's lock (held from the construction on; :func:`train` releases it at its end)."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
 
     # ------------------------------------------------------------------ pieces
     def _param_groups(self, lr: float) -> List[dict]:
@@ -309,7 +363,8 @@ class Trainer:
             self.logger.log("start", resumed_from=self.resumed_from, epoch=self.epoch, iter=self.iter_in_epoch,
                             world_size=self.dist.world_size, device=str(self.device), host=socket.gethostname(),
                             iters_per_epoch=self.iters_per_epoch, max_iters=self.max_iters,
-                            train_episodes=len(self.train_set), val_protocol=self.val_protocol.describe(), **ddp)
+                            train_episodes=len(self.train_set), val_protocol=self.val_protocol.describe(), **ddp,
+                            **({"moved_aside": self.moved_aside} if self.moved_aside else {}))
         if self.resumed_from:
             self.echo(f"resumed from {self.resumed_from}: epoch {self.epoch + 1}, iteration {self.iter_in_epoch}")
         if self._pending_val and self.history:  # the run stopped between an epoch's checkpoint and its validation
@@ -369,7 +424,9 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 secs = time.perf_counter() - t0
+                gates = dcm_gates(self.model)
                 rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, loss_n), "seconds": round(secs, 2),
+                       **({"dcm_gamma": gates} if gates else {}),
                        "lr": self.optimizer.param_groups[0]["lr"], "layer4": self.layer4_on}
                 if self.dist.distributed:
                     v = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64)
@@ -449,6 +506,15 @@ class Trainer:
         return float(loss.detach())
 
 
+def dcm_gates(model: nn.Module) -> Dict[str, float]:
+    """Mean |γ| of every residual :class:`dcm.DCMFusion` of ``model`` (``{module name: value}``), the size of
+    the DCM's contribution logged with each epoch."""
+    from dcm import DCMFusion
+    net = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    return {name: round(float(m.gamma.detach().abs().mean()), 6) for name, m in net.named_modules()
+            if isinstance(m, DCMFusion) and getattr(m, "gamma", None) is not None}
+
+
 def threading_main() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
@@ -466,6 +532,10 @@ def train(cfg: dict, run_dir=None, *, resume=None, model: Optional[nn.Module] = 
         trainer = Trainer(cfg, run_dir, resume=resume, model=model, stop_after_iters=stop_after_iters, echo=echo)
         return _train(trainer, t_start, echo, evaluate_after)
     finally:
+        if trainer is not None:
+            if trainer.feature_cache is not None:
+                trainer.feature_cache.flush()  # this run's new features, as a shard of the on-disk store
+            trainer.release()
         teardown(trainer)
 
 def _train(trainer: "Trainer", t_start: float, echo, evaluate_after: Optional[bool]) -> dict:
