@@ -244,3 +244,56 @@ def fold_average(table: Mapping[int, Mapping[int, float]]) -> Dict[str, Optional
 def format_interval(ci: Optional[Sequence[float]]) -> str:
     """``[lo, hi]`` with signs, or ``n/a`` (one seed)."""
     return "n/a" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def restate(table: dict, episodes: Optional[dict] = None) -> Dict[str, dict]:
+    """Recompute both intervals of every difference of a ``plug_in.py`` table (its JSON as a dict) from the
+    stored per-seed values (and, given the table's ``*_episodes.json``, the per-episode results):
+    ``{difference: {"mean", "seed_ci", "df", "boot_ci", "decide", "folds": {fold: mean}}}``."""
+    res = table["results"]
+    out = {}
+    for name, d in table["summary"]["differences"].items():
+        a, b = d["a"], d["b"]
+        seed = paired_difference(res[a]["miou"], res[b]["miou"])
+        boot = None
+        if episodes is not None and all(episodes["episodes"].get(str(f)) for f in table["folds"]):
+            ea, eb = episodes["episode_iu"][a], episodes["episode_iu"][b]
+            boot = bootstrap_difference(ea, eb, episodes["episodes"], n_boot=int(episodes["bootstrap"]["n_boot"]),
+                                        seed=int(episodes["bootstrap"]["seed"]))
+        out[name] = {"mean": seed["mean"], "seed_ci": seed["ci95"], "df": seed["df"],
+                     "boot_ci": boot["ci95"] if boot else None,
+                     "decide": wider(seed["ci95"], boot["ci95"]) if boot else None,
+                     "folds": {f: v["mean"] for f, v in seed["folds"].items()}}
+    return out
+
+
+def main(argv=None) -> int:
+    """``python benchmarks/stats.py TABLE.json ...``: both intervals of every difference of each table."""
+    import argparse
+    import json
+    from pathlib import Path
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("tables", nargs="+", help="table JSON files written by benchmarks/plug_in.py")
+    args = p.parse_args(argv)
+    for f in args.tables:
+        path = Path(f)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"error: '{f}' cannot be read as a table JSON ({type(e).__name__})")
+            return 2
+        ep_file = path.with_name(table.get("episodes_file") or path.stem + "_episodes.json")
+        episodes = json.loads(ep_file.read_text()) if ep_file.is_file() else None
+        print(f"{path.name} ({table.get('split')}, folds {table.get('folds')}, seeds {table.get('seeds')}):")
+        for name, r in restate(table, episodes).items():
+            folds = ", ".join(f"{v:+.2f}" for v in r["folds"].values())
+            df = "n/a" if r["df"] is None else f"{r['df']:.1f}"
+            boot = "n/a (no per-episode results stored)" if r["boot_ci"] is None else format_interval(r["boot_ci"])
+            print(f"  {name}: {r['mean']:+.2f}  seeds {format_interval(r['seed_ci'])} (Welch df {df})  "
+                  f"seeds x images {boot}  per fold {folds}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
