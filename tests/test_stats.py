@@ -189,3 +189,18 @@ def test_bootstrap_rejects_bad_input():
         bootstrap_difference(ok, ok, {2: ep[1]})
     with pytest.raises(ValueError, match="n_boot"):
         bootstrap_difference(ok, ok, ep, n_boot=1)
+
+
+def test_stats_command_restates_a_table(tmp_path, capsys):
+    import json as _json
+    from benchmarks.stats import main
+    table = {"folds": [1, 2, 3], "split": "test", "seeds": [0, 1, 2],
+             "results": {"canet": {"miou": {str(f): {str(s): v for s, v in CANET[f].items()} for f in CANET}},
+                         "canet+dcm": {"miou": {str(f): {str(s): v for s, v in CANET_DCM[f].items()} for f in CANET}}},
+             "summary": {"differences": {"canet+dcm - canet": {"a": "canet", "b": "canet+dcm"}}}}
+    (tmp_path / "t.json").write_text(_json.dumps(table))
+    assert main([str(tmp_path / "t.json")]) == 0
+    out = capsys.readouterr().out
+    assert "+4.15  seeds [+1.54, +6.76] (Welch df 3.1)" in out and "no per-episode results stored" in out
+    (tmp_path / "bad.json").write_text("{")
+    assert main([str(tmp_path / "bad.json")]) == 2
