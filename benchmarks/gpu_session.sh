@@ -14,7 +14,8 @@
 #                  and the shared ones), keyed by its source and this GPU's compute-capability major,
 #                  merged with the shipped dcm/kernels/verified.json (its records of other sources are
 #                  dropped). The steps after it run under that record: "ours" is what DCM_BACKEND=auto
-#                  gives once it is committed. Every step runs `record` (without the tests it adds none).
+#                  gives once it is committed. Every step runs `record` (without the tests it adds none);
+#                  the step `tests` alone gives the tests the whole budget but the record's box.
 #         speed    benchmarks/speed.py's tables (sam, dynconv, fgpool, ffm), float32 and bfloat16
 #         sweep    the launch knobs of dcm.kernels.KNOBS, one process per line of SWEEP_PLAN below
 #         models   DPCN vs PFENet: training step and 1-shot inference (bf16 autocast, speed.py)
@@ -45,7 +46,7 @@ usage="usage: bash benchmarks/gpu_session.sh [--rehearse] [--budget SECONDS] all
 die() { echo "gpu_session.sh: $*" >&2; exit 2; }
 
 # time boxes (seconds) and what each step keeps for the steps after it
-BOX_WHEELS=60 BOX_ENV=30 BOX_TESTS=150 BOX_SPEED=90 BOX_SWEEP_RUN=60 BOX_MODELS=75
+BOX_WHEELS=60 BOX_ENV=30 BOX_TESTS=150 BOX_RECORD=30 BOX_SPEED=90 BOX_SWEEP_RUN=60 BOX_MODELS=75
 KEEP_SWEEP=90 KEEP_MODELS=75 KEEP_PACK=10 MIN_STEP=20
 
 # The sweep: one fresh process per line, in this order (the most telling first: when the step's
@@ -472,7 +473,7 @@ tests() {
 # the record of the kernels whose CUDA tests passed (tests_status: the tests step's status, if it ran)
 tests_status=missing
 kernel_record() {
-  step record 60 "$1" "$py" -m dcm.verification record --junit "$work/tests.xml" --candidate "$work/candidate.json" \
+  step record "$BOX_RECORD" "$1" "$py" -m dcm.verification record --junit "$work/tests.xml" --candidate "$work/candidate.json" \
     --tests-status "$tests_status" --out "$work/verified.json" --summary "$work/verified-summary.json"
   # the steps after this one time what DCM_BACKEND=auto gives with this record committed
   [[ $status == ok && -f $work/verified.json ]] && export DCM_VERIFIED=$work/verified.json
@@ -574,7 +575,8 @@ case $target in
     wheels "$KEEP_PACK"
     env_info "$KEEP_PACK"
     if [[ $target == tests ]]; then
-      tests "$KEEP_PACK"
+      BOX_TESTS=$budget  # alone, the tests get what the budget leaves after the record
+      tests $((BOX_RECORD + KEEP_PACK))
       kernel_record "$KEEP_PACK"
     else
       kernel_record "$KEEP_PACK"

@@ -6,7 +6,8 @@ For every op and direction (forward, forward+backward) this measures, in one run
   the full ``dh·dw × HsWs × HqWq`` correlation of SAM);
 * ``common``: what code usually does (SAM: unfold + one GEMM per window; DCM: one grouped
   convolution with ``groups = B·C`` per kernel; pooling: the eager pooling-matrix ``bmm``);
-* ``ours``: dcm with its default backend (Triton kernels on CUDA, PyTorch on CPU), and
+* ``ours``: dcm with its default backend (``"auto"``: on CUDA the Triton kernel of each op whose source
+  has a passing record in ``dcm/kernels/verified.json``, PyTorch otherwise; PyTorch on CPU), and
   ``ours-torch``: dcm's pure-PyTorch path;
 
 with the time (median; CUDA events via ``triton.testing.do_bench`` on GPU, which includes any
@@ -447,7 +448,8 @@ def main(argv=None):
         torch=torch.__version__, triton=_triton_version(), dtype=args.dtype,
         autocast=bool(cuda and dtype != torch.float32), batch=B, shots=K, size=size, channels=C, channels_high=Ch,
         copy_bandwidth_GBps=a.bw / 1e9, gemm_TFLOPs=a.gemm / 1e12,
-        backend_ours=("triton" if cuda and _kernels() else "torch"),
+        backend_ours=(", ".join(f"{op} {r['path']}" for op, r in dcm.backend_report("cuda").items())
+                      if cuda else "torch"),
     )
     print("[speed] " + ", ".join(f"{k}={(f'{v:.1f}' if isinstance(v, float) else v)}" for k, v in env.items()))
     rows: List[Dict] = []

@@ -5,7 +5,12 @@ Backends
 ``"torch"``  pure PyTorch (grouped convolutions, batched matmuls). Runs everywhere; it is the oracle
              every accelerated path is tested against.
 ``"triton"`` fused Triton kernels from :mod:`dcm.kernels` (CUDA tensors only).
-``"auto"``   (default) ``"triton"`` for CUDA tensors when Triton and the kernels import, else ``"torch"``.
+``"auto"``   (default) per op: ``"triton"`` for CUDA tensors when Triton and the kernels import *and*
+             the op's kernels, in their current source, passed their CUDA tests on a GPU of the
+             same compute-capability major (the record ``dcm/kernels/verified.json``, see
+             :mod:`dcm.verification`); else ``"torch"``. One ``logging`` line (logger ``"dcm"``,
+             INFO) says once per process which ops run where and why; :func:`dcm.backend_report`
+             lists it for any device.
 
 The backend is read from ``DCM_BACKEND`` at import time and can be changed with
 :func:`set_backend` or, for a block, the :func:`use_backend` context manager.
@@ -93,12 +98,15 @@ def _triton_interpreted() -> bool:
     return kernels.interpreted()
 
 
-def resolve_backend(x: torch.Tensor) -> str:
-    """The backend an op will use for tensor ``x``: ``"torch"`` or ``"triton"``.
+def resolve_backend(x: torch.Tensor, op: str | None = None) -> str:
+    """The backend op ``op`` (a name of :data:`dcm.verification.OPS`) will use for tensor ``x``:
+    ``"torch"`` or ``"triton"``.
 
     ``"triton"`` is only returned for CUDA tensors (and, for an explicit ``"triton"``, for CPU tensors
     when Triton's interpreter is on: ``TRITON_INTERPRET=1``, used to test the kernels without a GPU). Asking for ``"triton"`` explicitly on a
-    machine where it cannot run raises ``RuntimeError`` instead of silently falling back.
+    machine where it cannot run raises ``RuntimeError`` instead of silently falling back. Under
+    ``"auto"`` a CUDA op runs its kernels only when they are verified on this device's architecture
+    (``op=None``: only when every op's are).
     """
     name = _state["backend"]
     if name == "torch":
@@ -110,7 +118,15 @@ def resolve_backend(x: torch.Tensor) -> str:
         if not _triton_ready():
             raise RuntimeError("dcm backend 'triton' was requested but Triton or dcm.kernels is unavailable")
         return "triton"
-    return "triton" if _triton_ready() else "torch"
+    if not _triton_ready():
+        return "torch"
+    return "triton" if _auto_verified(op, x.device.index if x.device.index is not None else torch.cuda.current_device()) else "torch"
+
+
+def _auto_verified(op: str | None, index: int) -> bool:
+    from .verification import _auto_triton  # a constant of the trace under torch.compile
+
+    return _auto_triton(op, index)
 
 
 def set_data_checks(enabled: bool) -> None:

@@ -1,8 +1,10 @@
 """benchmarks/gpu_session.sh on the CPU: its arguments, the one-line refusal without a GPU, and the
 rehearsal (``--rehearse``), which runs the CPU-runnable parts at tiny sizes and packs the outputs in
-the layout a GPU run leaves (four files, no folders: what a device machine sends back)."""
+the layout a GPU run leaves (five files, no folders, among them the record of verified kernels in its
+committed form)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -15,7 +17,7 @@ from _gpu_plan import SCRIPT, sweep_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
-OUTPUTS = {"session.log", "results.json", "summary.txt", "raw.tar.gz"}
+OUTPUTS = {"session.log", "results.json", "summary.txt", "verified.json", "raw.tar.gz"}
 
 
 def run(args, tmp_path, timeout=60, **env):
@@ -70,7 +72,13 @@ def test_sweep_plan_sweeps_every_knob():
         assert {f for op, f in fams.items() if op in p["ops"]} == {k.split("_")[0] + "_" for k in p["knobs"]}, p
 
 
-def test_rehearsal_packs_every_step_into_four_files(tmp_path):
+def test_script_speaks_of_the_project_only():
+    text = SCRIPT.read_text().lower()
+    for word in ("slots?", "lent", "lend", "device machines?", "sends back"):
+        assert not re.search(rf"\b{word}\b", text), word
+
+
+def test_rehearsal_packs_every_step_into_five_files(tmp_path):
     res = run(["--rehearse", "all", "out"], tmp_path, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     out = tmp_path / "out"
@@ -82,11 +90,26 @@ def test_rehearsal_packs_every_step_into_four_files(tmp_path):
     assert r["session"]["mode"] == "rehearse" and r["session"]["step"] == "all"
     assert r["session"]["elapsed_s"] <= r["session"]["budget_s"] == 400
     steps = {s["name"]: s for s in r["steps"]}
-    assert list(steps) == ["env", "tests", "speed-float32", "speed-bfloat16", "sweep-plan", "sweep-b1", "sweep-f1",
+    assert list(steps) == ["env", "tests", "record", "speed-float32", "speed-bfloat16", "sweep-plan", "sweep-b1", "sweep-f1",
                            "sweep-report", "models"], list(steps)
     assert all(s["status"] == "ok" and s["rc"] == 0 and 0 < s["timeout"] for s in steps.values()), steps
     assert r["env"]["torch"] == torch.__version__ and r["env"]["gpu"] is None
     assert set(r["env"]["knob_defaults"]) >= {"DW_ROWS", "SAM_BP", "FG_SM_PROGRAMS"}
+    from dcm import verification as V
+
+    keys = V.current_keys()
+    assert r["env"]["kernel_keys"] == keys and set(r["env"]["auto_with_shipped_record"]) == set(V.OPS)
+    # the record: no device, nothing verified; verified.json is the shipped record less its records of other sources
+    ver = r["verified"]
+    assert ver["device"] is None and ver["auto"] == {}
+    assert {op: s["recorded"] for op, s in ver["ops"].items()} == {op: False for op in V.OPS}
+    assert {s["why"] for s in ver["ops"].values()} == {"no CUDA device: nothing verified"}
+    committed = json.loads((out / "verified.json").read_text())
+    shipped = json.loads(V.RECORD_FILE.read_text())
+    assert committed["key_scheme"] == shipped["key_scheme"] == V.KEY_SCHEME and committed["about"] == V.ABOUT
+    assert committed["records"] == [x for x in shipped["records"] if x["key"] == keys[x["op"]]] == V._document(
+        [x for x in shipped["records"] if x["key"] == keys[x["op"]]], V.ABOUT)["records"]
+    assert ver["records"] == len(committed["records"])
     # the CUDA tests ran (and skipped themselves: no GPU), counted from their JUnit XML
     c = r["tests"]["counts"]
     assert c["tests"] > 100 and c["skipped"] == c["tests"] and c["failures"] == c["errors"] == 0
@@ -104,7 +127,7 @@ def test_rehearsal_packs_every_step_into_four_files(tmp_path):
 
     with tarfile.open(out / "raw.tar.gz") as t:
         names = {n.lstrip("./") for n in t.getnames()}
-    assert {"env.json", "steps.tsv", "tests.xml", "speed-float32.json", "speed-bfloat16.json", "sweep-plan.json",
+    assert {"env.json", "steps.tsv", "tests.xml", "candidate.json", "verified.json", "verified-summary.json", "speed-float32.json", "speed-bfloat16.json", "sweep-plan.json",
             "sweep/b1.json", "sweep/f1.json", "models.log"} <= names, names
     log = (out / "session.log").read_text()
     for name in steps:
@@ -112,3 +135,5 @@ def test_rehearsal_packs_every_step_into_four_files(tmp_path):
     assert "--- sweep of dynamic_conv, bfloat16" in log and "b1:DW_ROWS=4,DW_PROGRAMS=3168" in log
     summary = (out / "summary.txt").read_text()
     assert summary in log and "every step that ran passed" in summary and summary in res.stdout
+    assert "kernels verified on no CUDA device" in summary and "cp OUTDIR/verified.json dcm/kernels/verified.json" in summary
+    assert "=== [tests] candidate record: candidate record of 0 ops for no CUDA device" in log

@@ -85,7 +85,7 @@ def dynamic_depthwise_conv2d_multi(x: torch.Tensor, weights: Sequence[torch.Tens
     """
     for i, w in enumerate(weights):
         _check_pair(x, w, f"weights[{i}]")
-    if config.resolve_backend(x) == "triton":
+    if config.resolve_backend(x, "dynamic_conv") == "triton":
         from ..kernels import dynamic_conv as _k
 
         if _k.supported(x, weights):

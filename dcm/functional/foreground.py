@@ -116,7 +116,7 @@ def _foreground_pool(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int]
         if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
             raise ValueError(f"bins: expected positive ints, got {tuple(bins)}")
     acc = torch.promote_types(feat.dtype, torch.float32)
-    if config.resolve_backend(feat) == "triton":
+    if config.resolve_backend(feat, "foreground") == "triton":
         from ..kernels import foreground as _k
 
         if _k.supported(feat, bins):  # same mask resize, selection rule and bins, fused (dcm.kernels.foreground)

@@ -110,7 +110,7 @@ def support_activation_raw(
 
 def _fast_path(query: torch.Tensor, support: torch.Tensor, mask, chunk_size):
     """The Triton module when it handles these inputs (CUDA, no ``chunk_size``), else ``None``."""
-    if chunk_size is not None or config.resolve_backend(query) != "triton":
+    if chunk_size is not None or config.resolve_backend(query, "support_activation") != "triton":
         return None
     from ..kernels import support_activation as _k
 
