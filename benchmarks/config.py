@@ -110,7 +110,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "name": None,                  # run folder name (default: <model>_<dataset>_f<fold>_<shot>shot)
         "device": "auto",              # auto | cpu | cuda | cuda:N
         "tensorboard": "auto",         # auto (if importable) | true | false
-        "progress": True,              # tqdm bars
+        "progress": True,              # tqdm bars (drawn only when stderr is a terminal)
         "log_every": 10,               # iterations between JSON-lines log records
         "threads": None,               # torch.set_num_threads (None = leave)
         "move_aside": False,           # a new run into a folder that holds another run: rename that folder to
@@ -277,6 +277,7 @@ def _validate(cfg: dict) -> dict:
             raise ConfigError(f"data.{k}: expected [min, max], got {v!r}")
     if d["dataset"] != "synthetic" and not d["root"]:
         raise ConfigError(f"data.root: dataset '{d['dataset']}' needs its folder (--data-root PATH)")
+    _validate_dataset_args(d)
     if not isinstance(m["flags"], dict):
         raise ConfigError(f"model.flags: expected a mapping, got {m['flags']!r}")
     if d["augment"] not in ("pfenet", "flip"):
@@ -300,6 +301,38 @@ def _validate(cfg: dict) -> dict:
     if t["cache_backbone_dir"] is not None and not isinstance(t["cache_backbone_dir"], str):
         raise ConfigError(f"train.cache_backbone_dir: expected a folder path or null, got {t['cache_backbone_dir']!r}")
     return cfg
+
+
+#: dataset arguments the engine sets itself (from data.fold, model.shot, the split, the protocol)
+_ENGINE_DATASET_ARGS = {"self", "fold", "shot", "split", "episodes", "seed", "transform"}
+
+
+def _validate_dataset_args(d: dict) -> None:
+    """``data.fold`` among the dataset's folds (0-3; FSS-1000 has none) and every key of ``data.args`` /
+    ``data.train_args`` / ``data.val_args`` an argument of the dataset's class."""
+    import inspect
+
+    from .datasets import DATASETS
+    name = str(d["dataset"]).lower()
+    cls = DATASETS.get(name)
+    if cls is None:
+        raise ConfigError(f"data.dataset: expected one of {', '.join(sorted(DATASETS))}, got {d['dataset']!r}")
+    if name not in ("fss", "fss1000") and (isinstance(d["fold"], bool) or d["fold"] not in (0, 1, 2, 3)):
+        raise ConfigError(f"data.fold: dataset '{name}' has folds 0, 1, 2 and 3, got {d['fold']!r}")
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = sorted(set(params) - _ENGINE_DATASET_ARGS - {"root"})
+    for key in ("args", "train_args", "val_args"):
+        args = d[key] or {}
+        if not isinstance(args, dict):
+            raise ConfigError(f"data.{key}: expected a mapping of dataset arguments, got {args!r}")
+        for k in args:
+            if k == "root":
+                raise ConfigError(f"data.{key}.root: the dataset folder is data.root (--data-root PATH)")
+            if k not in valid:
+                raise ConfigError(f"data.{key}.{k}: dataset '{name}' takes no argument '{k}'; its arguments: "
+                                  f"{', '.join(valid)}")
 
 
 def load_config(recipe: Union[None, str, os.PathLike] = None, overrides: Sequence[str] = ()) -> dict:

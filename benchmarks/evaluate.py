@@ -109,13 +109,17 @@ def markdown(rows, protocol, title: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        from benchmarks.output_paths import check_output
+        for flag in ("json", "md"):  # before the work: never a traceback after the evaluation
+            if getattr(args, flag):
+                check_output(getattr(args, flag), "file", f"--{flag}")
         model, cfg, protocol, fusions, refs = build(args)
         from benchmarks.engine import (build_model_from_config, eval_factory, evaluate_fusions, evaluate_reference,
                                        format_table, has_prior, resolve_device)
         device = resolve_device(cfg["run"]["device"])
         factory = eval_factory(cfg)
         kw = dict(device=device, amp=cfg["train"]["amp"], batch_size=int(cfg["eval"]["batch_size"]),
-                  num_workers=int(cfg["data"]["num_workers"]), progress=not args.no_progress)
+                  num_workers=int(cfg["data"]["num_workers"]), progress=not args.no_progress and sys.stderr.isatty())
         rows = []
         t0 = time.perf_counter()
         print(f"protocol: {protocol.describe()}")
@@ -157,9 +161,12 @@ def main(argv=None) -> int:
     print(f"({secs:.0f}s on {device})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"protocol": protocol.as_dict(), "protocol_text": protocol.describe(),
-                                               "checkpoint": args.checkpoint, "seconds": secs,
-                                               "rows": [{"label": l, **r.as_dict()} for l, r in rows]}, indent=1))
+        from benchmarks.engine import finite_json  # NaN (a class no episode sampled) -> null: valid JSON
+        Path(args.json).write_text(json.dumps(finite_json({"protocol": protocol.as_dict(),
+                                                           "protocol_text": protocol.describe(),
+                                                           "checkpoint": args.checkpoint, "seconds": secs,
+                                                           "rows": [{"label": l, **r.as_dict()} for l, r in rows]}),
+                                              indent=1))
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(markdown(rows, protocol, f"Evaluation of {args.checkpoint or cfg['model']['name']}"))

@@ -7,17 +7,23 @@ resizes it back to the query's own size. Images and masks may be file paths, PIL
 arrays; a support "mask" may also be a box ``(x0, y0, x1, y1)`` in pixels (the paper's Table A2 uses
 boxes instead of masks).
 
-Mask files (:func:`load_mask`), one rule for every mode (palette, grey, numpy):
+Mask files (:func:`load_mask`), one rule for every mode (palette, grey, colour, numpy):
 
+0. a colour (RGB) mask is first read by the rule the datasets use too
+   (:func:`benchmarks.datasets._io.rgb_mask_labels`, docs/DATA.md#colour-masks): only black and white
+   pixels -> a binary mask, object = non-black; only VOC palette colours (black = background,
+   (128, 0, 0) = 1 aeroplane, ..., (64, 0, 0) = 8 cat, ..., (224, 224, 192) = 255 void) -> the class-id
+   label map they encode, then read by rules 1-4 like the palette PNG it came from; any other colour
+   (anti-aliased or JPEG edges, a drawing in another colour) -> an error naming the file. An RGBA
+   mask whose alpha varies is read from its alpha (opaque = object);
 1. with ``class_id`` the mask is a label map: ``class_id`` is the object, 255 stays "ignore";
 2. values in ``{0, 1}`` or ``{0, 1, 255}``: a label (1 = object, 255 = ignore);
 3. a label map of class ids -- one channel, every value other than 0 and 255 below 128, at most 32 of
-   them (VOC/SBD ``SegmentationClass*`` PNGs, palette or grey): with exactly one class present that
-   class is the object (255 = ignore) and a warning says so; with several, an error asks for
-   ``class_id`` (``--class-id``);
+   them (VOC/SBD ``SegmentationClass*`` PNGs, palette, grey or VOC-coloured RGB): with exactly one class
+   present that class is the object (255 = ignore) and a warning says so; with several, an error asks
+   for ``class_id`` (``--class-id``);
 4. a mask that is 255 everywhere (all "ignore" or all "object"?) is an error;
-5. anything else (black/white or anti-aliased PNGs, coloured drawings): brighter than 127 in any
-   channel (or alpha) = object.
+5. anything else one-channel (grey or anti-aliased PNGs): brighter than 127 = object.
 """
 from __future__ import annotations
 
@@ -101,9 +107,22 @@ def load_image(x: ImageLike, what: str = "image") -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _colour_mask(rgb: np.ndarray, what: str) -> Tuple[np.ndarray, bool]:
+    """An RGB(A) mask by the shared colour rule: ``(2-D array, is a label map of class ids)``."""
+    from .datasets._io import rgb_mask_labels
+    try:
+        arr, kind = rgb_mask_labels(rgb, what)
+    except ValueError as e:
+        raise PredictInputError(f"{e}; save it as a black-and-white mask (object white), or as a palette/grey PNG "
+                                f"of class ids (with --class-id)") from None
+    return arr, kind == "labels"
+
+
 def load_mask(x: ImageLike, *, class_id: Optional[int] = None, what: str = "mask") -> np.ndarray:
     """A support mask as a label ``uint8[H, W]`` in {0, 1, 255} (see the module docstring for the rules)."""
     from PIL import Image
+    if what == "mask" and isinstance(x, (str, os.PathLike)):
+        what = f"mask '{x}'"  # the messages name the file
     x = _open(x, what)
     palette = False
     single_channel = False
@@ -112,17 +131,21 @@ def load_mask(x: ImageLike, *, class_id: Optional[int] = None, what: str = "mask
         single_channel = x.mode in ("P", "L", "I", "I;16")
         if x.mode in ("P", "L", "1", "I", "I;16", "F"):
             arr = np.asarray(x if x.mode != "1" else x.convert("L"))
-        elif x.mode in ("RGBA", "LA"):
+        elif x.mode == "LA":
             a = np.asarray(x.getchannel("A"))
-            arr = a if a.min() != a.max() else np.asarray(x.convert("RGB")).max(axis=2)
-            arr = np.where(arr > 127, 255, 0)
+            single_channel = a.min() == a.max()
+            arr = np.where(a > 127, 1, 0) if not single_channel else np.asarray(x.getchannel("L"))
         else:
-            arr = np.asarray(x.convert("RGB")).max(axis=2)
+            arr, palette = _colour_mask(np.asarray(x.convert("RGBA" if "A" in x.mode else "RGB")), what)
     else:
         arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[..., 0]
         single_channel = arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer)
-        if arr.ndim == 3:
-            arr = arr.max(axis=2)
+        if arr.ndim == 3 and arr.shape[2] in (3, 4):
+            if not np.issubdtype(arr.dtype, np.integer):  # float colours in [0, 1] or [0, 255]
+                arr = np.rint(np.clip(arr * (255.0 if arr.max(initial=0) <= 1.0 else 1.0), 0, 255))
+            arr, palette = _colour_mask(arr.astype(np.uint8), what)
     if arr.ndim != 2:
         raise PredictInputError(f"{what}: expected a 2-D mask (H, W), got shape {arr.shape}")
     if arr.dtype == bool or (np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0):

@@ -84,6 +84,15 @@ class Arm:
         return self.model.replace("+", "_") + (f"_{self.variant.replace('+', '-')}" if self.variant else "")
 
 
+#: variant tokens that only some arms take: (pattern, its name in the docs, the arms that take it)
+_ARM_TOKENS = [
+    (r"sb[0-9.e+-]*", "sb<x>", ("dpcn", "baseline")),
+    (r"nodcm", "nodcm", ("dpcn",)),
+    (r"clean|ident|fit|mapdrop[0-9.e+-]*", None, ("pfenet+dcm", "canet+dcm")),
+    (r"decoder|pyramid", None, ("pfenet+dcm",)),
+]
+
+
 def variant_overrides(model: str, variant: str) -> List[str]:
     """Config overrides of a DCM variant (module docstring) for registry model ``model``."""
     if not variant:
@@ -104,6 +113,11 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             raise ValueError(f"arm '{model}[{variant}]': '{tok}' needs a number after '{prefix}'") from None
 
     for tok in variant.split("+"):
+        for pattern, name, arms in _ARM_TOKENS:
+            if re.fullmatch(pattern, tok) and model not in arms:
+                raise ValueError(f"arm '{model}[{variant}]': '{tok}'"
+                                 + (f" ({name})" if name and name != tok else "")
+                                 + f" applies to {' / '.join(arms)} arms only, not to {model}")
         if tok == "nodcm" and model == "dpcn":
             out.append("model.flags.use_dcm=false")
             continue
@@ -299,7 +313,8 @@ def run_one(cfg: dict, run_dir: Path, split: str, resume: bool) -> Optional[dict
         if results is None:  # a non-zero rank under torchrun: rank 0 evaluates and reports
             return None
         results["train_seconds"] = out.get("seconds")
-    res_file.write_text(json.dumps(results, indent=1, default=_json_default))
+    from benchmarks.engine import finite_json
+    res_file.write_text(json.dumps(finite_json(results), indent=1, default=_json_default))
     return results
 
 
@@ -545,6 +560,26 @@ def main(argv=None) -> int:
         seed0 = int(cfg0["train"]["seed"])
         seeds = [seed0 + i for i in range(args.seeds)]
         out_dir = Path(cfg0["run"]["out_dir"]) / f"plug_in_{args.host}"
+        # every arm's config on every fold and every arm's network are checked before the first run: a bad
+        # arm, fold or output folder stops the comparison now, not after the runs before it
+        from benchmarks.engine import check_model_config
+        from benchmarks.output_paths import check_output
+        if not args.report_only:
+            check_output(out_dir, "folder", "--out")
+        for arm in arms:
+            for fold in folds:
+                try:
+                    cfg_a = load_config(recipe, base + [f"model.name={arm.model}", *arm.overrides, f"data.fold={fold}",
+                                                        f"train.seed={seeds[0]}", f"run.out_dir={out_dir}",
+                                                        "eval.reference=none"])
+                except ConfigError as e:
+                    where = "--folds" if str(e).startswith("data.fold") else f"--arms: arm '{arm.spec}'"
+                    raise ConfigError(f"{where}: {e}") from None
+            try:
+                check_model_config(cfg_a)
+            except (ValueError, TypeError, ImportError) as e:
+                from benchmarks.engine import short_error
+                raise ValueError(f"--arms: arm '{arm.spec}' cannot be built: {short_error(e)}") from None
         res: Dict[str, dict] = {a.spec: {"miou": {}, "fbiou": {}, "runs": {}, "train_seconds": {}, "class_iou": {},
                                          "episode_iu": {}} for a in arms}
         episodes: Dict[int, Optional[dict]] = {}
@@ -646,15 +681,16 @@ def main(argv=None) -> int:
     md = js.with_suffix(".md")
     ep_file = js.with_name(js.stem + "_episodes.json")
     per_run = {a: r.pop("episode_iu") for a, r in res.items()}
-    ep_file.write_text(json.dumps({"episodes": episodes, "episode_iu": per_run, "bootstrap": BOOTSTRAP},
+    from benchmarks.engine import finite_json
+    ep_file.write_text(json.dumps(finite_json({"episodes": episodes, "episode_iu": per_run, "bootstrap": BOOTSTRAP}),
                                   separators=(",", ":")))
-    js.write_text(json.dumps({"host": args.host, "arms": {a.spec: {"model": a.model, "variant": a.variant,
+    js.write_text(json.dumps(finite_json({"host": args.host, "arms": {a.spec: {"model": a.model, "variant": a.variant,
                                                                     "overrides": a.overrides} for a in arms},
                               "folds": folds, "seeds": seeds, "split": split, "protocol": ptxt, "recipe": recipe,
                               "overrides": base, "interval": INTERVAL_TEXT, "minutes": minutes, "device": device,
                               "versions": versions, "label": label, "preregistered": prereg, "results": res,
                               "summary": stats, "episodes_file": ep_file.name, "paper": PAPER_TABLE6,
-                              "missing_runs": missing if args.report_only else []},
+                              "missing_runs": missing if args.report_only else []}),
                              indent=1))
     md.write_text(markdown(args.host, folds, seeds, res, stats, ptxt, minutes, device, versions, label_text))
     print(f"wrote {js} and {md}")

@@ -10,10 +10,12 @@ instead of a mask (the paper's Table A2)::
 writes ``out/street_mask.png`` (0/255), ``out/street_overlay.png`` and with ``--figure`` a grid of the
 supports, the prediction, DPCN's activation maps and pseudo masks (``out/street_figure.png``).
 
-Masks: white (or any bright colour, or alpha) = object, black = background; PNGs whose values are
-0/1(/255) are read as labels (1 = object, 255 = ignore); a VOC-style label map (palette or grey, class
-ids and 255) with one class is read as that class (with a warning), with several it needs --class-id;
-a mask that is 255 everywhere is refused. The rule in full: benchmarks.inference.load_mask.
+Masks: white (or bright grey, or alpha) = object, black = background; PNGs whose values are
+0/1(/255) are read as labels (1 = object, 255 = ignore); a VOC-style label map (palette, grey, or RGB in
+the VOC palette colours; class ids and 255 = void) with one class is read as that class (with a
+warning), with several it needs --class-id; an RGB mask with any other colour than black, white and
+the VOC palette, or a mask that is 255 everywhere, is refused. The rule in full:
+benchmarks.inference.load_mask (docs/DATA.md#colour-masks).
 The same in Python: ``benchmarks.inference.predict(model, query, [(img, mask_or_box), ...])``.
 """
 import sys
@@ -74,8 +76,10 @@ def parse_args(argv=None):
         p.error(f"--size: expected an input size >= 8, got {args.size}")
     if args.scales is not None and any(v < 8 for v in args.scales):
         p.error(f"--scales: expected input sizes >= 8, got {args.scales}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        p.error(f"--out: '{args.out}' exists and is not a folder")
+    from benchmarks.output_paths import output_problem
+    why = output_problem(args.out, "folder")  # before the work: never a traceback after the prediction
+    if why:
+        p.error(f"--out: {why}")
     return args
 
 
@@ -111,8 +115,9 @@ def main(argv=None) -> int:
                            class_id=args.class_id, device=device)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
-    except (PredictInputError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (PredictInputError, FileNotFoundError, ValueError, TypeError, ImportError) as e:
+        from benchmarks.engine import short_error
+        print(f"error: {short_error(e)}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,11 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    from benchmarks.output_paths import output_problem
+    why = output_problem(run_dir, "folder")  # before any work: never a traceback after the model is built
+    if why:
+        print(f"error: {'--resume' if args.resume not in (None, True) else '--out'}: {why}", file=sys.stderr)
+        return 2
     from benchmarks.engine import RunFolderError, RunFolderTaken, TrainingInterrupted, ValidationFailed, train
     t0 = time.perf_counter()
     try:

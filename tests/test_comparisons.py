@@ -499,7 +499,7 @@ def test_arm_variants_parse():
     assert parse_arm("dpcn[residual+rawin+sb0.5]", "dpcn").overrides == [
         "model.flags.dcm_fusion=residual", "model.flags.dcm_input=raw", "model.flags.support_branch_weight=0.5"]
     assert parse_arm("baseline[sb1]", "dpcn").tag == "baseline_sb1"
-    with pytest.raises(ValueError, match="unknown variant token 'sb1'"):
+    with pytest.raises(ValueError, match=r"'sb1' \(sb<x>\) applies to dpcn / baseline arms only"):
         parse_arm("pfenet+dcm[sb1]", "pfenet")  # the q->s branch is DPCN's
     for bad in ("dpcn[sb1.2.3]", "pfenet+dcm[lr1e]"):
         with pytest.raises(ValueError, match="needs a number after"):

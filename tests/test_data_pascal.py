@@ -295,10 +295,31 @@ def test_corrupt_mask_skipped_with_logged_path_in_training(tmp_path, caplog):
 
 
 def test_rgb_mask_rejected(tmp_path):
+    """RGB masks follow the one colour rule (docs/DATA.md#colour-masks): other colours than the VOC palette's
+    and black-and-white masks (no class id) are refused, naming the file."""
     lst = _write_fake_voc(tmp_path, _blob_masks(3, 3))
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "SegmentationClassAug" / "img0.png")
-    with pytest.raises(DatasetError, match=r"img0.png' has PIL mode 'RGB'; expected a single-channel"):
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[8:56, 8:56] = (255, 0, 0)  # not a VOC palette colour
+    Image.fromarray(red).save(tmp_path / "SegmentationClassAug" / "img0.png")
+    with pytest.raises(DatasetError, match=r"img0.png': a colour mask with colour \(255, 0, 0\).*VOC palette"):
         PascalFewShot(tmp_path, list_file=lst, cache_dir=False)
+    Image.fromarray(np.where(red > 0, 255, 0).astype(np.uint8).max(axis=2, keepdims=True).repeat(3, 2)).save(
+        tmp_path / "SegmentationClassAug" / "img0.png")  # black and white
+    with pytest.raises(DatasetError, match=r"img0.png' is a black-and-white RGB image: .* no class id"):
+        PascalFewShot(tmp_path, list_file=lst, cache_dir=False)
+
+
+def test_rgb_mask_in_voc_colours_reads_as_the_palette_png(tmp_path):
+    """A label PNG saved as RGB (palette ``.convert("RGB")``) gives the same class ids as the palette PNG."""
+    masks = _blob_masks(3, 3)
+    masks["img1"][20:30, 20:30] = 8    # cat (64, 0, 0)
+    masks["img1"][0:4] = 255           # void border (224, 224, 192)
+    lst = _write_fake_voc(tmp_path, masks)
+    cmap = voc_colormap()
+    Image.fromarray(cmap[masks["img1"]]).save(tmp_path / "SegmentationClassAug" / "img1.png")
+    assert np.array_equal(read_label(tmp_path / "SegmentationClassAug" / "img1.png", max_id=20), masks["img1"])
+    ds = PascalFewShot(tmp_path, list_file=lst, cache_dir=False)
+    assert ds._counts[1] == {3: int((masks["img1"] == 3).sum()), 8: 100}
 
 
 def test_corrupt_image_raises_in_eval_and_is_skipped_in_training(tmp_path, caplog):

@@ -68,3 +68,44 @@ def test_binary_and_anti_aliased_masks_are_unchanged():
     assert np.array_equal(load_mask(bw), (bw > 127).astype(np.uint8))
     aa = np.linspace(0, 255, 36).reshape(6, 6).astype(np.uint8)
     assert np.array_equal(load_mask(aa), (aa > 127).astype(np.uint8))
+
+
+def _voc_rgb(label):
+    from benchmarks.datasets._io import VOC_PALETTE
+    return VOC_PALETTE[label]
+
+
+def test_rgb_voc_label_map_is_read_like_its_palette_png(tmp_path):
+    """A VOC label map saved as RGB (palette PNG ``.convert("RGB")``): the same rule as the palette PNG --
+    several classes ask for --class-id, cat (64, 0, 0) is class 8, the void colour (224, 224, 192) is ignore."""
+    from PIL import Image
+    lab = np.zeros((12, 12), np.uint8)
+    lab[2:6, 2:6] = 8      # cat
+    lab[6:10, 6:10] = 15   # person
+    lab[0] = 255           # void border
+    rgb = _voc_rgb(lab)
+    assert tuple(rgb[3, 3]) == (64, 0, 0) and tuple(rgb[0, 0]) == (224, 224, 192)
+    Image.fromarray(rgb).save(tmp_path / "lab.png")
+    pal = Image.fromarray(lab, mode="P")
+    pal.putpalette(_voc_rgb(np.arange(256, dtype=np.uint8)).ravel().tolist())
+    for src in (tmp_path / "lab.png", rgb, pal):
+        with pytest.raises(PredictInputError, match="--class-id"):
+            load_mask(src)
+        m = load_mask(src, class_id=8)
+        assert np.array_equal(m == 1, lab == 8) and np.array_equal(m == 255, lab == 255)
+    one = np.where(lab == 15, 0, lab).astype(np.uint8)
+    with pytest.warns(RuntimeWarning, match="class 8"):
+        m = load_mask(_voc_rgb(one))
+    assert np.array_equal(m == 1, one == 8) and np.array_equal(m == 255, one == 255)
+
+
+def test_rgb_black_white_mask_and_other_colours(tmp_path):
+    from PIL import Image
+    bw = np.zeros((6, 6, 3), np.uint8)
+    bw[2:, 2:] = 255
+    assert np.array_equal(load_mask(bw), (bw[..., 0] > 0).astype(np.uint8))
+    drawn = bw.copy()
+    drawn[2:, 2:] = (255, 0, 0)  # a red drawing: neither black/white nor VOC palette colours
+    Image.fromarray(drawn).save(tmp_path / "red.png")
+    with pytest.raises(PredictInputError, match=r"red.png.*\(255, 0, 0\).*black-and-white"):
+        load_mask(tmp_path / "red.png")

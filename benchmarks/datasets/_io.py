@@ -17,7 +17,8 @@ from typing import Iterable, List, Optional, Tuple, Union
 import numpy as np
 from PIL import Image
 
-__all__ = ["DatasetError", "CorruptFileError", "read_image", "read_label", "resolve_cache_dir", "PoolCache"]
+__all__ = ["DatasetError", "CorruptFileError", "read_image", "read_label", "resolve_cache_dir", "PoolCache",
+           "VOC_PALETTE", "rgb_mask_labels"]
 
 log = logging.getLogger("benchmarks.datasets")
 
@@ -59,16 +60,77 @@ def read_image(path: PathLike) -> np.ndarray:
     return arr
 
 
+def _voc_palette() -> np.ndarray:
+    """The 256-colour PASCAL VOC palette (bit-interleaving construction): ``uint8[256, 3]``."""
+    cmap = np.zeros((256, 3), dtype=np.uint8)
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = (r, g, b)
+    return cmap
+
+
+#: colour of class id ``i`` in VOC label PNGs: 0 background (0, 0, 0), 1 aeroplane (128, 0, 0), ...,
+#: 8 cat (64, 0, 0), ..., 255 void/border (224, 224, 192)
+VOC_PALETTE = _voc_palette()
+_VOC_CODE_TO_ID = {int(r) << 16 | int(g) << 8 | int(b): i for i, (r, g, b) in enumerate(VOC_PALETTE)}
+
+
+def rgb_mask_labels(rgb: np.ndarray, what: str = "mask") -> Tuple[np.ndarray, str]:
+    """The one rule for colour (RGB) masks, shared by the datasets (:func:`read_label`) and by prediction
+    (:func:`benchmarks.inference.load_mask`). ``rgb``: ``uint8[H, W, 3]`` (or ``[H, W, 4]``: an alpha
+    channel that varies is the mask, object = opaque (> 127); a constant one is dropped).
+
+    1. every pixel a colour of the VOC palette (:data:`VOC_PALETTE`: black = 0 background, (128, 0, 0) = 1
+       aeroplane, ..., (224, 224, 192) = 255 void): a label map of class ids (``kind='labels'``); an
+       all-black mask is this case (all background);
+    2. every pixel black (0, 0, 0) or white (255, 255, 255): a binary mask, object = non-black
+       (``kind='binary'``, values 0/1);
+    3. anything else (anti-aliased or JPEG edges, other colours): ``ValueError`` naming ``what`` and
+       a colour found (the caller adds what to do).
+
+    Returns ``(uint8[H, W], kind)`` with ``kind`` in ``'labels'``, ``'binary'`` (``'alpha'`` for an RGBA
+    mask read from its alpha channel).
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
+        raise ValueError(f"{what}: expected a colour image of shape (H, W, 3), got {rgb.shape}")
+    if rgb.shape[2] == 4:
+        a = rgb[..., 3]
+        if a.size and a.min() != a.max():
+            return (a > 127).astype(np.uint8), "alpha"
+        rgb = rgb[..., :3]
+    rgb = rgb.astype(np.int64)
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    colours = np.unique(code)
+    foreign = [int(c) for c in colours if int(c) not in _VOC_CODE_TO_ID]
+    if not foreign:
+        lut = np.array([_VOC_CODE_TO_ID[int(c)] for c in colours], dtype=np.uint8)
+        return lut[np.searchsorted(colours, code)], "labels"
+    if set(colours.tolist()) <= {0, 0xFFFFFF}:
+        return (code != 0).astype(np.uint8), "binary"
+    c = foreign[0]
+    more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+    raise ValueError(f"{what}: a colour mask with colour ({c >> 16}, {(c >> 8) & 255}, {c & 255}){more} that is "
+                     f"neither black/white nor a VOC palette colour")
+
+
 def read_label(path: PathLike, *, max_id: int, allow_ignore: bool = True, layout: str = "") -> np.ndarray:
     """Read a class-index mask PNG as ``uint8[H, W]`` (values ``0..max_id`` and optionally 255).
 
     Palette ('P') PNGs are read as their indices — never converted to RGB or luminance, which would
     give wrong class ids (PFENet issue #12). Single-channel 'L'/'I' masks are accepted as indices.
-    Colour masks (RGB/RGBA) are rejected with a message, because their colours would have to be
-    mapped back through the palette.
+    Colour masks (RGB/RGBA) are read by the rule of :func:`rgb_mask_labels` (the one prediction uses):
+    VOC palette colours are mapped back to their class ids; a black-and-white mask (no class ids) or
+    any other colour is rejected with a message.
 
-    Raises :class:`DatasetError` naming ``path`` for a missing/corrupt file, a colour mask, or ids
-    outside the expected range.
+    Raises :class:`DatasetError` naming ``path`` for a missing/corrupt file, a colour mask that is not
+    in VOC palette colours, or ids outside the expected range.
     """
     path = Path(path)
     if not path.is_file():
@@ -79,6 +141,19 @@ def read_label(path: PathLike, *, max_id: int, allow_ignore: bool = True, layout
             mode = im.mode
             if mode in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
                 arr = np.array(im)
+            elif mode in ("RGB", "RGBA"):
+                try:
+                    arr, kind = rgb_mask_labels(np.array(im), f"mask '{path}'")
+                except ValueError as e:
+                    raise DatasetError(f"{e}; expected a class-index PNG (palette 'P' or grey 'L' whose pixel values "
+                                       f"are class ids, or RGB in the VOC palette colours). {layout}".strip(),
+                                       path) from None
+                if kind != "labels":
+                    raise DatasetError(
+                        f"mask '{path}' is a {'black-and-white' if kind == 'binary' else 'transparency'} RGB "
+                        f"image: it marks an object but no class id; expected a class-index PNG (palette 'P' or "
+                        f"grey 'L' whose pixel values are class ids, or RGB in the VOC palette colours). "
+                        f"{layout}".strip(), path)
             else:
                 raise DatasetError(
                     f"mask '{path}' has PIL mode {mode!r}; expected a single-channel class-index PNG "

@@ -27,6 +27,7 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
 PASCAL_LAYOUT = """VOC2012/
   JPEGImages/<id>.jpg
   SegmentationClassAug/<id>.png   single-channel (palette 'P' or grey) PNG, pixel value = class id 0..20, 255 = void
+                                  (or RGB in the VOC palette colours, docs/DATA.md#colour-masks)
   ImageSets/Segmentation/val.txt  (optional; used when no list file is given)"""
 
 

@@ -79,14 +79,15 @@ _EXPORTS: Dict[str, str] = {
                     "distributed"),
     **dict.fromkeys(["PolyLR", "PolyFactor"], "schedule"),
     **dict.fromkeys(["build_model_from_config", "build_train_dataset", "eval_protocol", "eval_factory", "test_size",
-                     "_dataset_kwargs", "_image_split_text", "_memo_factory"], "from_config"),
+                     "_dataset_kwargs", "_image_split_text", "_memo_factory", "check_model_config", "recipe_hint"],
+                    "from_config"),
     **dict.fromkeys(["make_predict_fn", "make_fusions_predict_fn", "evaluate_model", "evaluate_fusions",
                      "evaluate_reference", "has_prior", "_fuse", "_prob_to_logits", "_fg_prob", "_model_label",
                      "_PRIOR_KEYS"], "fusion"),
-    **dict.fromkeys(["RunLogger", "format_table", "_json_default"], "runlog"),
+    **dict.fromkeys(["RunLogger", "format_table", "_json_default", "finite_json"], "runlog"),
     **dict.fromkeys(["resolve_device", "amp_context"], "device"),
     **dict.fromkeys(["TrainingInterrupted", "ValidationFailed", "RunFolderError", "RunFolderTaken", "RunFolderLocked",
-                     "short_error", "_first_line"], "errors"),
+                     "short_error", "_first_line", "layout_help"], "errors"),
     **dict.fromkeys(["claim_run_folder", "RunLock", "move_aside", "atomic_write", "run_files", "RUN_FILES"],
                     "runfolder"),
 }
@@ -122,11 +123,12 @@ if TYPE_CHECKING:  # the same names for type checkers and IDEs
     from .distributed import (DistInfo, ResumableDistributedSampler, all_ranks_finite, ddp_find_unused_parameters,
                               exit_process, init_distributed, teardown, unused_parameters, unwrap)
     from .errors import (RunFolderError, RunFolderLocked, RunFolderTaken, TrainingInterrupted, ValidationFailed,
-                         _first_line, short_error)
-    from .from_config import build_model_from_config, build_train_dataset, eval_factory, eval_protocol, test_size
+                         _first_line, layout_help, short_error)
+    from .from_config import (build_model_from_config, build_train_dataset, check_model_config, eval_factory,
+                              eval_protocol, recipe_hint, test_size)
     from .fusion import (_fuse, evaluate_fusions, evaluate_model, evaluate_reference, has_prior,
                          make_fusions_predict_fn, make_predict_fn)
     from .runfolder import RUN_FILES, RunLock, atomic_write, claim_run_folder, move_aside, run_files
-    from .runlog import RunLogger, _json_default, format_table
+    from .runlog import RunLogger, _json_default, finite_json, format_table
     from .schedule import PolyFactor, PolyLR
     from .trainer import Trainer, default_run_name, train

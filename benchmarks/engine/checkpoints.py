@@ -125,7 +125,14 @@ def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: O
             # the saved dataset arguments (e.g. the synthetic set's image_size) belong to the old dataset
             cfg["data"]["args"], cfg["data"]["train_args"], cfg["data"]["val_args"] = {}, {}, {}
         cfg = validate_config(apply_overrides(cfg, overrides))
-    model = build_model_from_config(cfg, backbone_weights="random")
+    try:
+        model = build_model_from_config(cfg, backbone_weights="random")
+    except (TypeError, ValueError) as e:  # the config names another model than its flags are for
+        why = _first_line(e).split(" -- ")[0]  # without the recipe hint of build_model_from_config
+        raise ValueError(f"checkpoint '{path}': its config names model '{cfg['model']['name']}', which cannot be "
+                         f"built with the config's flags ({why}); model.name and model.flags must describe the "
+                         f"network the weights belong to (fix the config's model.name, or drop a --model / "
+                         f"--set model.* that changes it)") from None
     if isinstance(ck, dict) and ck.get("layer4_on"):
         model.backbone.set_layer4_trainable(True)
     state = strip_module_prefix(state)

@@ -9,7 +9,7 @@ anything when its folder holds another run or is in use; :func:`short_error` tur
 from __future__ import annotations
 
 __all__ = ["TrainingInterrupted", "ValidationFailed", "RunFolderError", "RunFolderTaken", "RunFolderLocked",
-           "short_error"]
+           "short_error", "layout_help"]
 
 
 class TrainingInterrupted(RuntimeError):
@@ -50,11 +50,31 @@ def _first_line(e: BaseException, index: int = 0) -> str:
     return lines[min(index, len(lines) - 1)] if lines else ""
 
 
-def short_error(e: BaseException) -> str:
+_LAYOUT = "Expected layout:"
+
+
+def layout_help(e: BaseException) -> str:
+    """The folder-layout help a dataset error carries after ``Expected layout:`` (its lines, indentation
+    kept), or ``""``."""
+    text = str(e)
+    i = text.find(_LAYOUT)
+    if i < 0:
+        return ""
+    lines = [ln.rstrip() for ln in text[i + len(_LAYOUT):].splitlines()]
+    return "\n".join(ln for ln in lines if ln.strip())
+
+
+def short_error(e: BaseException, *, layout: bool = True) -> str:
     """An exception as one line; for an error re-raised from a DataLoader worker, the worker's own message
-    (the file it names) instead of the worker traceback."""
+    (the file it names) instead of the worker traceback. A dataset error's ``Expected layout:`` help
+    follows on the next lines (``layout=False``: the first line only), so the layout is never cut."""
     text = str(e)
     if "Original Traceback" in text:
         last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
         return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
-    return _first_line(e) or type(e).__name__
+    first = _first_line(e) or type(e).__name__
+    help_ = layout_help(e) if layout else ""
+    if help_:
+        head = first[: first.find(_LAYOUT)].rstrip() if _LAYOUT in first else first
+        return f"{head} {_LAYOUT}\n{help_}"
+    return first

@@ -13,7 +13,8 @@ from torch import nn
 from ..datasets import build_dataset
 from ..protocols import Protocol, dataset_factory
 
-__all__ = ["build_model_from_config", "build_train_dataset", "test_size", "eval_protocol", "eval_factory"]
+__all__ = ["build_model_from_config", "build_train_dataset", "test_size", "eval_protocol", "eval_factory",
+           "check_model_config", "recipe_hint"]
 
 
 def build_model_from_config(cfg: dict, *, backbone_weights=...) -> nn.Module:
@@ -33,7 +34,38 @@ def build_model_from_config(cfg: dict, *, backbone_weights=...) -> nn.Module:
     for k, v in list(flags.items()):  # YAML lists -> tuples for window/variant flags
         if isinstance(v, list):
             flags[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-    return build_model(m["name"], backbone=m["backbone"], shot=int(m["shot"]), backbone_weights=weights, **flags)
+    try:
+        return build_model(m["name"], backbone=m["backbone"], shot=int(m["shot"]), backbone_weights=weights, **flags)
+    except TypeError as e:
+        if "unknown flag" not in str(e):
+            raise
+        raise TypeError(f"{e} -- the recipe's model.flags belong to another network; {recipe_hint(m['name'])}") from None
+
+
+def check_model_config(cfg: dict) -> None:
+    """Raise the error :func:`build_model_from_config` would raise for ``cfg`` (unknown model or flag, a flag
+    value the network refuses) without building real weights: the network is built on PyTorch's ``meta``
+    device (no memory, no backbone file read). For checking every run of a comparison before the first."""
+    import torch
+    try:
+        with torch.device("meta"):
+            build_model_from_config(cfg, backbone_weights="random")
+    except (ValueError, TypeError, ImportError):
+        raise
+    except Exception:  # an operation the meta device does not support: the real build decides
+        pass
+
+
+def recipe_hint(model: str) -> str:
+    """Which recipes of ``configs/`` are for ``model`` (its host family: ``pfenet+dcm`` -> pfenet, ``baseline``
+    -> dpcn), as a hint for an error: ``"use one of its recipes: --config a / b"``."""
+    from ..config import CONFIG_DIR
+    family = str(model).strip().lower().split("+")[0]
+    family = "dpcn" if family == "baseline" else family
+    names = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml") if family in f.stem.split("_") and "base" not in f.stem)
+    if not names:
+        return "give a recipe for it (--config FILE) or set its flags (--set model.flags={...})"
+    return f"use a {family} recipe: --config {' / '.join(names)} (or set the flags: --set model.flags={{...}})"
 
 
 def _dataset_kwargs(cfg: dict, split: str) -> dict:

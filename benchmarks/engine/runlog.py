@@ -1,6 +1,7 @@
 """What a run writes besides checkpoints: the ``log.jsonl`` event log (+ TensorBoard) of
-:class:`RunLogger`, the JSON encoding of its values (:func:`_json_default`) and the result table
-(:func:`format_table`).
+:class:`RunLogger`, the JSON encoding of its values (:func:`_json_default`, :func:`finite_json`: a NaN or
+infinite number, e.g. the IoU of a class no episode sampled, is written as ``null`` so that every file is
+valid JSON) and the result table (:func:`format_table`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from ..protocols import EvaluationResult
 
-__all__ = ["RunLogger", "format_table"]
+__all__ = ["RunLogger", "format_table", "finite_json"]
 
 
 class RunLogger:
@@ -38,7 +39,7 @@ class RunLogger:
             return
         rec = {"event": event, "time": round(time.time(), 3), **fields}
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec, default=_json_default) + "\n")
+            f.write(json.dumps(finite_json(rec), default=_json_default) + "\n")
         if self.tb is not None:
             step = fields.get("step")
             for k, v in fields.items():
@@ -48,6 +49,28 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def finite_json(o):
+    """A copy of ``o`` (dicts, lists, tuples, numbers, arrays) whose non-finite floats are ``None``: what
+    :func:`json.dumps` writes as ``null`` instead of the invalid bare ``NaN`` / ``Infinity``. Readers of
+    these files take ``None`` as "no value" (e.g. a class IoU that no episode sampled).
+
+    Example:
+        >>> finite_json({"a": [1.0, float("nan")], 2: (float("inf"), "x")})
+        {'a': [1.0, None], 2: [None, 'x']}
+    """
+    if isinstance(o, dict):
+        return {k: finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite_json(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, np.ndarray):
+        return finite_json(o.tolist())
+    if isinstance(o, torch.Tensor):
+        return finite_json(o.detach().cpu().tolist())
+    return o
 
 
 def _json_default(o):

@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,11 +43,11 @@ from .checkpoints import rng_state, seed_everything, set_rng_state, strip_module
 from .device import amp_context, resolve_device
 from .distributed import (ResumableDistributedSampler, _any_rank, all_ranks_finite, ddp_find_unused_parameters,
                           init_distributed, teardown)
-from .errors import RunFolderError, TrainingInterrupted, ValidationFailed, _first_line, short_error
+from .errors import RunFolderError, TrainingInterrupted, ValidationFailed, _first_line, layout_help, short_error
 from .from_config import build_model_from_config, build_train_dataset, eval_factory, eval_protocol
 from .fusion import evaluate_model, evaluate_reference, has_prior
 from .runfolder import RunLock, claim_run_folder
-from .runlog import RunLogger, _json_default, format_table
+from .runlog import RunLogger, _json_default, finite_json, format_table
 from .schedule import PolyLR
 
 __all__ = ["train", "Trainer", "default_run_name"]
@@ -113,7 +114,8 @@ class Trainer:
         self.echo = echo if self.main else (lambda *_: None)
         self.moved_aside = self._claim_run_dir(resume)
         self.stop_after_iters = stop_after_iters
-        self.progress = bool(cfg["run"]["progress"]) and self.main
+        # tqdm bars only on a terminal: in a log file they are noise (one line per epoch is echoed instead)
+        self.progress = bool(cfg["run"]["progress"]) and self.main and _stderr_is_tty()
 
         # ---- data
         self.train_set = build_train_dataset(self.cfg)
@@ -128,6 +130,9 @@ class Trainer:
         self.max_iters = self.epochs * self.iters_per_epoch
         self.val_protocol = eval_protocol(self.cfg, validation=True)
         self.factory = eval_factory(self.cfg)
+        # the validation part is built (its masks read) now, not after the first epoch: a bad mask in it
+        # stops the run before any training (the factory keeps the dataset for the validations)
+        self.factory(self.val_protocol, self.val_protocol.seeds[0], self.val_protocol.scales[0])
 
         # ---- model (seeded, so every process and every resumed run builds the same initial weights)
         seed_everything(int(t["seed"]))
@@ -455,9 +460,11 @@ class Trainer:
         try:
             r = self.validate()
         except Exception as e:
-            raise ValidationFailed(f"validation after epoch {self.epoch} failed: {short_error(e)} -- the epoch's checkpoint "
-                                   f"{self.run_dir / 'last.pth'} is saved; fix the problem and continue with --resume "
-                                   f"(the validation runs first)") from e
+            help_ = layout_help(e)
+            raise ValidationFailed(f"validation after epoch {self.epoch} failed: {short_error(e, layout=False)} -- the "
+                                   f"epoch's checkpoint {self.run_dir / 'last.pth'} is saved; fix the problem and "
+                                   f"continue with --resume (the validation runs first)"
+                                   + (f"\nExpected layout:\n{help_}" if help_ else "")) from e
         rec.update(val_miou=r.miou, val_fbiou=r.fbiou, val_seconds=round(r.per_seed[0]["seconds"], 2))
         if r.miou > self.best["miou"]:
             self.best = {"miou": r.miou, "fbiou": r.fbiou, "epoch": self.epoch}
@@ -515,6 +522,13 @@ def dcm_gates(model: nn.Module) -> Dict[str, float]:
             if isinstance(m, DCMFusion) and getattr(m, "gamma", None) is not None}
 
 
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
 def threading_main() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
@@ -547,6 +561,12 @@ def _train(trainer: "Trainer", t_start: float, echo, evaluate_after: Optional[bo
             k = "prior" if has_prior(trainer.model) else "untrained"
         if k not in (None, False, "none") and k not in ref_kinds:
             ref_kinds.append(k)
+    if evaluate_after and "prior" in ref_kinds and not has_prior(trainer.model):
+        others = [k for k in ref_kinds if k != "prior"]
+        raise ValueError(f"eval.reference: model '{trainer.cfg['model']['name']}' has no training-free prior, so the "
+                         f"'prior' reference cannot be evaluated; set --set eval.reference="
+                         f"{others[0] if len(others) == 1 else ('[' + ','.join(others) + ']') if others else 'none'} "
+                         f"(or eval.reference=auto: the prior where the model has one), or pass --no-eval")
     protocol = eval_protocol(trainer.cfg)
     ekw = dict(device=trainer.device, fusion=e["fusion"], amp=trainer.cfg["train"]["amp"],
                batch_size=int(e["batch_size"]), num_workers=int(trainer.cfg["data"]["num_workers"]),
@@ -560,6 +580,9 @@ def _train(trainer: "Trainer", t_start: float, echo, evaluate_after: Optional[bo
              f"{len(trainer.train_set)} training episodes/epoch, {trainer.iters_per_epoch} iterations/epoch × "
              f"{trainer.epochs} epochs, batch {trainer.batch_size}×{trainer.dist.world_size}, device {trainer.device}")
         echo(f"validation: {trainer.val_protocol.describe()}")
+    if evaluate_after and trainer.main and protocol.split != trainer.val_protocol.split:
+        # a test part other than the validation part is built (its masks read) before any training too
+        trainer.factory(protocol, protocol.seeds[0], protocol.scales[0])
     if evaluate_after and trainer.main and ref_kinds:
         if trainer.resumed_from and ref_path.is_file():
             refs = [(d["label"], _result_from_dict(d)) for d in json.loads(ref_path.read_text())]
@@ -571,7 +594,8 @@ def _train(trainer: "Trainer", t_start: float, echo, evaluate_after: Optional[bo
                 echo(f"{label}: mIoU {r.miou:.2f}  FB-IoU {r.fbiou:.2f}")
             set_rng_state(snap)
             trainer.run_dir.mkdir(parents=True, exist_ok=True)
-            ref_path.write_text(json.dumps([{"label": l, **r.as_dict()} for l, r in refs], default=_json_default))
+            ref_path.write_text(json.dumps(finite_json([{"label": l, **r.as_dict()} for l, r in refs]),
+                                           default=_json_default))
     trainer.dist.barrier()
     fit = trainer.fit()
     out = {"run_dir": str(trainer.run_dir), **fit}
@@ -589,9 +613,9 @@ def _train(trainer: "Trainer", t_start: float, echo, evaluate_after: Optional[bo
         echo("")
         echo(f"Test: {protocol.describe()}" + (f", K-shot fusion: {e['fusion']}" if protocol.shot > 1 else ""))
         echo(format_table(rows))
-        results = {"protocol": protocol.as_dict(), "protocol_text": protocol.describe(), "fusion": e["fusion"],
-                   "rows": [{"label": l, **x.as_dict()} for l, x in rows], "best": trainer.best,
-                   "train_seconds": sum(h.get("seconds", 0) for h in trainer.history)}
+        results = finite_json({"protocol": protocol.as_dict(), "protocol_text": protocol.describe(), "fusion": e["fusion"],
+                               "rows": [{"label": l, **x.as_dict()} for l, x in rows], "best": trainer.best,
+                               "train_seconds": sum(h.get("seconds", 0) for h in trainer.history)})
         (trainer.run_dir / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
         trainer.logger = RunLogger(trainer.run_dir, True, False)
         trainer.logger.log("eval", miou=r.miou, fbiou=r.fbiou, protocol=protocol.describe(),
@@ -607,8 +631,8 @@ def _result_from_dict(d: dict) -> EvaluationResult:
     p = d["protocol"]
     prot = Protocol(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items()})
     per_seed = []
-    for s in d["per_seed"]:
-        s = dict(s)
-        s["class_iou"] = {int(k): v for k, v in s["class_iou"].items()}
+    for s in d["per_seed"]:  # null (a NaN when written) -> NaN
+        s = {k: (math.nan if v is None and k in ("miou", "fbiou", "episode_miou") else v) for k, v in s.items()}
+        s["class_iou"] = {int(k): (math.nan if v is None else v) for k, v in s["class_iou"].items()}
         per_seed.append(s)
     return EvaluationResult(prot, per_seed, {int(k): v for k, v in d.get("class_names", {}).items()})
