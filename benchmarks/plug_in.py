@@ -154,7 +154,22 @@ def variant_overrides(model: str, variant: str) -> List[str]:
             raise ValueError(f"arm '{model}[{variant}]': unknown variant token '{tok}' (paper, residual, "
                              f"replace/concat, l1, l2, raw, clean, rawin, redin, ident, pyramid, decoder, fit, mapdrop<x>, lr<x>, wd<x>, "
                              f"nodcm, sb<x>)")
+    set_by: Dict[str, tuple] = {}
+    for tok, ov in zip(_token_of(variant, out), out):
+        key, _, value = ov.partition("=")
+        if key in set_by and set_by[key][1] != value:
+            raise ValueError(f"arm '{model}[{variant}]': '{set_by[key][0]}' and '{tok}' contradict each other "
+                             f"({key.split('.')[-1]}: {set_by[key][1]} vs {value}); keep one")
+        set_by.setdefault(key, (tok, value))
     return out
+
+
+def _token_of(variant: str, out: List[str]) -> List[str]:
+    """The token that produced each override of :func:`variant_overrides` (``paper`` gives three)."""
+    toks = []
+    for tok in variant.split("+"):
+        toks += [tok] * (3 if tok == "paper" else 1)
+    return toks[:len(out)]
 
 
 def parse_arm(spec: str, host: str) -> Arm:
@@ -162,6 +177,8 @@ def parse_arm(spec: str, host: str) -> Arm:
     if not m:
         raise ValueError(f"--arms: cannot read '{spec}' (expected NAME or NAME[variant], e.g. pfenet+dcm[residual+l1])")
     model, variant = m.group(1), m.group(2) or ""
+    if m.group(2) is not None and not variant:
+        raise ValueError(f"--arms: '{spec}' has empty brackets; name a variant (e.g. {model}[residual]) or drop the brackets")
     if model not in _HOST_MODELS[host]:
         raise ValueError(f"--arms: '{model}' is not a {host} arm (one of {', '.join(_HOST_MODELS[host])})")
     return Arm(spec.strip(), model, variant, variant_overrides(model, variant))

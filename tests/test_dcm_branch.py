@@ -116,7 +116,7 @@ def test_arm_tokens_of_the_branch_flags():
     from benchmarks.plug_in import parse_arm
     assert parse_arm("canet+dcm[fit]", "canet").overrides == ["model.flags.dcm_gate=fit"]
     assert parse_arm("pfenet+dcm[mapdrop0.5]", "pfenet").overrides == ["model.flags.dcm_map_dropout=0.5"]
-    with pytest.raises(ValueError, match="no DCM"):
+    with pytest.raises(ValueError, match="applies to .*canet\\+dcm"):
         parse_arm("canet[fit]", "canet")
 
 
@@ -132,3 +132,15 @@ def test_gate_value_is_logged_each_epoch(tmp_path):
               if json.loads(l).get("event") == "epoch"]
     assert epochs and all(set(e["dcm_gamma"]) == {"dcm_fuse"} for e in epochs)
     assert all(e["dcm_gamma"]["dcm_fuse"] > 0 for e in epochs)  # the gate opened from 0
+
+
+@pytest.mark.parametrize("spec, host, word", [("pfenet+dcm[residual+replace]", "pfenet", "contradict"),
+                                              ("pfenet+dcm[l1+l2]", "pfenet", "contradict"),
+                                              ("canet+dcm[paper+residual]", "canet", "contradict"),
+                                              ("canet+dcm[rawin+redin]", "canet", "contradict"),
+                                              ("pfenet+dcm[]", "pfenet", "empty brackets")])
+def test_contradictory_or_empty_arm_tokens_are_errors(spec, host, word):
+    from benchmarks.plug_in import parse_arm
+    with pytest.raises(ValueError, match=word):
+        parse_arm(spec, host)
+    assert parse_arm("pfenet+dcm[l1+l1]", "pfenet").overrides == ["model.flags.dcm_kernel_norm=l1"] * 2
