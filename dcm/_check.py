@@ -6,6 +6,8 @@ respect :func:`dcm.config.data_checks_enabled`.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Sequence, Tuple
 
@@ -86,16 +88,63 @@ def mask(name: str, m, batch: int, shots: int, ref_name: str, ref: torch.Tensor)
 
 
 def check_mask_values(name: str, m: torch.Tensor) -> None:
-    """Masks hold values in [0, 1] or the ignore label 255 (value check; may synchronise)."""
+    """Masks hold finite values in [0, 1] or the ignore label 255 (value check; may synchronise).
+
+    Runs on the mask as given, before any dtype conversion: NaN is an error (not an empty mask), and
+    in a dtype that cannot hold 255 (int8) no value is the ignore label (-1 is not 255).
+    """
     if not config.data_checks_enabled(m) or m.numel() == 0 or m.dtype == torch.bool:
         return
-    bad = ((m < 0) | (m > 1)) & (m != 255)
+    if m.is_floating_point() or torch.iinfo(m.dtype).max >= 255:
+        ignore = m == 255
+    else:
+        ignore = torch.zeros_like(m, dtype=torch.bool)
+    bad = ~(((m >= 0) & (m <= 1)) | ignore)  # NaN fails every comparison: bad
     if bool(bad.any()):
+        if m.is_floating_point() and not bool(m.isfinite().all()):
+            raise ValueError(
+                f"{name}: expected values in [0, 1] or the ignore label 255, got non-finite values (NaN/Inf); "
+                "a NaN mask is not an empty mask: fix or drop the sample upstream"
+            )
         vals = torch.unique(m[bad])[:5].tolist()
         raise ValueError(
             f"{name}: expected values in [0, 1] or the ignore label 255, got e.g. {vals}; "
             "convert class-id labels to a binary mask of the episode's class first"
         )
+
+
+def fg_threshold(name: str, v) -> float:
+    """A foreground threshold in the open interval (0, 1) -> float."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a float in the open interval (0, 1), got {v!r}")
+    if not 0.0 < float(v) < 1.0:
+        raise ValueError(
+            f"{name}: expected a float in the open interval (0, 1), got {v!r} (at <= 0 every support position "
+            "is foreground and the mask is ignored; at >= 1 only the mask's peak is); use e.g. 0.5"
+        )
+    return float(v)
+
+
+def nonneg_eps(name: str, v) -> float:
+    """A finite epsilon >= 0 -> float."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or float(v) < 0:
+        raise ValueError(f"{name}: expected a finite float >= 0 (added to the mask area), got {v!r}")
+    return float(v)
+
+
+def param_dtype(name: str, x: torch.Tensor, dtype: torch.dtype, owner: str) -> None:
+    """``x`` has the dtype of ``owner``'s parameters, unless autocast is on for its device."""
+    if x.dtype == dtype:
+        return
+    try:
+        if torch.is_autocast_enabled(x.device.type):
+            return
+    except RuntimeError:  # a device type autocast does not know (meta)
+        pass
+    raise TypeError(
+        f"{name}: expected dtype {dtype} (the dtype of the {owner}'s parameters), got {x.dtype}; "
+        f"cast the input (.to({dtype})), convert the module (.to({x.dtype})) or run under torch.autocast"
+    )
 
 
 def odd_size(name: str, k) -> Tuple[int, int]:

@@ -3,8 +3,8 @@
 These follow the text of DPCN as directly as possible (per-sample Python loops, boolean indexing,
 ``unfold`` and the full ``dh·dw × HsWs × HqWq`` correlation tensor of SAM). They are meant for
 tests and for the speed benchmark's "paper-literal" column, never for training. They share the
-conventions of :mod:`dcm.functional` (mask resizing, empty-shot handling, cosine epsilon), which
-are documented there.
+conventions of :mod:`dcm.functional` (mask resizing, empty-shot handling, cosine epsilon, support
+positions outside the mask never read), which are documented there.
 """
 from __future__ import annotations
 
@@ -64,8 +64,13 @@ def support_activation_literal(
     out = torch.zeros(B, len(windows), Hq, Wq, dtype=query.dtype)
     for b in range(B):
         for k in range(K):
+            if w[b, k] == 0:  # an empty shot of a sample with foreground: not averaged in
+                continue
             mk = torch.ones_like(m[b, k]) if empty[b] else m[b, k]
-            xs = (support[b, k] * mk)[None]  # x_s ⊗ M_s
+            keep = mk > 0
+            xs = torch.zeros_like(support[b, k])
+            xs[:, keep] = support[b, k][:, keep] * mk[keep]  # x_s ⊗ M_s; positions outside the mask: zero vectors
+            xs = xs[None]
             for i, (dh, dw) in enumerate(windows):
                 pad = (dh // 2, dw // 2)
                 Rs = F.unfold(xs, (dh, dw), padding=pad).reshape(C, dh * dw, Hs * Ws)
@@ -164,10 +169,13 @@ def feature_filtering_literal(query, support, support_mask, pseudo_mask, weight,
     for b in range(B):
         p = torch.zeros(C, dtype=query.dtype)
         for k in range(K):
+            if w[b, k] == 0:  # an empty shot of a sample with foreground: not averaged in
+                continue
             if empty[b]:
                 pk = support[b, k].mean((1, 2))
             else:
-                pk = (support[b, k] * m[b, k]).sum((1, 2)) / (m[b, k].sum() + eps)
+                keep = m[b, k] > 0  # positions outside the mask are never read
+                pk = (support[b, k][:, keep] * m[b, k][keep]).sum(1) / (m[b, k].sum() + eps)
             p = p + w[b, k] * pk
         m0 = F.interpolate(pseudo_mask[b : b + 1], size=(H, W), mode="bilinear", align_corners=True)[0]
         x_p = p[:, None, None].expand(C, H, W)

@@ -12,6 +12,25 @@ def q(*s):
     return torch.randn(*s)
 
 
+NONFINITE = r"^support_mask: expected values in \[0, 1\] or the ignore label 255, got non-finite values \(NaN/Inf\); a NaN mask is not an empty mask"
+FG = r"^fg_threshold: expected a float in the open interval \(0, 1\), got "
+DT = r"^{0}: expected dtype torch.float32 \(the dtype of the {2}'s parameters\), got torch.{1}; cast the input"
+_GENS = {k: (lambda t: t) for k in "vhs"}
+
+
+def _nan_mask():
+    m = torch.ones(2, 5, 5)
+    m[1, 2, 3] = float("nan")  # one NaN pixel
+    return m
+
+
+def _dcm_after_construction(**attrs):
+    mod = dcm.DynamicConvModule(8)
+    for k, v in attrs.items():
+        setattr(mod, k, v)  # the functional op checks it again
+    return mod(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.ones(2, 5, 5))
+
+
 CASES = [
     # (callable, exception, message regex)
     (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5), q(2, 8, 5, 5), torch.ones(2, 5, 5)), ValueError, r"query: expected shape \(B, C, H, W\), got \(2, 8, 5\)"),
@@ -48,6 +67,36 @@ CASES = [
     (lambda: DF.foreground_pool(q(2, 3, 5, 5), torch.ones(2, 5, 5), bins=(0,)), ValueError, r"bins: expected positive ints"),
     (lambda: DF.masked_average_pool(q(2, 3, 5, 5), torch.ones(2, 5, 5), empty="nan"), ValueError, r"empty: expected 'zero' or 'mean'"),
     (lambda: dcm.set_backend("cuda"), ValueError, r"backend: expected one of"),
+    # values that used to pass the checks and change the answer (issue "Nothing overwritten, nothing silent", item 3)
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.full((2, 5, 5), float("nan"))), ValueError, NONFINITE),
+    (lambda: dcm.SupportActivation()(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.full((2, 5, 5), float("nan"))), ValueError, NONFINITE),
+    (lambda: dcm.FeatureFiltering(8)(q(2, 8, 5, 5), q(2, 8, 5, 5), _nan_mask(), q(2, 1, 5, 5)), ValueError, NONFINITE),
+    (lambda: DF.masked_average_pool(q(2, 3, 5, 5), _nan_mask()), ValueError, r"^mask: .* got non-finite values"),
+    (lambda: DF.foreground_pool(q(2, 3, 5, 5), torch.full((2, 5, 5), float("inf"))), ValueError, r"^mask: .* got non-finite values"),
+    (lambda: dcm.DynamicConvModule(8, fg_threshold=-1), ValueError, FG),
+    (lambda: dcm.DynamicConvModule(8, fg_threshold=0.0), ValueError, FG),
+    (lambda: dcm.DynamicConvModule(8, fg_threshold=1.0), ValueError, FG),
+    (lambda: dcm.DynamicConvModule(8, fg_threshold=float("nan")), ValueError, FG),
+    (lambda: dcm.DynamicConvModule(8, fg_threshold="0.5"), TypeError, r"^fg_threshold: expected a float"),
+    (lambda: DF.foreground_pool(q(2, 3, 5, 5), torch.ones(2, 5, 5), fg_threshold=-1), ValueError, FG),
+    (lambda: DF.foreground_selection(torch.ones(2, 1, 5, 5), fg_threshold=1.5), ValueError, FG),
+    (lambda: DF.dynamic_convolution(q(2, 3, 5, 5), q(2, 3, 5, 5), torch.ones(2, 5, 5), _GENS, 3, fg_threshold=0), ValueError, FG),
+    (lambda: DF.generate_dynamic_kernels(q(2, 3, 5, 5), torch.ones(2, 5, 5), _GENS, 3, fg_threshold=-1), ValueError, FG),
+    (lambda: _dcm_after_construction(fg_threshold=-1.0), ValueError, FG),
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.full((2, 5, 5), -1, dtype=torch.int8)), ValueError,
+     r"^support_mask: expected values in \[0, 1\] or the ignore label 255, got e.g. \[-1\]"),
+    (lambda: DF.masked_average_pool(q(2, 3, 5, 5), torch.ones(2, 5, 5), eps=-1e-3), ValueError, r"^eps: expected a finite float >= 0"),
+    (lambda: DF.support_prototype(q(2, 3, 5, 5), torch.ones(2, 5, 5), eps=-1.0), ValueError, r"^eps: expected a finite float >= 0"),
+    (lambda: dcm.FeatureFiltering(8, eps=-5e-4), ValueError, r"^eps: expected a finite float >= 0"),
+    # item 6: dtypes a float32 module cannot take without autocast, batch mismatches in the fusion
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5).half(), q(2, 8, 5, 5), torch.ones(2, 5, 5)), TypeError, DT.format("query", "float16", "DynamicConvModule")),
+    (lambda: dcm.DynamicConvModule(8)(q(2, 8, 5, 5), q(2, 8, 5, 5).bfloat16(), torch.ones(2, 5, 5)), TypeError, DT.format("support", "bfloat16", "DynamicConvModule")),
+    (lambda: dcm.DynamicConvModule(8).generate_kernels(q(2, 8, 5, 5).half(), torch.ones(2, 5, 5)), TypeError, DT.format("support", "float16", "DynamicConvModule")),
+    (lambda: dcm.FeatureFiltering(8)(q(2, 8, 5, 5).bfloat16(), q(2, 8, 5, 5), torch.ones(2, 5, 5), q(2, 1, 5, 5)), TypeError, DT.format("query", "bfloat16", "FeatureFiltering")),
+    (lambda: dcm.FeatureFiltering(8)(q(2, 8, 5, 5), q(2, 8, 5, 5).half(), torch.ones(2, 5, 5), q(2, 1, 5, 5)), TypeError, DT.format("support", "float16", "FeatureFiltering")),
+    (lambda: dcm.DCMFusion(4, 2)(q(2, 4, 5, 5), [q(3, 4, 5, 5), q(3, 4, 5, 5)]), ValueError, r"^maps\[0\]: expected shape \(2, 4, 5, 5\) \(the batch and size of q\), got \(3, 4, 5, 5\)"),
+    (lambda: dcm.DCMFusion(4, 1)(q(2, 4, 5, 5), [q(1, 4, 5, 5)]), ValueError, r"^maps\[0\]: expected shape \(2, 4, 5, 5\)"),
+    (lambda: dcm.DCMFusion(4, 1)(q(2, 6, 5, 5), [q(2, 4, 5, 5)]), ValueError, r"^q: expected shape \(B, 4, h, w\), got \(2, 6, 5, 5\)"),
 ]
 
 
@@ -57,6 +106,32 @@ def test_error_messages(i):
     with pytest.raises(exc) as info:
         fn()
     assert re.search(pattern, str(info.value)), str(info.value)
+    assert "\n" not in str(info.value)  # one line
+
+
+def test_fp16_inputs_are_fine_under_autocast_and_matching_modules():
+    """The dtype check only rejects what would fail (or silently run at another precision): under autocast
+    a float32 module takes bf16 inputs, and a module converted to the inputs' dtype takes them too."""
+    m = torch.ones(2, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = dcm.DynamicConvModule(8)(q(2, 8, 5, 5).bfloat16(), q(2, 8, 5, 5).bfloat16(), m)
+        out = dcm.FeatureFiltering(8)(q(2, 8, 5, 5).bfloat16(), q(2, 8, 5, 5).bfloat16(), m, q(2, 1, 5, 5))
+    assert all(o.shape == (2, 8, 5, 5) for o in outs) and out.filtered.shape == (2, 8, 5, 5)
+    d = dcm.DynamicConvModule(8, dtype=torch.float64)
+    assert d(q(2, 8, 5, 5).double(), q(2, 8, 5, 5).double(), m)[0].dtype == torch.float64
+    with pytest.raises(TypeError, match=r"^query: expected dtype torch.float64 .* got torch.float32"):
+        d(q(2, 8, 5, 5), q(2, 8, 5, 5), m)
+
+
+def test_valid_masks_still_pass_the_value_check():
+    """uint8 / int16 label maps with 255, bool and soft float masks stay valid."""
+    f = q(2, 3, 5, 5)
+    lab = torch.zeros(2, 5, 5, dtype=torch.uint8)
+    lab[:, 1:3, 1:3] = 1
+    lab[:, 0, 0] = 255
+    for mk in (lab, lab.to(torch.int16), lab.bool(), torch.rand(2, 5, 5), lab.to(torch.int8).clamp(0, 1)):
+        DF.masked_average_pool(f, mk)
+        DF.foreground_pool(f, mk, (3,), fg_threshold=0.999)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a device mismatch")

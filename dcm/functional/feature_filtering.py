@@ -26,11 +26,12 @@ def support_prototype(support: torch.Tensor, support_mask: torch.Tensor, eps: fl
     Args:
         support: ``Tensor[B, K, C, H, W]`` or ``Tensor[B, C, H, W]``.
         support_mask: ``Tensor[B, K, h, w]`` or ``Tensor[B, h, w]``, any resolution.
-        eps: PFENet's 0.0005 added to the mask area.
+        eps: PFENet's 0.0005 added to the mask area (``>= 0``).
 
     Returns:
         ``Tensor[B, C]``. A sample whose shots are all empty gets the whole-image average
-        (with :class:`dcm.EmptyForegroundWarning` once).
+        (with :class:`dcm.EmptyForegroundWarning` once). Positions where the resized mask is 0, and
+        empty shots of a sample with foreground, never reach it (NaN / Inf there included).
 
     Example:
         >>> s = torch.zeros(1, 2, 3, 2, 2); s[0, 0] += 1.0; s[0, 1] += 3.0
@@ -42,10 +43,12 @@ def support_prototype(support: torch.Tensor, support_mask: torch.Tensor, eps: fl
     B, K, C, H, W = support.shape
     support_mask = _check.mask("support_mask", support_mask, B, K, "support", support)
     _check.check_mask_values("support_mask", support_mask)
+    eps = _check.nonneg_eps("eps", eps)
     protos = _masked_average_pool(support, support_mask, eps, "mean")  # [B, K, C]
     weights, all_empty = shot_weights(prepare_mask(support_mask, (H, W), dtype=support.dtype))
     _check.warn_if_empty(all_empty, "support_prototype")
-    return (protos * weights[..., None]).sum(1)
+    w = weights[..., None]
+    return torch.where(w > 0, protos * w, 0.0).sum(1)  # an empty shot's whole-image mean is left out, even if NaN
 
 
 def feature_filtering(

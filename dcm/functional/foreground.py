@@ -31,7 +31,7 @@ def foreground_selection(mask: torch.Tensor, fg_threshold: float = 0.5) -> torch
 
     Args:
         mask: resized masks ``Tensor[B, K, H, W]`` with values in ``[0, 1]``.
-        fg_threshold: foreground threshold.
+        fg_threshold: foreground threshold in the open interval ``(0, 1)`` (else ``ValueError``).
 
     Example:
         >>> m = torch.tensor([[[[0.2, 0.3], [0.0, 0.3]]]])
@@ -39,6 +39,7 @@ def foreground_selection(mask: torch.Tensor, fg_threshold: float = 0.5) -> torch
         tensor([[[[0, 1],
                   [0, 1]]]], dtype=torch.int32)
     """
+    _check.fg_threshold("fg_threshold", fg_threshold)
     flat = mask.flatten(2)
     above = flat > fg_threshold
     peak = flat.amax(-1, keepdim=True)
@@ -90,12 +91,14 @@ def foreground_pool(
         mask: ``Tensor[B, K, h, w]`` or ``Tensor[B, h, w]``, any resolution, values in ``[0, 1]`` or
             ``{0, 1, 255}``; resized to ``(H, W)`` with :func:`prepare_mask`.
         bins: the output lengths, e.g. ``(S, S*S)``.
-        fg_threshold: foreground threshold, see :func:`foreground_selection`.
+        fg_threshold: foreground threshold in ``(0, 1)``, see :func:`foreground_selection`.
 
     Returns:
         one ``Tensor[B, C, bins_i]`` per entry of ``bins`` (the prototype sequences ``p_s``,
         ``p_{s^2}``), in ``feat.dtype``. A sample with foreground in no shot gets the whole-image
         average (over all shots) in every bin, and :class:`dcm.EmptyForegroundWarning` once.
+        Positions that are not selected never reach the result: a NaN / Inf there changes nothing
+        (docs/CONVENTIONS.md#non-finite).
 
     Example:
         >>> feat = torch.arange(6.).reshape(1, 1, 1, 2, 3)
@@ -115,6 +118,7 @@ def _foreground_pool(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int]
     for s in bins:
         if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
             raise ValueError(f"bins: expected positive ints, got {tuple(bins)}")
+    fg_threshold = _check.fg_threshold("fg_threshold", fg_threshold)
     acc = torch.promote_types(feat.dtype, torch.float32)
     if config.resolve_backend(feat, "foreground") == "triton":
         from ..kernels import foreground as _k
@@ -126,6 +130,10 @@ def _foreground_pool(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int]
             return outs
     m = prepare_mask(mask, (H, W), dtype=acc)
     sel = foreground_selection(m, fg_threshold).reshape(B, K * H * W)
-    _check.warn_if_empty(~sel.any(1), "foreground_pool")
+    empty = ~sel.any(1)
+    _check.warn_if_empty(empty, "foreground_pool")
     f = feat.to(acc).permute(0, 2, 1, 3, 4).reshape(B, C, K * H * W)
+    # unselected positions must not reach the result even when non-finite (a 0 weight would give NaN·0 = NaN);
+    # an empty sample uses every position (the whole-image fallback)
+    f = torch.where((sel | empty[:, None])[:, None, :], f, 0.0)
     return tuple(torch.bmm(f, foreground_pool_weights(sel, s, acc).transpose(1, 2)).to(feat.dtype) for s in bins)

@@ -12,8 +12,12 @@ Conventions shared by all dcm ops
   shot of a sample is empty, the whole support image is treated as foreground (masked pooling gives
   the whole-image average; the dynamic convolution uses the whole-image average as its single
   foreground vector), and :class:`dcm.EmptyForegroundWarning` is issued once per process.
+* **Non-finite features.** A position the (resized) mask excludes never reaches an output: ops select
+  with ``torch.where`` rather than multiply by 0 (NaN·0 = NaN), so a NaN / Inf there changes nothing,
+  forward or backward. Non-finite values at included positions propagate. A NaN *mask* value is an
+  error (``ValueError`` naming the argument), not an empty mask.
 
-The reasons for these rules: docs/CONVENTIONS.md#masks, #mask-resizing, #empty-foreground.
+The reasons for these rules: docs/CONVENTIONS.md#masks, #mask-resizing, #empty-foreground, #non-finite.
 """
 from __future__ import annotations
 
@@ -51,6 +55,8 @@ def prepare_mask(mask: torch.Tensor, size: Tuple[int, int], dtype: torch.dtype |
     m = torch.where(m == 255, torch.zeros((), dtype=dtype, device=m.device), m)
     if tuple(m.shape[-2:]) != tuple(size):
         lead = m.shape[:-2]
+        if m.numel() == 0:  # batch 0 (interpolate rejects empty inputs)
+            return m.new_zeros(*lead, *size)
         m = F.interpolate(m.reshape(1, -1, *m.shape[-2:]), size=tuple(size), mode="bilinear", align_corners=True)
         m = m.reshape(*lead, *size)
     return m
@@ -88,12 +94,13 @@ def masked_average_pool(
         feat: ``Tensor[B, K, C, H, W]`` or ``Tensor[B, C, H, W]``.
         mask: ``Tensor[B, K, h, w]`` or ``Tensor[B, h, w]``, any resolution, values in ``[0, 1]`` or
             ``{0, 1, 255}`` (resized with :func:`prepare_mask`).
-        eps: added to the mask area (PFENet: 0.0005).
-        empty: ``"zero"`` (PFENet: an all-zero mask gives a zero prototype) or ``"mean"`` (an
-            all-zero mask gives the whole-image average).
+        eps: ``>= 0``, added to the mask area (PFENet: 0.0005).
+        empty: ``"zero"`` (PFENet: an all-zero mask gives a zero prototype, for any ``eps``, 0
+            included) or ``"mean"`` (an all-zero mask gives the whole-image average).
 
     Returns:
-        ``Tensor[B, K, C]`` (or ``Tensor[B, C]`` for 4-D ``feat``), in ``feat.dtype``.
+        ``Tensor[B, K, C]`` (or ``Tensor[B, C]`` for 4-D ``feat``), in ``feat.dtype``. Positions
+        where the resized mask is 0 never reach it (NaN / Inf there included).
 
     Example:
         >>> f = torch.arange(4.).reshape(1, 1, 2, 2)
@@ -104,6 +111,7 @@ def masked_average_pool(
     feat = _check.support("feat", feat)
     mask = _check.mask("mask", mask, feat.shape[0], feat.shape[1], "feat", feat)
     _check.check_mask_values("mask", mask)
+    eps = _check.nonneg_eps("eps", eps)
     proto = _masked_average_pool(feat, mask, eps, empty)
     return proto[:, 0] if squeeze else proto
 
@@ -115,7 +123,10 @@ def _masked_average_pool(feat: torch.Tensor, mask: torch.Tensor, eps: float, emp
     H, W = feat.shape[-2:]
     m = prepare_mask(mask, (H, W), dtype=feat.dtype)
     area = m.sum((-2, -1))  # [B, K]
-    proto = (feat * m[:, :, None]).sum((-2, -1)) / (area[..., None] + eps)
+    mk = m[:, :, None]
+    num = torch.where(mk > 0, feat * mk, 0.0).sum((-2, -1))  # excluded positions never reach it (NaN·0 = NaN)
+    den = area[..., None] + eps
+    proto = num / torch.where(den > 0, den, 1.0)  # eps = 0 and an empty mask: 0 / 1, the zero prototype
     if empty == "mean":
         proto = torch.where((area > 0)[..., None], proto, feat.mean((-2, -1)))
     return proto

@@ -143,7 +143,9 @@ def support_activation(
     Returns:
         ``Tensor[B, nW, Hq, Wq]`` in ``[0, 1]``, ``query.dtype``: per-shot maps min-max normalised,
         then averaged over the shots that have foreground. If no shot has foreground, the whole
-        support image is used (with :class:`dcm.EmptyForegroundWarning` once).
+        support image is used (with :class:`dcm.EmptyForegroundWarning` once). Support positions
+        where the resized mask is 0 are zero vectors whatever their values (NaN / Inf included).
+        ``B = 0`` gives an empty ``Tensor[0, nW, Hq, Wq]``.
 
     Example:
         >>> q, s = torch.rand(2, 8, 6, 7), torch.rand(2, 3, 8, 5, 5)
@@ -158,18 +160,21 @@ def support_activation(
     support_mask = _check.mask("support_mask", support_mask, B, K, "support", support)
     _check.same_device("support", support, "query", query)
     _check.check_mask_values("support_mask", support_mask)
-    _check.windows("windows", windows)
+    wins = _check.windows("windows", windows)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size!r}")
+    if B == 0:  # empty outputs, still connected to the inputs' graphs (the sums of empty tensors are 0)
+        return query.new_zeros((0, len(wins)) + tuple(query.shape[-2:])) + (query.sum() + support.sum()) * 0
     acc = torch.promote_types(query.dtype, torch.float32)
     m = prepare_mask(support_mask, (Hs, Ws), dtype=acc)
     weights, all_empty = shot_weights(m)
     _check.warn_if_empty(all_empty, "support_activation")
     m = torch.where(all_empty[:, None, None, None], torch.ones_like(m), m)
+    keep = m[:, :, None] > 0  # excluded positions are zero vectors whatever they hold (NaN·0 = NaN)
     fast = _fast_path(query, support, m, chunk_size)
     if fast is not None:  # masks and normalises inside its prep kernel (no fp32 copy of the support)
-        raw = fast.sam_raw(query, support, m, _check.windows("windows", windows), eps)
+        raw = fast.sam_raw(query, torch.where(keep, support, 0.0), m, wins, eps)
     else:
-        raw = support_activation_raw(query, support.to(acc) * m[:, :, None], windows, eps, chunk_size)
+        raw = support_activation_raw(query, torch.where(keep, support.to(acc) * m[:, :, None], 0.0), wins, eps, chunk_size)
     maps = normalize_minmax(raw, eps)
     return (maps * weights[:, :, None, None, None]).sum(1).to(query.dtype)

@@ -58,7 +58,7 @@ class DynamicConvModule(nn.Module):
             foreground pooled to ``S²``). With ``"serial"`` and ``"s"`` alone, the ``v``/``h``
             generators still exist as the first stage of the square kernel.
         kgen_kernel_size: kernel size of the generators' 1-D convolutions.
-        fg_threshold: foreground threshold on the resized support mask.
+        fg_threshold: foreground threshold on the resized support mask, in the open interval ``(0, 1)``.
         kernel_norm: ``None`` (the paper: raw generated kernels), ``"l1"`` or ``"l2"``: each generated
             kernel divided by its L1 / L2 norm over its taps, per sample and channel
             (:func:`dcm.functional.normalize_kernel`). ``"l1"`` keeps every output within the range of
@@ -73,7 +73,9 @@ class DynamicConvModule(nn.Module):
 
     Edge cases: fewer foreground pixels than ``S²`` replicate entries (adaptive pooling); an empty
     shot contributes nothing; a sample with no foreground in any shot uses its whole-image average
-    as the single foreground vector (one :class:`dcm.EmptyForegroundWarning`).
+    as the single foreground vector (one :class:`dcm.EmptyForegroundWarning`); support positions
+    outside the foreground never reach the output (NaN / Inf there included). ``query`` and
+    ``support`` must have the parameters' dtype unless autocast is on (else ``TypeError``).
 
     Example:
         >>> dcm_layer = DynamicConvModule(16)
@@ -108,7 +110,7 @@ class DynamicConvModule(nn.Module):
         self.channels, self.kernel_size, self.variants = channels, kernel_size, variants
         if kernel_norm not in DF.KERNEL_NORMS:
             raise ValueError(f"kernel_norm: expected None, 'l1' or 'l2', got {kernel_norm!r}")
-        self.square_source, self.fg_threshold = square_source, float(fg_threshold)
+        self.square_source, self.fg_threshold = square_source, _check.fg_threshold("fg_threshold", fg_threshold)
         self.kernel_norm = kernel_norm
         need = [v for v in ("v", "h") if v in variants or ("s" in variants and square_source == "serial")]
         need += ["s"] if "s" in variants else []
@@ -122,6 +124,7 @@ class DynamicConvModule(nn.Module):
     def generate_kernels(self, support: torch.Tensor, support_mask: torch.Tensor) -> dict:
         """``{"v": Tensor[B, C, S, 1], "h": Tensor[B, C, 1, S], "s": Tensor[B, C, S, S]}`` (the used variants)."""
         support = _check.support("support", support, channels=self.channels)
+        _check.param_dtype("support", support, self._param_dtype(), "DynamicConvModule")
         return DF.generate_dynamic_kernels(
             support, support_mask, self.generators, self.kernel_size, self.variants, self.square_source, self.fg_threshold,
             self.kernel_norm,
@@ -131,10 +134,17 @@ class DynamicConvModule(nn.Module):
         query = _check.query("query", query)
         if query.shape[1] != self.channels:
             raise ValueError(f"query: expected C={self.channels} channels in (B, C, H, W), got {tuple(query.shape)}")
+        support = _check.support("support", support, batch=query.shape[0], channels=self.channels)
+        dtype = self._param_dtype()
+        _check.param_dtype("query", query, dtype, "DynamicConvModule")
+        _check.param_dtype("support", support, dtype, "DynamicConvModule")
         return DF.dynamic_convolution(
             query, support, support_mask, self.generators, self.kernel_size, self.variants, self.square_source, self.fg_threshold,
             self.kernel_norm,
         )
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.generators.parameters()).dtype
 
     def extra_repr(self) -> str:
         return (

@@ -23,7 +23,9 @@ class FeatureFiltering(nn.Module):
         channels: ``C``.
         kernel_size: odd size of the refinement convolution (3; 1 is the alternative;
             docs/CONVENTIONS.md#ffm-refinement-conv).
-        eps: masked-average-pooling epsilon (PFENet 0.0005).
+        eps: masked-average-pooling epsilon (PFENet 0.0005), ``>= 0``.
+
+    ``query`` and ``support`` must have the parameters' dtype unless autocast is on (else ``TypeError``).
 
     Shape:
         - query: ``Tensor[B, C, H, W]``; support: ``Tensor[B, K, C, Hs, Ws]`` or ``Tensor[B, C, Hs, Ws]``
@@ -54,7 +56,7 @@ class FeatureFiltering(nn.Module):
         if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
             raise ValueError(f"channels: expected a positive int, got {channels!r}")
         k = _check.odd_size("kernel_size", kernel_size)[0]
-        self.channels, self.kernel_size, self.eps = channels, k, float(eps)
+        self.channels, self.kernel_size, self.eps = channels, k, _check.nonneg_eps("eps", eps)
         self.conv = nn.Conv2d(channels, 1, k, padding=k // 2, device=device, dtype=dtype)
 
     def forward(self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor, pseudo_mask: torch.Tensor) -> FilterOutput:
@@ -63,6 +65,8 @@ class FeatureFiltering(nn.Module):
             raise ValueError(f"query: expected C={self.channels} channels in (B, C, H, W), got {tuple(query.shape)}")
         support = _check.support("support", support, batch=query.shape[0], channels=self.channels)
         _check.same_device("support", support, "query", query)
+        _check.param_dtype("query", query, self.conv.weight.dtype, "FeatureFiltering")
+        _check.param_dtype("support", support, self.conv.weight.dtype, "FeatureFiltering")
         proto = DF.support_prototype(support, support_mask, self.eps)
         return DF.feature_filtering(query, proto, pseudo_mask, self.conv.weight, self.conv.bias)
 

@@ -53,11 +53,15 @@ class DCMFusion(nn.Module):
             self.gamma = nn.Parameter(torch.full((channels,), float(gamma_init)))
 
     def forward(self, q: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] != self.channels:
+            raise ValueError(f"q: expected shape (B, {self.channels}, h, w), got "
+                             f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
         if len(maps) != self.n_maps:
             raise ValueError(f"maps: expected {self.n_maps} DCM maps, got {len(maps)}")
+        B, h, w = q.shape[0], q.shape[-2], q.shape[-1]
         for i, t in enumerate(maps):
-            if t.dim() != 4 or t.shape[1] != self.map_channels or t.shape[-2:] != q.shape[-2:]:
-                raise ValueError(f"maps[{i}]: expected shape (B, {self.map_channels}, {q.shape[-2]}, {q.shape[-1]}), "
+            if t.dim() != 4 or t.shape[0] != B or t.shape[1] != self.map_channels or t.shape[-2:] != q.shape[-2:]:
+                raise ValueError(f"maps[{i}]: expected shape ({B}, {self.map_channels}, {h}, {w}) (the batch and size of q), "
                                  f"got {tuple(t.shape)}")
         y = self.proj(torch.cat([q, *maps], 1))
         if self.mode == "replace":
