@@ -7,9 +7,9 @@ the same fold and evaluated on the same episodes (``benchmarks/plug_in.py`` run 
 * **per class** (the fold's novel classes): IoU of each run, the difference, the test images and episodes;
 * **per episode** (the DCM run, the same episodes): the *fit* of the support to the query, i.e. the mean of
   :func:`models.common.kernel_fit` (clamped cosine of the DCM's query input with the support's
-  foreground prototype) over the query's foreground, and the DCM's *contribution*, i.e. the mean over the
-  query foreground of ``|fused − q| / |q|`` (the residual fusion's gate times its projected maps,
-  relative to the host's feature); their Spearman correlations with the episode's change in foreground
+  foreground prototype) over the query's foreground, and the DCM's *contribution*, i.e. the sum over the
+  query foreground of ``|fused − q|`` over that of ``|q|`` (the residual fusion's gate times its
+  projected maps, relative to the host's feature); their Spearman correlations with the episode's change in foreground
   IoU (DCM run − host run), overall and per class;
 * **base classes** (``--base-folds``): both runs evaluated on episodes of other folds' classes -- classes
   they were trained on -- on the same split's images, to compare the DCM's gain on training classes and
@@ -100,12 +100,12 @@ def episode_measures(run: Path, split: str, device: str = "cpu", batch_size: int
                 dq, ds_, dm = grab["dcm_in"][:3]
                 q, fused = grab["fuse"]
                 fmap = kernel_fit(dq, ds_, dm)[:, 0]  # [B, h, w]
-                rel = (fused - q).norm(dim=1) / q.norm(dim=1).clamp_min(1e-8)
+                num, den = (fused - q).norm(dim=1), q.norm(dim=1)  # [B, h, w]
                 gt = (b["query_mask"] == 1).float()[:, None].to(device)
                 gt = F.interpolate(gt, size=fmap.shape[-2:], mode="bilinear", align_corners=True)[:, 0]
                 w = gt / gt.sum((1, 2), keepdim=True).clamp_min(1e-8)
                 fit += (fmap * w).sum((1, 2)).tolist()
-                contrib += (rel * w).sum((1, 2)).tolist()
+                contrib += ((num * w).sum((1, 2)) / (den * w).sum((1, 2)).clamp_min(1e-8)).tolist()
                 cls += [ds.class_ids[int(i)] for i in b["class_index"]]
                 query += [str(n) for n in b["query_name"]]
     finally:
