@@ -18,7 +18,7 @@ import math  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks.config import ConfigError, add_config_args, load_config, overrides_from_args  # noqa: E402
+from benchmarks.engine.config import ConfigError, add_config_args, load_config, overrides_from_args  # noqa: E402
 
 
 def measure(cfg: dict, kernel_norm, episodes: int, batch: int = 8) -> dict:

@@ -220,7 +220,7 @@ def summarise_maps(acc: Dict[str, dict], n: int, reference: str = "pfenet_prior"
     """Per map: class mIoU of the thresholded map (%), mean episode AUC, the per-class IoU, the per-episode
     AUCs (episode order, ``None`` where undefined) and, for every map but ``reference``, the paired
     per-episode AUC difference map − reference with a 95 % Student-t interval over episodes."""
-    from benchmarks.stats import t_quantile_975
+    from benchmarks.scoring.stats import t_quantile_975
     out = {}
     for name, a in acc.items():
         cls_iou = {int(c): 100.0 * a["inter"][c] / a["union"][c] for c in a["union"] if a["union"][c] > 0}
@@ -266,7 +266,7 @@ def markdown(rows: Iterable[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from benchmarks.config import add_config_args, load_config, overrides_from_args
+    from benchmarks.engine.config import add_config_args, load_config, overrides_from_args
     from benchmarks.engine import build_model_from_config, load_checkpoint_model, resolve_device
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -96,10 +96,10 @@ def layer4_cost(cfg: dict, steps: int) -> Dict[str, float]:
 
 def arm_cost(recipe: str, base: List[str], spec: str, steps: int) -> dict:
     """Training-step seconds (layer4 frozen / trained) and eval-forward seconds of one arm."""
-    from benchmarks.config import load_config
+    from benchmarks.engine.config import load_config
     from benchmarks.datasets import collate_episodes
     from benchmarks.engine import build_model_from_config, build_train_dataset, seed_everything
-    from benchmarks.feature_cache import attach_feature_cache
+    from benchmarks.engine.feature_cache import attach_feature_cache
     from benchmarks.plug_in import parse_arm
     arm = parse_arm(spec, "dpcn")
     cfg = load_config(recipe, base + [f"model.name={arm.model}", *arm.overrides])
@@ -172,7 +172,7 @@ def project(cfg: dict, arm: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    from benchmarks.config import add_config_args, load_config, overrides_from_args
+    from benchmarks.engine.config import add_config_args, load_config, overrides_from_args
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_args(p, include=["data_root", "fold"])
     p.add_argument("--arms", nargs="+", default=["baseline", "dpcn[nodcm]", "dpcn"])

@@ -24,7 +24,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from benchmarks.config import ConfigError, add_config_args, load_config, overrides_from_args  # noqa: E402
+from benchmarks.engine.config import ConfigError, add_config_args, load_config, overrides_from_args  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -109,7 +109,7 @@ def markdown(rows, protocol, title: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from benchmarks.output_paths import check_output
+        from benchmarks.engine.output_paths import check_output
         for flag in ("json", "md"):  # before the work: never a traceback after the evaluation
             if getattr(args, flag):
                 check_output(getattr(args, flag), "file", f"--{flag}")

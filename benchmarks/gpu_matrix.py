@@ -307,7 +307,7 @@ def verify_pack(dst) -> dict:
 def recipe_chain(recipe: str) -> List[Path]:
     """The recipe file and the files of its ``_base_`` chain."""
     import yaml
-    from benchmarks.config import resolve_recipe
+    from benchmarks.engine.config import resolve_recipe
     out, p = [], resolve_recipe(recipe)
     while True:
         out.append(p)
@@ -325,7 +325,7 @@ def recipe_digests(recipe: str) -> Dict[str, str]:
 def recipe_config_digest(recipe: str, overrides: Sequence[str] = ()) -> str:
     """SHA-256 of the resolved config of ``recipe`` (``data.root`` and the weights as placeholders): what
     the plan fixes. Comments or a reordering of the recipe files do not change it; a changed setting does."""
-    from benchmarks.config import load_config
+    from benchmarks.engine.config import load_config
     cfg = load_config(recipe, ["data.root=PACK/VOC2012", "model.backbone_weights=PACK_WEIGHTS", *overrides])
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -366,7 +366,7 @@ def check_plan_recipe(plan: dict) -> None:
         now = recipe_digests(plan["recipe"])
         changed = sorted(k for k in set(now) | set(plan["recipe_sha256"]) if now.get(k) != plan["recipe_sha256"].get(k))
         raise MatrixError(f"plan: the recipe's settings changed since the plan was written (files changed: "
-                          f"{', '.join(changed) or 'none: a default of benchmarks/config.py'}); the units would not be "
+                          f"{', '.join(changed) or 'none: a default of benchmarks/engine/config.py'}); the units would not be "
                           f"the pre-registered ones (write a new plan, and say so, to run another recipe)")
 
 
@@ -417,7 +417,7 @@ def _device_info() -> dict:
 def run_unit(plan: dict, uid: str, pack, out, workdir, *, rehearse: bool = False, weights=None,
              echo: Callable[[str], None] = print) -> dict:
     """Train, evaluate and diagnose one unit in this process; write its unit and sealed files."""
-    from benchmarks.config import load_config
+    from benchmarks.engine.config import load_config
     from benchmarks.engine import load_checkpoint_model, resolve_device, train
     from benchmarks.plug_in import _evaluate_checkpoint, parse_arm
     from benchmarks.dpcn_prior import diagnose
@@ -683,7 +683,7 @@ def _launcher(plan_path, pack, out, workdir, rehearse: bool, parallel: int, logd
 def warm_dataset(plan: dict, pack, rehearse: bool, weights=None) -> None:
     """Build the first unit's training and validation datasets once, so that the per-image class counts of
     the pack are cached before parallel units start (each would scan every mask otherwise)."""
-    from benchmarks.config import load_config
+    from benchmarks.engine.config import load_config
     from benchmarks.engine import build_train_dataset, eval_factory, eval_protocol
     u = plan["units"][0]
     cfg = load_config(plan["recipe"], unit_overrides(plan, u, pack, rehearse, weights))
@@ -747,7 +747,7 @@ def cmd_run(args) -> int:
     elif args.rehearse:  # the unit with the most code paths: DPCN (layer4 trained, SAM, FFM, DCM, its maps)
         only = [next(u["id"] for u in pending_units(plan, out) + plan["units"] if u["arm"] == "dpcn")]
     launch = _launcher(plan_path, args.pack, out, workdir, args.rehearse, parallel, logdir, weights)
-    from benchmarks.config import load_config
+    from benchmarks.engine.config import load_config
     t = load_config(plan["recipe"], ["data.root=x"])["train"]
     l4_fraction = (int(t["layer4_start_epoch"]) / int(t["epochs"])) if t["finetune_layer4"] else None
     summary = run_plan(plan, out, budget_s=budget, launch=launch, parallel=parallel, only=only,

@@ -6,7 +6,7 @@ episodes and prints, per fold, every seed's mIoU / FB-IoU, the mean ± std over 
 difference of each arm from the first (seed by seed) with two 95 % intervals -- over training seeds
 (Student-t, Welch df across folds) and over seeds × test images (a paired two-level bootstrap of the
 runs' per-episode results) -- and the per-class IoU of every arm with the test images and episodes of
-each class (:mod:`benchmarks.stats`). ``--preregistered FILE`` names the committed file that fixed the
+each class (:mod:`benchmarks.scoring.stats`). ``--preregistered FILE`` names the committed file that fixed the
 comparison before its runs (the table is then labelled confirmatory, otherwise exploratory)::
 
     python benchmarks/plug_in.py --host pfenet                  # synthetic set, a few CPU minutes per run
@@ -55,8 +55,8 @@ from typing import Dict, List, Optional  # noqa: E402
 
 import yaml  # noqa: E402
 
-from benchmarks.config import CONFIG_DIR, ConfigError, add_config_args, load_config, overrides_from_args  # noqa: E402
-from benchmarks.stats import bootstrap_difference, fold_average, format_interval, paired_difference, wider  # noqa: E402
+from benchmarks.engine.config import CONFIG_DIR, ConfigError, add_config_args, load_config, overrides_from_args  # noqa: E402
+from benchmarks.scoring.stats import bootstrap_difference, fold_average, format_interval, paired_difference, wider  # noqa: E402
 
 #: DPCN Table 6 (1-shot, ResNet-50, PASCAL-5i): per-fold mIoU, mean, FB-IoU (docs/MODELS_HOSTS.md).
 #: The paper prints CANet fold 0 as 53.5, but its mean 55.4 (and the CANet paper) imply 52.5.
@@ -258,7 +258,7 @@ def _evaluate_checkpoint(cfg: dict, run_dir: Path) -> dict:
     device = resolve_device(cfg["run"]["device"])
     model, _ = load_checkpoint_model(run_dir / "best.pth", device=device, cfg=cfg)
     if cfg["train"]["cache_backbone"]:
-        from benchmarks.feature_cache import attach_feature_cache
+        from benchmarks.engine.feature_cache import attach_feature_cache
         attach_feature_cache(model, int(float(cfg["train"]["cache_backbone_gb"]) * 2 ** 30),
                              cache_dir=cfg["train"].get("cache_backbone_dir"))
     protocol = eval_protocol(cfg)
@@ -275,7 +275,7 @@ def _evaluate_checkpoint(cfg: dict, run_dir: Path) -> dict:
 def check_run_dir(cfg: dict, run_dir: Path) -> None:
     """Refuse to reuse ``run_dir`` when the network its ``config.yaml`` was trained with is not the one
     ``cfg`` asks for (e.g. a run of an older version, before a default changed)."""
-    from benchmarks.config import DEFAULTS, merge
+    from benchmarks.engine.config import DEFAULTS, merge
     from benchmarks.engine import _first_line, with_legacy_flags
     f = run_dir / "config.yaml"
     if not f.is_file():
@@ -370,7 +370,7 @@ def collect_episodes(row: dict, fold: int, seed: int, r: dict, episodes: dict, c
     r["episode_iu"].setdefault(fold, {})[seed] = {"inter": list(rec["inter"]), "union": list(rec["union"])}
 
 
-#: replicates and generator seed of the seed x test-image bootstrap (benchmarks.stats.bootstrap_difference)
+#: replicates and generator seed of the seed x test-image bootstrap (benchmarks.scoring.stats.bootstrap_difference)
 BOOTSTRAP = {"n_boot": 4000, "seed": 0}
 FEW_IMAGES = 10  # classes with fewer test images than this are marked in the per-class tables
 
@@ -543,7 +543,7 @@ def markdown(host: str, folds, seeds, res: dict, stats: dict, protocol_text: str
 
 def _save_caches(cfg0) -> None:
     if cfg0 is not None and cfg0["train"]["cache_backbone"] and cfg0["train"].get("cache_backbone_dir"):
-        from benchmarks.feature_cache import save_shared_caches
+        from benchmarks.engine.feature_cache import save_shared_caches
         for f in save_shared_caches(cfg0["train"]["cache_backbone_dir"]):
             print(f"feature cache: new features written to {f}")
 
@@ -580,7 +580,7 @@ def main(argv=None) -> int:
         # every arm's config on every fold and every arm's network are checked before the first run: a bad
         # arm, fold or output folder stops the comparison now, not after the runs before it
         from benchmarks.engine import check_model_config
-        from benchmarks.output_paths import check_output
+        from benchmarks.engine.output_paths import check_output
         if not args.report_only:
             check_output(out_dir, "folder", "--out")
         for arm in arms:

@@ -32,7 +32,7 @@ from typing import Dict, List, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks.config import ConfigError, add_config_args, overrides_from_args  # noqa: E402
+from benchmarks.engine.config import ConfigError, add_config_args, overrides_from_args  # noqa: E402
 
 _MAP_TITLES = {"initial_pseudo_mask": "M0", "refined_pseudo_mask": "Mr", "prior_mask": "prior"}
 
@@ -54,7 +54,7 @@ def foreground_iou(pred: np.ndarray, gt: np.ndarray, ignore_index: int = 255) ->
 def _to_original(t, batch, size_hw, resize: str):
     """``[1, C, h, w]`` map of the network input → ``float32[C, H0, W0]`` at the query's own size."""
     import torch.nn.functional as F
-    from benchmarks.protocols import _content_shape
+    from benchmarks.scoring.protocols import _content_shape
     h0, w0 = size_hw
     ch, cw = batch["query_img"].shape[-2:]
     x = t.float()
@@ -71,7 +71,7 @@ def predict_episode(model, datasets, index: int, resize: str, device, amp) -> di
     import torch
     from benchmarks.datasets import collate_episodes
     from benchmarks.engine import amp_context
-    from benchmarks.inference import _extras
+    from benchmarks.engine.inference import _extras
     prob, maps = None, {}
     for ds in datasets:
         batch = collate_episodes([ds[index]])
@@ -107,7 +107,7 @@ def _plain(text: str) -> str:
 def draw_grid(rows: List[dict], labels: List[str], header: str, tile: int, box_mode: bool):
     """The PIL figure: one row per episode (see the module docstring)."""
     from PIL import Image, ImageDraw
-    from benchmarks.inference import heatmap, overlay
+    from benchmarks.engine.inference import heatmap, overlay
     cells_per_row = []
     for r in rows:
         cells = []

@@ -91,7 +91,7 @@ def run(use_dcm: bool, iters: int, size: int, seed: int = 0, episodes: int = 300
 
 
 def main(argv=None) -> int:
-    from benchmarks.stats import format_interval, mean_std, paired_difference
+    from benchmarks.scoring.stats import format_interval, mean_std, paired_difference
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=300, help="training iterations per model (batch 8)")

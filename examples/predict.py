@@ -15,8 +15,8 @@ Masks: white (or bright grey, or alpha) = object, black = background; PNGs whose
 the VOC palette colours; class ids and 255 = void) with one class is read as that class (with a
 warning), with several it needs --class-id; an RGB mask with any other colour than black, white and
 the VOC palette, or a mask that is 255 everywhere, is refused. The rule in full:
-benchmarks.inference.load_mask (docs/DATA.md#colour-masks).
-The same in Python: ``benchmarks.inference.predict(model, query, [(img, mask_or_box), ...])``.
+benchmarks.engine.inference.load_mask (docs/DATA.md#colour-masks).
+The same in Python: ``benchmarks.engine.inference.predict(model, query, [(img, mask_or_box), ...])``.
 """
 import sys
 import pathlib
@@ -76,7 +76,7 @@ def parse_args(argv=None):
         p.error(f"--size: expected an input size >= 8, got {args.size}")
     if args.scales is not None and any(v < 8 for v in args.scales):
         p.error(f"--scales: expected input sizes >= 8, got {args.scales}")
-    from benchmarks.output_paths import output_problem
+    from benchmarks.engine.output_paths import output_problem
     why = output_problem(args.out, "folder")  # before the work: never a traceback after the prediction
     if why:
         p.error(f"--out: {why}")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from benchmarks.engine import load_checkpoint_model, resolve_device, test_size
-    from benchmarks.inference import PredictInputError, figure, load_image, overlay, predict
+    from benchmarks.engine.inference import PredictInputError, figure, load_image, overlay, predict
 
     try:
         for what, path in [("query image", args.query)] + [
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     Image.fromarray((pred.mask * 255).astype(np.uint8)).save(files[0])
     overlay(query, pred.mask).save(files[1])
     if args.figure:
-        from benchmarks.inference import _support_pair
-        sup = [_support_pair(s, i, args.class_id) for i, s in enumerate(args.supports)]
+        from benchmarks.engine.inference import load_support
+        sup = [load_support(s, i, args.class_id) for i, s in enumerate(args.supports)]
         files.append(out / f"{stem}_figure.png")
         figure(query, sup, pred).save(files[-1])
     fg = float(pred.mask.mean()) * 100

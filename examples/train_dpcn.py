@@ -28,7 +28,7 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from benchmarks.config import CONFIG_DIR, ConfigError, add_config_args, dump_config, load_config, overrides_from_args  # noqa: E402,E501
+from benchmarks.engine.config import CONFIG_DIR, ConfigError, add_config_args, dump_config, load_config, overrides_from_args  # noqa: E402,E501
 
 
 def default_recipe(model: str, dataset: str) -> str:
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from benchmarks.output_paths import output_problem
+    from benchmarks.engine.output_paths import output_problem
     why = output_problem(run_dir, "folder")  # before any work: never a traceback after the model is built
     if why:
         print(f"error: {'--resume' if args.resume not in (None, True) else '--out'}: {why}", file=sys.stderr)

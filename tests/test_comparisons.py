@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.config import load_config
-from benchmarks.feature_cache import FeatureCache, attach_feature_cache, detach_feature_cache
-from benchmarks.stats import fold_average, paired_difference, t_quantile_975
+from benchmarks.engine.config import load_config
+from benchmarks.engine.feature_cache import FeatureCache, attach_feature_cache, detach_feature_cache
+from benchmarks.scoring.stats import fold_average, paired_difference, t_quantile_975
 
 from conftest import SHARED_DATA
 
@@ -88,7 +88,7 @@ def test_feature_cache_memory_cap():
 
 
 def test_feature_cache_saves_and_loads(tmp_path):
-    from benchmarks.feature_cache import cache_file
+    from benchmarks.engine.feature_cache import cache_file
     bb = _lite0().eval()
     cache = attach_feature_cache(_Holder(bb), shared=False)
     x = torch.randn(2, 3, 32, 32)
@@ -125,7 +125,7 @@ def test_cached_training_matches_uncached(tmp_path):
 
 
 def test_flip_augmentation_gives_two_inputs_per_image():
-    from benchmarks.transforms import flip_transform, test_transform
+    from benchmarks.datasets.transforms import flip_transform, test_transform
     rs = np.random.default_rng(0)
     img = rs.integers(0, 255, (30, 50, 3), dtype=np.uint8)
     mask = (rs.random((30, 50)) > 0.5).astype(np.uint8)
@@ -144,7 +144,7 @@ def test_flip_augmentation_gives_two_inputs_per_image():
 def test_flip_augmentation_config():
     cfg = load_config("plug_in_pfenet_voc_lite0", ["data.root=/d"])
     assert cfg["data"]["augment"] == "flip" and cfg["train"]["cache_backbone"]
-    from benchmarks.config import ConfigError
+    from benchmarks.engine.config import ConfigError
     with pytest.raises(ConfigError, match="data.augment"):
         load_config(None, ["data.augment=rotate"])
     with pytest.raises(ConfigError, match="eval.split"):
@@ -620,7 +620,7 @@ def test_config_saved_before_the_fusion_default_changed_loads_in_its_old_form(tm
 def test_plug_in_refuses_to_reuse_a_run_of_another_network(tmp_path):
     """A run folder whose config.yaml predates the residual default is not reused for the default arm."""
     import yaml
-    from benchmarks.config import save_config
+    from benchmarks.engine.config import save_config
     from benchmarks.plug_in import check_run_dir
     cfg = load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm"])
     run_dir = tmp_path / "pfenet_dcm_f0_seed0"

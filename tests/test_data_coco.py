@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from benchmarks.datasets import COCO_CLASSES, CocoFewShot, DatasetError, coco_fold_classes
-from benchmarks.transforms import test_transform
+from benchmarks.datasets.transforms import test_transform
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 COCO = SHARED / "coco-mini"

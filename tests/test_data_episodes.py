@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks import collate_episodes
 from benchmarks.datasets import SyntheticFewShot, build_dataset
-from benchmarks.transforms import train_transform
+from benchmarks.datasets.transforms import train_transform
 
 
 def _val(**kw):

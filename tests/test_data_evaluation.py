@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from benchmarks import BAM_SEEDS, EvaluationResult, Protocol, dataset_factory, evaluate
-from benchmarks.transforms import letterbox_shape
+from benchmarks.datasets.transforms import letterbox_shape
 
 pytestmark = pytest.mark.filterwarnings("ignore:FewShotIoU. classes:RuntimeWarning")
 

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.datasets import FSS1000, DatasetError
-from benchmarks.transforms import test_transform
+from benchmarks.datasets.transforms import test_transform
 
 CLASSES = ["zebra", "apple", "car"]
 FILES = ["1", "2", "3", "10"]

@@ -12,7 +12,7 @@ from PIL import Image
 from benchmarks.datasets import DatasetError, PascalFewShot, VOC_CLASSES, binarize, pascal_fold_classes
 from benchmarks.datasets import sources as sources_mod
 from benchmarks.datasets._io import parse_list, read_label
-from benchmarks.transforms import test_transform
+from benchmarks.datasets.transforms import test_transform
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOC = SHARED / "voc-sample" / "VOC2012"

@@ -121,7 +121,7 @@ def test_arm_tokens_of_the_branch_flags():
 
 
 def test_gate_value_is_logged_each_epoch(tmp_path):
-    from benchmarks.config import load_config
+    from benchmarks.engine.config import load_config
     from benchmarks.engine import train
     cfg = load_config("plug_in_canet_synthetic", [
         "data.args={image_size: 32, num_images: 120}", "data.train_episodes=8", "data.num_workers=0",

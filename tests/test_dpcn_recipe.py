@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_matrix as GM
-from benchmarks.config import load_config
+from benchmarks.engine.config import load_config
 from benchmarks.dpcn_prior import diagnose, map_episode_stats, roc_auc
 
 pytestmark = pytest.mark.usefixtures("one_thread")

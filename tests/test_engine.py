@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks.config import CONFIG_DIR, ConfigError, DEFAULTS, apply_overrides, load_config
+from benchmarks.engine.config import CONFIG_DIR, ConfigError, DEFAULTS, apply_overrides, load_config
 from benchmarks.engine import (PolyLR, ResumableDistributedSampler, Trainer, TrainingInterrupted, _fuse,
                                build_model_from_config, eval_protocol, load_checkpoint_model, train)
 

@@ -200,7 +200,7 @@ def test_synthetic_checkpoint_on_pascal_and_a_corrupt_image_with_workers(trained
 
 def test_predict_function_api(trained, tmp_path):
     from benchmarks.engine import load_checkpoint_model
-    from benchmarks.inference import PredictInputError, predict
+    from benchmarks.engine.inference import PredictInputError, predict
     from benchmarks.datasets import synthetic_image
     model, _ = load_checkpoint_model(trained / "best.pth")
     q, _ = synthetic_image(0, "val", 3, size=50)

@@ -83,7 +83,7 @@ def test_finite_json_and_the_reader_of_nulls():
     from benchmarks.engine import finite_json
     from benchmarks.engine.trainer import _result_from_dict
     from benchmarks.engine.runlog import format_table
-    from benchmarks.protocols import EvaluationResult, Protocol
+    from benchmarks.scoring.protocols import EvaluationResult, Protocol
     r = EvaluationResult(Protocol(dataset="synthetic", episodes=2, scales=(32,)),
                          [{"seed": 0, "miou": 50.0, "fbiou": 60.0, "class_iou": {1: 50.0, 2: math.nan}}])
     d = _strict_json(json.dumps(finite_json({"label": "x", **r.as_dict()})))
@@ -175,7 +175,7 @@ def test_train_out_a_file_is_refused(files):
 
 
 def test_output_problem():
-    from benchmarks.output_paths import output_problem
+    from benchmarks.engine.output_paths import output_problem
     import tempfile
     d = Path(tempfile.mkdtemp())
     (d / "f").write_text("x")

@@ -1,4 +1,4 @@
-"""The on-disk feature store of benchmarks/feature_cache.py: shards shared by processes, spilling,
+"""The on-disk feature store of benchmarks/engine/feature_cache.py: shards shared by processes, spilling,
 exactness, corrupt shards, unique temporary names, the single-file format and the command line."""
 import os
 import re
@@ -10,9 +10,10 @@ import warnings
 import pytest
 import torch
 
-from benchmarks import feature_cache as fc
-from benchmarks.feature_cache import (FeatureCache, FeatureStoreWarning, attach_feature_cache,
-                                      cache_file, store_dir)
+from benchmarks import feature_store
+from benchmarks.engine import feature_cache as fc
+from benchmarks.engine.feature_cache import (FeatureCache, FeatureStoreWarning, attach_feature_cache,
+                                             cache_file, store_dir)
 
 from _scripts import ROOT
 
@@ -49,7 +50,7 @@ def _equal(a, b):
 _WRITER = textwrap.dedent("""
     import os, sys, time, torch
     sys.path.insert(0, sys.argv[4])
-    from benchmarks.feature_cache import FeatureCache
+    from benchmarks.engine.feature_cache import FeatureCache
     d, seed, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     sys.path.insert(0, os.path.join(sys.argv[4], "tests"))
     from test_feature_store import _batches, _stage, _entry_bytes
@@ -295,10 +296,10 @@ def test_command_line_info_verify_compact(tmp_path, capsys):
     c.flush()
     key = next(iter(c.store._index))
     fc.write_shard(c.store.directory, "ns", [(key, c.store.get(key))])
-    assert fc.main(["--info", str(tmp_path), "--verify"]) == 0
+    assert feature_store.main(["--info", str(tmp_path), "--verify"]) == 0
     out = capsys.readouterr().out
     assert "9 shards, 9 entries (8 distinct)" in out and "verify: 9 of 9" in out and "tuple float32[3, 8, 8]" in out
-    assert fc.main(["--info", str(tmp_path), "--compact"]) == 0
+    assert feature_store.main(["--info", str(tmp_path), "--compact"]) == 0
     assert "compacted: 8 entries in 1 new shard(s), 9 old shard(s) removed" in capsys.readouterr().out
     shards = os.listdir(store_dir(tmp_path, "ns"))
     assert len(shards) == 1
@@ -310,9 +311,9 @@ def test_command_line_info_verify_compact(tmp_path, capsys):
     b = bytearray(p.read_bytes())
     b[-5] ^= 0xFF
     p.write_bytes(bytes(b))
-    assert fc.main(["--info", str(store_dir(tmp_path, "ns")), "--verify"]) == 1
+    assert feature_store.main(["--info", str(store_dir(tmp_path, "ns")), "--verify"]) == 1
     assert "1 of 8 entries fail their checksum" in capsys.readouterr().out
-    p2 = subprocess.run([sys.executable, str(ROOT / "benchmarks/feature_cache.py"), "--info", str(tmp_path)],
+    p2 = subprocess.run([sys.executable, str(ROOT / "benchmarks/feature_store.py"), "--info", str(tmp_path)],
                         capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p2.returncode == 0 and "1 shards, 8 entries" in p2.stdout, p2.stderr[-2000:]
 
@@ -320,7 +321,7 @@ def test_command_line_info_verify_compact(tmp_path, capsys):
 def test_training_with_a_store_matches_uncached_and_a_later_session_only_hits(tmp_path, monkeypatch):
     """Uncached, then a cold store, then a warm one in a 'later session' (a process without the shared caches)."""
     import math
-    from benchmarks.config import load_config
+    from benchmarks.engine.config import load_config
     from benchmarks.engine import train
     from _scripts import tiny
     runs, caches = [], []

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from benchmarks.metrics import FewShotIoU, intersection_and_union
+from benchmarks.scoring.metrics import FewShotIoU, intersection_and_union
 
 T = torch.tensor
 

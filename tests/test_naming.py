@@ -113,20 +113,43 @@ def test_dpcn_old_positional_order_warns_and_keeps_its_meaning():
     assert m.shot == 3
 
 
+def _benchmarks_layout():
+    """(commands: top-level stems of benchmarks/, packages: its sub-packages, modules: their public module stems)."""
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    commands = [p for p in sorted(bench.glob("*.py")) if p.stem != "__init__"]
+    packages = [p for p in sorted(bench.iterdir()) if (p / "__init__.py").is_file()]
+    modules = [m for pkg in packages for m in sorted(pkg.glob("*.py")) if not m.stem.startswith("_")]
+    return commands, packages, modules
+
+
+def test_benchmarks_top_level_holds_only_commands():
+    """Every ``benchmarks/*.py`` is a command (a ``main`` run under ``__main__``); the library modules of the
+    sub-packages are not."""
+    import ast
+    commands, packages, modules = _benchmarks_layout()
+    assert {"plug_in", "evaluate", "speed", "intervals", "feature_store"} <= {p.stem for p in commands}
+    assert {"datasets", "scoring", "engine"} <= {p.name for p in packages}
+    for p in commands:
+        tree = ast.parse(p.read_text())
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body), f"{p.name}: no main()"
+        assert 'if __name__ == "__main__"' in p.read_text(), f"{p.name}: not runnable"
+    for m in modules:
+        assert 'if __name__ == "__main__"' not in m.read_text(), f"library module {m} is a command; move it to benchmarks/"
+
+
 def test_no_script_is_confusable_with_a_library_module():
     import os
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-
-    def is_script(p):
-        return 'if __name__ == "__main__"' in p.read_text()
-
-    bench = [p for p in (root / "benchmarks").glob("*.py") if p.stem != "__init__"]
-    library = [p.stem for p in bench if not is_script(p)] + ["datasets", "engine"]
-    scripts = [p.stem for p in bench if is_script(p)] + [p.stem for p in (root / "examples").glob("*.py")]
-    assert {"plug_in", "evaluate", "speed"} <= set(scripts) and {"protocols", "inference", "metrics"} <= set(library)
-    for lib in library:
+    commands, packages, modules = _benchmarks_layout()
+    library = [p.name for p in packages] + [m.stem for m in modules]
+    examples = [p.stem for p in (root / "examples").glob("*.py")]
+    assert {"protocols", "inference", "metrics", "config"} <= set(library)
+    # commands against every library name, examples against the packages: alike = they share a prefix of at
+    # least 3 characters that leaves at most 2 of the shorter name
+    pairs = [(s.stem, lib) for s in commands for lib in library] + [(s, p.name) for s in examples for p in packages]
+    for s, lib in pairs:
         assert not lib.endswith("_lib"), lib
-        for s in scripts:
-            shared = len(os.path.commonprefix([s, lib]))
-            assert shared < min(len(s), len(lib)) - 2, f"script {s}.py and library module {lib} look alike"
+        shared = len(os.path.commonprefix([s, lib]))
+        assert shared < max(3, min(len(s), len(lib)) - 2), f"script {s}.py and library module {lib} look alike"

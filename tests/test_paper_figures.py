@@ -13,8 +13,8 @@ from PIL import Image
 
 from benchmarks.datasets import CocoFewShot, PascalFewShot, SyntheticFewShot, build_dataset
 from benchmarks.datasets.boxes import BOX_MIN_AREA, boxes_label, component_boxes
-from benchmarks.protocols import Protocol, dataset_factory
-from benchmarks.transforms import test_transform
+from benchmarks.scoring.protocols import Protocol, dataset_factory
+from benchmarks.datasets.transforms import test_transform
 from conftest import SHARED_DATA
 
 from _scripts import ok, one_line_error, run, sets, tiny
@@ -225,7 +225,7 @@ def test_support_annotation_validation_and_protocol():
     assert dm.support_annotation == "mask" and db.support_annotation == "box" and dm.episodes == db.episodes
     with pytest.raises(ValueError, match="contradicts"):
         dataset_factory(num_images=30, image_size=24, support_annotation="box")(pm, 0, 24)
-    from benchmarks.config import ConfigError, load_config
+    from benchmarks.engine.config import ConfigError, load_config
     assert load_config(None, ["data.train_args.support_annotation=box"])["data"]["train_args"] == {"support_annotation": "box"}
     for bad in ("data.args.support_annotation=box", "data.val_args.support_annotation=box",
                 "data.train_args.support_annotation=bbox"):

@@ -1,10 +1,10 @@
-"""The support-mask reading rule of benchmarks.inference.load_mask on real VOC label PNGs, palette and grey."""
+"""The support-mask reading rule of benchmarks.engine.inference.load_mask on real VOC label PNGs, palette and grey."""
 import warnings
 
 import numpy as np
 import pytest
 
-from benchmarks.inference import PredictInputError, load_mask
+from benchmarks.engine.inference import PredictInputError, load_mask
 
 from conftest import SHARED_DATA
 

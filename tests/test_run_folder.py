@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from benchmarks.config import load_config, save_config
+from benchmarks.engine.config import load_config, save_config
 from benchmarks.engine import (RunFolderLocked, RunFolderTaken, RunLock, Trainer, TrainingInterrupted, atomic_save,
                                train)
 from benchmarks.engine.runfolder import atomic_write

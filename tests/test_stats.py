@@ -1,4 +1,4 @@
-"""benchmarks.stats: the Welch seed interval and the paired two-level (seed x test-image) bootstrap,
+"""benchmarks.scoring.stats: the Welch seed interval and the paired two-level (seed x test-image) bootstrap,
 each checked against values computed independently here."""
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.metrics import FewShotIoU
-from benchmarks.stats import bootstrap_difference, paired_difference, welch_df, wider
+from benchmarks.scoring.metrics import FewShotIoU
+from benchmarks.scoring.stats import bootstrap_difference, paired_difference, welch_df, wider
 
 # CANet vs CANet+DCM (raw input, residual), development test split, folds 1-3, seeds 0-2
 # (docs/results/canet_rawin_test_folds123.json), as literals
@@ -193,7 +193,7 @@ def test_bootstrap_rejects_bad_input():
 
 def test_stats_command_restates_a_table(tmp_path, capsys):
     import json as _json
-    from benchmarks.stats import main
+    from benchmarks.intervals import main
     table = {"folds": [1, 2, 3], "split": "test", "seeds": [0, 1, 2],
              "results": {"canet": {"miou": {str(f): {str(s): v for s, v in CANET[f].items()} for f in CANET}},
                          "canet+dcm": {"miou": {str(f): {str(s): v for s, v in CANET_DCM[f].items()} for f in CANET}}},

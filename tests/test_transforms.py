@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import transforms as T
+from benchmarks.datasets import transforms as T
 
 MEAN = torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1) * 255
 STD = torch.tensor(T.IMAGENET_STD).view(3, 1, 1) * 255

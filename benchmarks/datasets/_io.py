@@ -83,7 +83,7 @@ _VOC_CODE_TO_ID = {int(r) << 16 | int(g) << 8 | int(b): i for i, (r, g, b) in en
 
 def rgb_mask_labels(rgb: np.ndarray, what: str = "mask") -> Tuple[np.ndarray, str]:
     """The one rule for colour (RGB) masks, shared by the datasets (:func:`read_label`) and by prediction
-    (:func:`benchmarks.inference.load_mask`). ``rgb``: ``uint8[H, W, 3]`` (or ``[H, W, 4]``: an alpha
+    (:func:`benchmarks.engine.inference.load_mask`). ``rgb``: ``uint8[H, W, 3]`` (or ``[H, W, 4]``: an alpha
     channel that varies is the mask, object = opaque (> 127); a constant one is dropped).
 
     1. every pixel a colour of the VOC palette (:data:`VOC_PALETTE`: black = 0 background, (128, 0, 0) = 1

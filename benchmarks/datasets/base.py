@@ -151,7 +151,7 @@ class FewShotDataset(Dataset):
         return self._source.files(index) if self._source is not None else ()
 
     def _default_transform(self):  # pragma: no cover - overridden
-        from .. import transforms as T
+        from . import transforms as T
         return T.train_transform() if self.training else T.test_transform()
 
     # ------------------------------------------------------------------ index building

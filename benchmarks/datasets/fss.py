@@ -34,7 +34,7 @@ class FSS1000(FewShotDataset):
             ``trn.txt``/``val.txt``/``test.txt`` (picked by ``split``). Not built in (no offline copy).
         split: ``'train'`` (``trn``), ``'val'`` or ``'test'``.
         shot, episodes (default: one per image, 2400 for the test split), seed, transform (default
-        :func:`benchmarks.transforms.test_transform` ``(400, 'squash')``, as HSNet), on_error.
+        :func:`benchmarks.datasets.transforms.test_transform` ``(400, 'squash')``, as HSNet), on_error.
         class_id_offset: ``class_id = offset + 1 + index`` of the class in the sorted split list;
             default HSNet's (0 / 520 / 760 for trn / val / test), so ids are 1-based global ids.
         threshold: mask binarisation threshold on the 'L' image (128 as HSNet).
@@ -92,7 +92,7 @@ class FSS1000(FewShotDataset):
         self._finalize(min_pixels=0)
 
     def _default_transform(self):
-        from .. import transforms as T
+        from . import transforms as T
         return T.test_transform(400, "squash")
 
     def files(self, i: int) -> Tuple[str, str]:

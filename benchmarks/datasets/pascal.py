@@ -117,7 +117,7 @@ class PascalFewShot(FewShotDataset):
         episodes: number of episodes (eval default 1000; train default one per query image).
         seed: episode seed (eval list = pure function of it; training: of ``(seed, epoch)``).
         transform: ``f(image uint8[H,W,3], mask uint8[H,W], rng) -> (Tensor[3,H,W], LongTensor[H,W])``;
-            default :func:`benchmarks.transforms.train_transform` / ``test_transform`` (473).
+            default :func:`benchmarks.datasets.transforms.train_transform` / ``test_transform`` (473).
         sampling: ``'sequential'`` (PFENet: queries in list order, cycled) or ``'class_balanced'``.
         cache_dir: where the per-image class pixel counts are cached (``None``: ``$DCM_CACHE_DIR`` or
             ``~/.cache/dcm``; ``False``: no cache).

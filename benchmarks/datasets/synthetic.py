@@ -246,7 +246,7 @@ class SyntheticFewShot(FewShotDataset):
         return synthetic_image(self.data_seed, self.img_split, i, self.image_size, self.objects, self.void_width)
 
     def _default_transform(self):
-        from .. import transforms as T
+        from . import transforms as T
         ops = ([T.RandomHorizontalFlip(0.5)] if self.training else []) + [T.Normalize()]
         return T.Compose(ops)
 

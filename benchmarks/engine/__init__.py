@@ -1,11 +1,11 @@
 """The train/evaluate engine behind ``examples/train_dpcn.py``, ``benchmarks/plug_in.py`` and ``benchmarks/evaluate.py``.
 
-One :func:`train` call runs a whole recipe (:mod:`benchmarks.config`): it builds the model with
+One :func:`train` call runs a whole recipe (:mod:`benchmarks.engine.config`): it builds the model with
 :func:`models.build_model`, the episode datasets with :func:`benchmarks.datasets.build_dataset`, trains
 with SGD (or AdamW) + the poly schedule (updated every iteration, PFENet's ``(1 - it/max_it)^0.9`` with ``it``
-counted from 1), validates with :func:`benchmarks.protocols.evaluate`, keeps the best checkpoint by
+counted from 1), validates with :func:`benchmarks.scoring.protocols.evaluate`, keeps the best checkpoint by
 validation class mIoU and finally evaluates it (and a no-training reference) under the recipe's
-:class:`~benchmarks.protocols.Protocol`.
+:class:`~benchmarks.scoring.protocols.Protocol`.
 
 Layout (one concern per module; every name below is importable from ``benchmarks.engine`` itself)::
 

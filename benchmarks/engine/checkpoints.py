@@ -4,7 +4,7 @@
 network from a checkpoint file (:func:`load_checkpoint_model`, for evaluation and prediction).
 
 This module does not import the trainer (:mod:`benchmarks.engine.trainer`): ``benchmarks/evaluate.py``,
-``examples/predict.py`` and :mod:`benchmarks.inference` load checkpoints without it. The trainer calls
+``examples/predict.py`` and :mod:`benchmarks.engine.inference` load checkpoints without it. The trainer calls
 ``checkpoints.atomic_save`` through this module, so a test that replaces
 ``benchmarks.engine.checkpoints.atomic_save`` sees every checkpoint a run writes.
 """
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import _validate as validate_config
-from ..config import apply_overrides
+from .config import _validate as validate_config
+from .config import apply_overrides
 from .errors import _first_line
 from .from_config import build_model_from_config
 from .runfolder import atomic_write
@@ -74,7 +74,7 @@ def strip_module_prefix(state: dict) -> dict:
 def _with_defaults(cfg: dict, path) -> dict:
     """A saved config with every key of today's defaults filled in (a checkpoint written before a key
     existed keeps working); a key today's code does not know is an error naming the checkpoint."""
-    from ..config import ConfigError, DEFAULTS, merge
+    from .config import ConfigError, DEFAULTS, merge
     try:
         return merge(DEFAULTS, cfg)
     except ConfigError as e:
@@ -98,7 +98,7 @@ def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: O
     """Rebuild the network of a training checkpoint (its saved config) and load its weights.
 
     ``cfg`` replaces the saved config (for a bare ``state_dict`` file it is required); ``overrides``
-    are ``key=value`` strings (:func:`benchmarks.config.apply_overrides`) applied to it and validated.
+    are ``key=value`` strings (:func:`benchmarks.engine.config.apply_overrides`) applied to it and validated.
     Returns ``(model.eval(), cfg)``.
     """
     path = Path(path)

@@ -1,7 +1,7 @@
 """What a config builds: the network (:func:`build_model_from_config`), the training episodes
-(:func:`build_train_dataset`), the evaluation :class:`~benchmarks.protocols.Protocol` of the final test or of
+(:func:`build_train_dataset`), the evaluation :class:`~benchmarks.scoring.protocols.Protocol` of the final test or of
 the per-epoch validation (:func:`eval_protocol`, at :func:`test_size`) and the evaluation-dataset factory
-(:func:`eval_factory`). The config keys are those of :mod:`benchmarks.config`.
+(:func:`eval_factory`). The config keys are those of :mod:`benchmarks.engine.config`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..datasets import build_dataset
-from ..protocols import Protocol, dataset_factory
+from ..scoring.protocols import Protocol, dataset_factory
 
 __all__ = ["build_model_from_config", "build_train_dataset", "test_size", "eval_protocol", "eval_factory",
            "check_model_config", "recipe_hint"]
@@ -59,7 +59,7 @@ def check_model_config(cfg: dict) -> None:
 def recipe_hint(model: str) -> str:
     """Which recipes of ``configs/`` are for ``model`` (its host family: ``pfenet+dcm`` -> pfenet, ``baseline``
     -> dpcn), as a hint for an error: ``"use one of its recipes: --config a / b"``."""
-    from ..config import CONFIG_DIR
+    from .config import CONFIG_DIR
     family = str(model).strip().lower().split("+")[0]
     family = "dpcn" if family == "baseline" else family
     names = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml") if family in f.stem.split("_") and "base" not in f.stem)
@@ -96,7 +96,7 @@ def build_train_dataset(cfg: dict):
     if d["dataset"] not in ("fss", "fss1000"):
         kw["fold"] = d["fold"]
     if d["train_size"]:
-        from ..transforms import flip_transform, train_transform
+        from ..datasets.transforms import flip_transform, train_transform
         if d["augment"] == "flip":
             kw["transform"] = flip_transform(int(d["train_size"]), d["test_resize"])
         else:

@@ -1,5 +1,5 @@
 """Prediction and evaluation of a network: the K-shot fusion strategies (paper Table 7), the predict
-functions that :func:`benchmarks.protocols.evaluate_many` scores, :func:`evaluate_model` /
+functions that :func:`benchmarks.scoring.protocols.evaluate_many` scores, :func:`evaluate_model` /
 :func:`evaluate_fusions` (several strategies in one pass over the episodes) and the no-training
 references (:func:`evaluate_reference`, :func:`has_prior`).
 """
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..protocols import EvaluationResult, Protocol, evaluate_many
+from ..scoring.protocols import EvaluationResult, Protocol, evaluate_many
 from .device import amp_context
 from .distributed import unwrap
 
@@ -58,7 +58,7 @@ def _fg_prob(model: nn.Module, q, s, sm, *, amp, output: str, threshold: float) 
 
 def make_fusions_predict_fn(model: nn.Module, fusions: Sequence[str], *, amp="auto", output: str = "logits",
                             threshold: float = 0.5) -> Callable[[dict], Dict[str, torch.Tensor]]:
-    """``predict_fn(batch) -> {fusion: logits [B, 2, H, W]}`` for :func:`benchmarks.protocols.evaluate_many`.
+    """``predict_fn(batch) -> {fusion: logits [B, 2, H, W]}`` for :func:`benchmarks.scoring.protocols.evaluate_many`.
 
     K-shot strategies (paper Table 7): ``native`` is the model's own K-shot (DPCN's foreground
     concatenation); ``vote``, ``average`` (mask average) and ``or`` run the model 1-shot once per support
@@ -97,7 +97,7 @@ def make_fusions_predict_fn(model: nn.Module, fusions: Sequence[str], *, amp="au
 
 def make_predict_fn(model: nn.Module, *, fusion: str = "native", amp="auto", output: str = "logits",
                     threshold: float = 0.5) -> Callable[[dict], torch.Tensor]:
-    """A ``predict_fn(batch) -> logits [B, 2, H, W]`` for :func:`benchmarks.protocols.evaluate`: one
+    """A ``predict_fn(batch) -> logits [B, 2, H, W]`` for :func:`benchmarks.scoring.protocols.evaluate`: one
     strategy of :func:`make_fusions_predict_fn` (``native``, ``vote``, ``average`` or ``or``)."""
     fn = make_fusions_predict_fn(model, [fusion], amp=amp, output=output, threshold=threshold)
     return lambda batch: fn(batch)[fusion]
@@ -106,7 +106,7 @@ def make_predict_fn(model: nn.Module, *, fusion: str = "native", amp="auto", out
 def evaluate_model(model: nn.Module, protocol: Protocol, factory: Callable, *, device=None, fusion="native",
                    output="logits", amp="auto", batch_size: int = 1, num_workers: int = 0,
                    progress: bool = False) -> EvaluationResult:
-    """:func:`benchmarks.protocols.evaluate` of ``model`` (put in ``eval()`` mode here, restored after)."""
+    """:func:`benchmarks.scoring.protocols.evaluate` of ``model`` (put in ``eval()`` mode here, restored after)."""
     return evaluate_fusions(model, protocol, factory, [fusion], device=device, output=output, amp=amp,
                             batch_size=batch_size, num_workers=num_workers, progress=progress)[fusion]
 

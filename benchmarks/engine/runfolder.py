@@ -199,7 +199,7 @@ def _same_run(run_dir: Path, cfg: Optional[dict]) -> bool:
         return False
     import yaml
 
-    from ..config import dump_config
+    from .config import dump_config
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):

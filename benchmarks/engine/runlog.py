@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..protocols import EvaluationResult
+from ..scoring.protocols import EvaluationResult
 
 __all__ = ["RunLogger", "format_table", "finite_json"]
 

@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import save_config
+from .config import save_config
 from ..datasets import collate_episodes
-from ..protocols import EvaluationResult, Protocol
+from ..scoring.protocols import EvaluationResult, Protocol
 from . import checkpoints
 from .checkpoints import rng_state, seed_everything, set_rng_state, strip_module_prefix
 from .device import amp_context, resolve_device
@@ -65,7 +65,7 @@ class Trainer:
     """Training of one recipe. Use :func:`train` unless you need the pieces.
 
     Args:
-        cfg: a resolved config (:func:`benchmarks.config.load_config`).
+        cfg: a resolved config (:func:`benchmarks.engine.config.load_config`).
         run_dir: output folder (default ``run.out_dir / (run.name or default_run_name(cfg))``).
         resume: ``None``, ``True`` (``run_dir/last.pth``) or a checkpoint path.
         model: an already built network to train instead of :func:`build_model_from_config` (tests).
@@ -141,7 +141,7 @@ class Trainer:
         self.model.to(self.device)
         self.feature_cache = None
         if t["cache_backbone"]:
-            from ..feature_cache import attach_feature_cache
+            from .feature_cache import attach_feature_cache
             self.feature_cache = attach_feature_cache(self.model, int(float(t["cache_backbone_gb"]) * 2 ** 30),
                                                       cache_dir=t.get("cache_backbone_dir"))
         self.net = self.model  # possibly DDP-wrapped

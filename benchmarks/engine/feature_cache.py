@@ -38,7 +38,7 @@ Where it is stored (``train.cache_backbone_dir``)
     a hit copies exactly the stored bytes into the returned batch (bitwise). A shard is validated when
     first opened (magic, index CRC, namespace, dtypes, every entry's extent against the data size and
     the file size against the index), and a corrupt or truncated one is skipped with one warning naming
-    it (its entries are then recomputed). ``python benchmarks/feature_cache.py --verify`` also checks
+    it (its entries are then recomputed). ``python benchmarks/feature_store.py --verify`` also checks
     the per-entry CRCs (not done on the training path, where it would cost as much as a hit).
 
 Memory and spilling
@@ -74,7 +74,7 @@ Exactness
 
 Command line (inspect / verify / compact a store, or every store of a cache folder)::
 
-    python benchmarks/feature_cache.py --info DIR [--verify] [--compact [--shard-mb 512]]
+    python benchmarks/feature_store.py --info DIR [--verify] [--compact [--shard-mb 512]]
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["FeatureCache", "FeatureStore", "attach_feature_cache", "detach_feature_cache", "weights_fingerprint",
-           "cache_file", "store_dir", "save_shared_caches", "write_shard", "ShardError", "FeatureStoreWarning"]
+           "cache_file", "store_dir", "save_shared_caches", "write_shard", "ShardError", "FeatureStoreWarning",
+           "stores_in", "inspect_store"]
 
 Output = Union[Tensor, Tuple[Tensor, ...]]
 
@@ -415,7 +416,7 @@ class FeatureStore:
         except (ShardError, OSError, RuntimeError) as e:
             self._bad[name] = str(e)
             warnings.warn(f"feature store: skipping shard {path}: {e} (its features are recomputed; "
-                          f"delete the file or run benchmarks/feature_cache.py --compact)", FeatureStoreWarning,
+                          f"delete the file or run benchmarks/feature_store.py --compact)", FeatureStoreWarning,
                           stacklevel=3)
             return
         self._shards[name] = shard
@@ -758,14 +759,20 @@ def _flush_at_exit() -> None:
             print(f"feature cache: could not write the last new features: {e}", file=sys.stderr)
 
 
-# ------------------------------------------------------------------------------------------ command line
-def _stores_in(path: Path) -> List[Path]:
+# ------------------------------------------------------------------------------------------ inspecting a store
+def stores_in(path: Path) -> List[Path]:
+    """The store folders at ``path``: ``path`` itself when it is a store, else its ``features_*`` folders."""
     if _shard_names(path) or (path.name.startswith("features_") and path.is_dir()):
         return [path]
     return sorted(p for p in path.glob("features_*") if p.is_dir())
 
 
-def _inspect(directory: Path, verify: bool, compact: bool, shard_bytes: int) -> int:
+def inspect_store(directory: Path, verify: bool = False, compact: bool = False,
+                  shard_bytes: int = DEFAULT_SPILL_BYTES) -> int:
+    """Print a store's shards, entries, layouts, invalid shards and unfinished writes; with ``verify`` also
+    check every entry's CRC, with ``compact`` rewrite the store as shards of ``shard_bytes`` without
+    duplicates or invalid shards. Returns an exit status: 0, 1 (invalid shards or failed checksums) or 2
+    (``compact`` of a store holding several backbones' features)."""
     names = _shard_names(directory)
     shards, bad = [], {}
     for name in names:
@@ -841,35 +848,3 @@ def _inspect(directory: Path, verify: bool, compact: bool, shard_bytes: int) -> 
         print(f"  compacted: {len(seen)} entries in {len(written)} new shard(s), {removed} old shard(s) removed")
         status = 0
     return status
-
-
-def main(argv=None) -> int:
-    import argparse
-    p = argparse.ArgumentParser(description="Inspect, verify or compact frozen-backbone feature stores "
-                                            "(train.cache_backbone_dir).")
-    p.add_argument("--info", metavar="DIR", required=True,
-                   help="a store folder (features_<fingerprint>) or a cache folder holding several")
-    p.add_argument("--verify", action="store_true", help="also check every entry's checksum")
-    p.add_argument("--compact", action="store_true",
-                   help="rewrite each store as few shards without duplicates or invalid shards (safe while "
-                        "other processes read or write the store: they keep their mapped shards and pick up "
-                        "the new ones)")
-    p.add_argument("--shard-mb", type=float, default=DEFAULT_SPILL_BYTES / 2**20,
-                   help="size of the shards --compact writes (MiB, default %(default)g)")
-    a = p.parse_args(argv)
-    root = Path(a.info)
-    if not root.is_dir():
-        print(f"error: {root} is not a folder", file=sys.stderr)
-        return 2
-    stores = _stores_in(root)
-    if not stores:
-        print(f"{root}: no feature store (features_<fingerprint> folder) here")
-        return 0
-    status = 0
-    for d in stores:
-        status = max(status, _inspect(d, a.verify, a.compact, int(a.shard_mb * 2**20)))
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,9 +35,9 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = ["t_quantile_975", "welch_df", "mean_std", "paired_difference", "bootstrap_difference", "wider",
-           "fold_average", "format_interval"]
+           "fold_average", "format_interval", "restate"]
 
-EPS = 1e-10  # the class-IoU denominator's epsilon of benchmarks.metrics
+EPS = 1e-10  # the class-IoU denominator's epsilon of benchmarks.scoring.metrics
 
 
 def t_quantile_975(df: float) -> float:
@@ -265,35 +265,3 @@ def restate(table: dict, episodes: Optional[dict] = None) -> Dict[str, dict]:
                      "decide": wider(seed["ci95"], boot["ci95"]) if boot else None,
                      "folds": {f: v["mean"] for f, v in seed["folds"].items()}}
     return out
-
-
-def main(argv=None) -> int:
-    """``python benchmarks/stats.py TABLE.json ...``: both intervals of every difference of each table."""
-    import argparse
-    import json
-    from pathlib import Path
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("tables", nargs="+", help="table JSON files written by benchmarks/plug_in.py")
-    args = p.parse_args(argv)
-    for f in args.tables:
-        path = Path(f)
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            print(f"error: '{f}' cannot be read as a table JSON ({type(e).__name__})")
-            return 2
-        ep_file = path.with_name(table.get("episodes_file") or path.stem + "_episodes.json")
-        episodes = json.loads(ep_file.read_text()) if ep_file.is_file() else None
-        print(f"{path.name} ({table.get('split')}, folds {table.get('folds')}, seeds {table.get('seeds')}):")
-        for name, r in restate(table, episodes).items():
-            folds = ", ".join(f"{v:+.2f}" for v in r["folds"].values())
-            df = "n/a" if r["df"] is None else f"{r['df']:.1f}"
-            boot = "n/a (no per-episode results stored)" if r["boot_ci"] is None else format_interval(r["boot_ci"])
-            print(f"  {name}: {r['mean']:+.2f}  seeds {format_interval(r['seed_ci'])} (Welch df {df})  "
-                  f"seeds x images {boot}  per fold {folds}")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main())

@@ -12,7 +12,7 @@ Scoring resolutions (docs/PROTOCOLS.md#test-resizing):
   original-resolution label is pasted at the top-left of an ``L × L`` canvas filled with 255. Exactly
   PFENet's computation, including its sub-pixel misregistration (the letterboxed content covers
   ≈ 472/473 of the canvas).
-* ``'original_crop'``: the letterboxed content region of the logits (:func:`~benchmarks.transforms.letterbox_shape`)
+* ``'original_crop'``: the letterboxed content region of the logits (:func:`~benchmarks.datasets.transforms.letterbox_shape`)
   is cropped and resized (bilinear, half-pixel centres) to exactly ``h0 × w0``: no padding, no
   misregistration. Needs ``resize`` in {'letterbox', 'shrink', 'squash'}.
 * ``'input'``: scored at the network input against the transformed ``query_mask`` (the "473"
@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .datasets import build_dataset, collate_episodes
+from ..datasets import build_dataset, collate_episodes
 from .metrics import FewShotIoU
 
 __all__ = ["Protocol", "EvaluationResult", "evaluate", "evaluate_many", "dataset_factory", "BAM_SEEDS"]
 
-log = logging.getLogger("benchmarks.protocols")
+log = logging.getLogger("benchmarks.scoring.protocols")
 
 BAM_SEEDS = (510, 365, 382, 322, 988)  # np.random.seed(123); randint(0, 1000, 5) (docs/PROTOCOLS.md#seeds-and-episodes)
 _RESOLUTIONS = ("original", "original_crop", "input")
@@ -146,7 +146,7 @@ class Protocol:
 
     def test_transform(self, size: int):
         """The evaluation transform of this protocol at input ``size``."""
-        from .transforms import test_transform
+        from ..datasets.transforms import test_transform
         return test_transform(size, self.resize)
 
     def as_dict(self) -> dict:
@@ -177,7 +177,7 @@ class EvaluationResult:
 
     ``per_seed``: one dict per seed (``seed``, ``miou``, ``fbiou``, ``class_iou`` {class_id: %},
     ``episodes``, ``episodes_per_class``, ``images_per_class`` (distinct query images), ``episode_records``
-    (:meth:`benchmarks.metrics.FewShotIoU.episode_records`: class, query image, foreground intersection and
+    (:meth:`benchmarks.scoring.metrics.FewShotIoU.episode_records`: class, query image, foreground intersection and
     union of every episode), ``seconds`` and optionally ``episode_miou``).
     """
 
@@ -289,7 +289,7 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def _content_shape(h0: int, w0: int, canvas: Tuple[int, int], resize: str) -> Tuple[int, int]:
-    from .transforms import letterbox_shape
+    from ..datasets.transforms import letterbox_shape
     if resize == "squash":
         return canvas
     nh, nw = letterbox_shape(h0, w0, canvas[0], upscale=(resize == "letterbox"))

@@ -12,9 +12,9 @@ Per episode ``e`` with prediction ``P`` (argmax of the 2-class logits) and targe
   episodes with ``U_1(e) = 0`` (empty target and empty prediction) count as 1.
 
 Every episode's class, query image and ``I_1(e)``, ``U_1(e)`` are kept as well
-(:meth:`FewShotIoU.episode_records`): the two-level bootstrap of :mod:`benchmarks.stats` resamples them.
+(:meth:`FewShotIoU.episode_records`): the two-level bootstrap of :mod:`benchmarks.scoring.stats` resamples them.
 
-All values are fractions in [0, 1]; :mod:`benchmarks.protocols` reports percentages.
+All values are fractions in [0, 1]; :mod:`benchmarks.scoring.protocols` reports percentages.
 """
 from __future__ import annotations
 

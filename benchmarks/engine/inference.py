@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Prediction", "predict", "load_image", "load_mask", "box_mask", "overlay", "heatmap", "figure",
-           "PredictInputError"]
+__all__ = ["Prediction", "predict", "load_image", "load_mask", "load_support", "box_mask", "overlay", "heatmap",
+           "figure", "PredictInputError"]
 
 ImageLike = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 Box = Tuple[float, float, float, float]
@@ -109,7 +109,7 @@ def load_image(x: ImageLike, what: str = "image") -> np.ndarray:
 
 def _colour_mask(rgb: np.ndarray, what: str) -> Tuple[np.ndarray, bool]:
     """An RGB(A) mask by the shared colour rule: ``(2-D array, is a label map of class ids)``."""
-    from .datasets._io import rgb_mask_labels
+    from ..datasets._io import rgb_mask_labels
     try:
         arr, kind = rgb_mask_labels(rgb, what)
     except ValueError as e:
@@ -200,7 +200,9 @@ def box_mask(box: Sequence[float], shape: Tuple[int, int], what: str = "box") ->
     return m
 
 
-def _support_pair(item, i: int, class_id: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+def load_support(item, i: int, class_id: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Support ``i`` (0-based, for the messages) of :func:`predict`, ``(image, mask)`` or ``(image, box)``, read as
+    ``(uint8[H, W, 3] image, mask)`` by :func:`load_image` and :func:`load_mask` / :func:`box_mask`."""
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
         raise PredictInputError(f"supports[{i}]: expected (image, mask) or (image, (x0, y0, x1, y1)), got {type(item).__name__}")
     im_src, m_src = item
@@ -254,8 +256,10 @@ def predict(model: nn.Module, query_img: ImageLike, supports: Sequence[Tuple[Ima
     Returns:
         :class:`Prediction` at the query's original size.
     """
-    from .engine import _fuse, amp_context, unwrap
-    from .transforms import letterbox_shape, test_transform
+    from ..datasets.transforms import letterbox_shape, test_transform
+    from .device import amp_context
+    from .distributed import unwrap
+    from .fusion import _fuse
 
     if fusion not in ("native", "vote", "average", "or"):
         raise PredictInputError(f"fusion: expected native, vote, average or or, got {fusion!r}")
@@ -266,7 +270,7 @@ def predict(model: nn.Module, query_img: ImageLike, supports: Sequence[Tuple[Ima
     net.eval()
     device = torch.device(device) if device is not None else next(net.parameters()).device
     q = load_image(query_img, f"query image ({_name(query_img)})")
-    pairs = [_support_pair(item, i, class_id) for i, item in enumerate(supports)]
+    pairs = [load_support(item, i, class_id) for i, item in enumerate(supports)]
     h0, w0 = q.shape[:2]
     sizes = [int(s) for s in (scales or [size])]
     prob_sum = None

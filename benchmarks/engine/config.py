@@ -35,7 +35,7 @@ __all__ = ["DEFAULTS", "ConfigError", "load_config", "apply_overrides", "merge",
            "add_config_args", "overrides_from_args", "CLI_FLAGS",
            "CONFIG_DIR", "resolve_recipe"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 #: every recognised key with its default (the synthetic CPU demo; recipes in configs/ set the paper's values)
 DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -86,7 +86,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "val_batch_size": 8,
         "checkpoint_every_iters": 0,   # also checkpoint inside an epoch every N iterations (0 = only at epoch end)
         "val_split": "val",            # split of the per-epoch validation (val | test)
-        "cache_backbone": False,       # memoise the frozen backbone's features per input (benchmarks/feature_cache.py)
+        "cache_backbone": False,       # memoise the frozen backbone's features per input (benchmarks/engine/feature_cache.py)
         "cache_backbone_gb": 8.0,      # memory cap of that cache (GiB); with a dir: new features are spilled to
                                        # the dir at min(this, 0.5 GiB), nothing stops being stored
         "cache_backbone_dir": None,    # on-disk feature store shared by every process and session (memory-mapped)
@@ -312,7 +312,7 @@ def _validate_dataset_args(d: dict) -> None:
     ``data.train_args`` / ``data.val_args`` an argument of the dataset's class."""
     import inspect
 
-    from .datasets import DATASETS
+    from ..datasets import DATASETS
     name = str(d["dataset"]).lower()
     cls = DATASETS.get(name)
     if cls is None:
@@ -371,7 +371,7 @@ def dump_config(cfg: dict) -> str:
 def save_config(cfg: dict, path: Union[str, os.PathLike]) -> Path:
     """Write the resolved config atomically (a uniquely named temporary file + ``os.replace``,
     :func:`benchmarks.engine.runfolder.atomic_write`) and return the path."""
-    from .engine.runfolder import atomic_write
+    from .runfolder import atomic_write
     text = dump_config(cfg)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

@@ -1,0 +1,4 @@
+"""Scoring few-shot segmentation: :mod:`~benchmarks.scoring.protocols` (the evaluation protocol and
+:func:`~benchmarks.scoring.protocols.evaluate`), :mod:`~benchmarks.scoring.metrics` (class mIoU, FB-IoU,
+per-episode records) and :mod:`~benchmarks.scoring.stats` (mean ± std over seeds, paired differences with
+their seed and seed x test-image intervals)."""
