@@ -115,21 +115,10 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 
 def atomic_write_text(path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``text`` to ``path`` through a unique temporary file, fsync'd, then renamed
+    (:func:`benchmarks.engine.runfolder.atomic_write`)."""
+    from benchmarks.engine.runfolder import atomic_write
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text), fsync=True)
 
 
 def _now() -> str:
@@ -189,11 +178,8 @@ def unpack_weights(pack, dest_dir) -> Optional[Path]:
     raw = _unshuffle4(lzma.decompress((pack / info["file"]).read_bytes()), int(info["pth_bytes"]))
     if hashlib.sha256(raw).hexdigest() != info["pth_sha256"]:
         raise MatrixError(f"pack '{pack}': the unpacked weights do not match the manifest's SHA-256")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".{os.getpid()}.part")
-    tmp.write_bytes(raw)
-    os.replace(tmp, out)
-    return out
+    from benchmarks.engine.runfolder import atomic_write
+    return atomic_write(out, lambda tmp: Path(tmp).write_bytes(raw))
 
 
 def make_pack(src, dst, *, quality: int = PACK_QUALITY, max_side: int = PACK_MAX_SIDE, weights: str = "imagenet",

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,20 @@ def test_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(f, broken)
     assert f.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_atomic_write_fsyncs_before_the_rename_and_uses_the_given_temporary(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_size)), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b))[1])
+    f = tmp_path / "shard.bin"
+    atomic_write(f, lambda tmp: Path(tmp).write_bytes(b"abc"), fsync=True, tmp=tmp_path / ".part-1")
+    assert events == [("fsync", 3), ("replace", str(tmp_path / ".part-1"), str(f))] and f.read_bytes() == b"abc"
+    events.clear()
+    atomic_write(f, lambda tmp: Path(tmp).write_bytes(b"de"))
+    assert [e[0] for e in events] == ["replace"] and f.read_bytes() == b"de"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard.bin"]
 
 
 # ----------------------------------------------------------------------------- one run per folder

@@ -95,6 +95,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import torch
 from torch import Tensor, nn
 
+from .runfolder import atomic_write
+
 __all__ = ["FeatureCache", "FeatureStore", "attach_feature_cache", "detach_feature_cache", "weights_fingerprint",
            "cache_file", "store_dir", "save_shared_caches", "write_shard", "ShardError", "FeatureStoreWarning",
            "stores_in", "inspect_store"]
@@ -210,7 +212,8 @@ def _signature(out: Output) -> tuple:
 
 def write_shard(directory, namespace: str, entries: Iterable[Tuple[bytes, Output]]) -> Optional[Path]:
     """Write ``(key, output)`` entries (per-sample outputs, any device) as a new shard in ``directory``:
-    a unique temporary file, fsync'd, then ``os.replace``'d to a unique ``shard-<pid>-<uuid>.fcs``.
+    a unique temporary file, fsync'd, then ``os.replace``'d to a unique ``shard-<pid>-<uuid>.fcs``
+    (:func:`~benchmarks.engine.runfolder.atomic_write`).
     Returns its path (``None`` when there is no entry)."""
     entries = list(entries)
     if not entries:
@@ -248,10 +251,10 @@ def write_shard(directory, namespace: str, entries: Iterable[Tuple[bytes, Output
     if _align(_HEADER.size + len(blob)) != index["data_offset"]:  # pragma: no cover - converges in 2 rounds
         raise RuntimeError("feature store: index layout did not converge")
     tag = f"{os.getpid()}-{uuid.uuid4().hex}"
-    tmp = directory / f"{_TMP_PREFIX}{tag}.part"
     final = directory / f"{_SHARD_PREFIX}{tag}{_SHARD_SUFFIX}"
     pad = bytes(_ALIGN)
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(_HEADER.pack(_MAGIC, len(blob), zlib.crc32(blob)))
             f.write(blob)
@@ -261,16 +264,8 @@ def write_shard(directory, namespace: str, entries: Iterable[Tuple[bytes, Output
                 for t, n in zip(_as_tuple(out), lay.sizes):
                     f.write(_bytes(t))
                     f.write(pad[: _align(n) - n])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return final
+
+    return atomic_write(final, write, fsync=True, tmp=directory / f"{_TMP_PREFIX}{tag}.part")
 
 
 class _Shard:
@@ -593,25 +588,13 @@ class FeatureCache:
     def save(self, path) -> Path:
         """Write every entry (memory and store) to one file at ``path`` in the single-file format of
         earlier versions (holds them all in memory while saving); :meth:`load` reads it back. The file
-        is written to a unique temporary name, then renamed."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        is written to a unique temporary name, then renamed (:func:`~benchmarks.engine.runfolder.atomic_write`)."""
         store: Dict[bytes, Output] = {}
         if self.store is not None:
             for k, v in self.store.items():
                 store[k] = v.clone() if isinstance(v, Tensor) else tuple(t.clone() for t in v)
         store.update(self._mem)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
-        try:
-            torch.save({"format": 1, "namespace": self.namespace, "store": store}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return path
+        return atomic_write(path, lambda tmp: torch.save({"format": 1, "namespace": self.namespace, "store": store}, tmp))
 
     def load(self, path) -> int:
         """Add the entries of a single-file cache (:meth:`save`, earlier versions) for the same backbone

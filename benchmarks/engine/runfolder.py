@@ -25,8 +25,11 @@ process (one descriptor per folder, counted). Forked DataLoader workers inherit 
 with their parent. ``flock`` on network file systems may be local to each host.
 
 :func:`atomic_write` writes through a temporary file with a unique name in the destination's folder and
-``os.replace``: concurrent writers never share a temporary file, a reader sees the old or the new file,
-never a truncated one, and a failed write removes its temporary file.
+``os.replace`` (optionally ``fsync``'d first): concurrent writers never share a temporary file, a reader
+sees the old or the new file, never a truncated one, and a failed write removes its temporary file. Every
+atomic write of the harness goes through it: checkpoints, configs, the feature store's shards and
+single-file caches, the GPU matrix's files. This module imports nothing heavier than
+:mod:`benchmarks.engine.errors`.
 """
 from __future__ import annotations
 
@@ -58,15 +61,28 @@ _HELD: Dict[str, list] = {}  # realpath of a lock file -> [descriptor, holders i
 _GUARD = threading.Lock()
 
 
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) -> Path:
-    """``write(tmp)`` writes the content to the file ``tmp`` (``<name>.<pid>-<random hex>.tmp`` beside
-    ``path``, created by ``write`` with the usual permissions), which then replaces ``path`` (``os.replace``);
-    on failure the temporary file is removed and the error re-raised."""
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None], *, fsync: bool = False,
+                 tmp: Union[str, os.PathLike, None] = None) -> Path:
+    """``write(tmp)`` writes the content to the file ``tmp``, which then replaces ``path`` (``os.replace``);
+    on failure the temporary file is removed and the error re-raised.
+
+    Args:
+        tmp: the temporary file, in ``path``'s folder and unique to this write (default
+            ``<name>.<pid>-<random hex>.tmp`` beside ``path``); ``write`` creates it with the usual permissions.
+        fsync: ``os.fsync`` the temporary file before the rename, so that the new content is on the disk
+            before any reader can see it (survives a crash of the machine, not only of the process).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"))
+    tmp = str(tmp) if tmp is not None else str(path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"))
     try:
         write(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
