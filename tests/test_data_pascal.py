@@ -11,7 +11,7 @@ from PIL import Image
 
 from benchmarks.datasets import DatasetError, PascalFewShot, VOC_CLASSES, binarize, pascal_fold_classes
 from benchmarks.datasets import sources as sources_mod
-from benchmarks.datasets._io import parse_list, read_label
+from benchmarks.datasets._io import VOC_PALETTE, parse_list, read_label
 from benchmarks.datasets.transforms import test_transform
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -25,21 +25,6 @@ PUBLISHED_FOLDS = {  # docs/PROTOCOLS.md#pascal-5i-folds
     2: ["diningtable", "dog", "horse", "motorbike", "person"],
     3: ["pottedplant", "sheep", "sofa", "train", "tvmonitor"],
 }
-
-
-def voc_colormap(n=256):
-    """The standard VOC palette (bit-interleaving construction), independent of the code under test."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +53,23 @@ def test_fold_classes_match_spec_table():
         pascal_fold_classes(4)
 
 
+def test_voc_palette_known_colours():
+    """docs/DATA.md#colour-masks: 0 background black, 1 aeroplane (128, 0, 0), 8 cat (64, 0, 0), 15 person
+    (192, 128, 128), 255 void (224, 224, 192); every colour distinct."""
+    assert VOC_PALETTE.shape == (256, 3) and VOC_PALETTE.dtype == np.uint8
+    assert VOC_PALETTE[[0, 1, 8, 15, 255]].tolist() == [[0, 0, 0], [128, 0, 0], [64, 0, 0], [192, 128, 128],
+                                                         [224, 224, 192]]
+    assert len({tuple(c) for c in VOC_PALETTE.tolist()}) == 256
+
+
+@needs_voc
+def test_voc_palette_is_the_palette_of_the_voc_label_pngs():
+    for p in sorted((VOC / "SegmentationClassAug").glob("*.png"))[:5]:
+        im = Image.open(p)
+        assert im.mode == "P", p
+        assert np.array_equal(np.array(im.getpalette(), np.uint8).reshape(-1, 3)[:256], VOC_PALETTE), p
+
+
 @needs_voc
 def test_palette_decoding_known_image():
     arr = read_label(VOC / "SegmentationClassAug" / "2007_001185.png", max_id=20)
@@ -79,7 +81,7 @@ def test_palette_decoding_known_image():
 
 @needs_voc
 def test_palette_indices_equal_colour_lookup_for_all_masks():
-    cmap = voc_colormap()
+    cmap = VOC_PALETTE
     code = lambda rgb: (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
     ids_known = np.array(list(range(21)) + [255])
     codes_known = code(cmap[ids_known])
@@ -315,7 +317,7 @@ def test_rgb_mask_in_voc_colours_reads_as_the_palette_png(tmp_path):
     masks["img1"][20:30, 20:30] = 8    # cat (64, 0, 0)
     masks["img1"][0:4] = 255           # void border (224, 224, 192)
     lst = _write_fake_voc(tmp_path, masks)
-    cmap = voc_colormap()
+    cmap = VOC_PALETTE
     Image.fromarray(cmap[masks["img1"]]).save(tmp_path / "SegmentationClassAug" / "img1.png")
     assert np.array_equal(read_label(tmp_path / "SegmentationClassAug" / "img1.png", max_id=20), masks["img1"])
     ds = PascalFewShot(tmp_path, list_file=lst, cache_dir=False)

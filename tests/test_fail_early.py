@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.datasets._io import VOC_PALETTE
+
 from _scripts import ok, one_line_error, run, sets, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,21 +20,6 @@ PLUG = ["--no-progress", "--seeds", "1", "--backbone-weights", "random",
         *sets(["data.args={image_size: 32, num_images: 120}", "data.train_episodes=8", "data.num_workers=0",
                "train.epochs=1", "train.batch_size=4", "train.val_episodes=4", "eval.episodes=4",
                "model.flags.reduce_dim=8"])]
-
-
-def _voc_palette():
-    """The standard VOC palette (bit-interleaving construction), independent of the code under test."""
-    cmap = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
 
 
 def _strict_json(text: str):
@@ -62,7 +49,7 @@ def files(tmp_path):
     Image.fromarray(s).save(tmp_path / "support.png")
     lab = np.zeros((40, 40), np.uint8)
     lab[5:15, 5:15], lab[20:30, 20:30], lab[0] = 8, 15, 255  # cat, person, void border
-    Image.fromarray(_voc_palette()[lab]).save(tmp_path / "label_rgb.png")
+    Image.fromarray(VOC_PALETTE[lab]).save(tmp_path / "label_rgb.png")
     (tmp_path / "a_file").write_text("x")
     return tmp_path
 
