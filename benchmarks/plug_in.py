@@ -55,7 +55,7 @@ from typing import Dict, List, Optional  # noqa: E402
 
 import yaml  # noqa: E402
 
-from benchmarks.engine.config import CONFIG_DIR, ConfigError, add_config_args, load_config, overrides_from_args  # noqa: E402
+from benchmarks.engine.config import ConfigError, add_config_args, choose_recipe, load_config, overrides_from_args  # noqa: E402
 from benchmarks.scoring.stats import bootstrap_difference, fold_average, format_interval, paired_difference, wider  # noqa: E402
 
 #: DPCN Table 6 (1-shot, ResNet-50, PASCAL-5i): per-fold mIoU, mean, FB-IoU (docs/MODELS_HOSTS.md).
@@ -237,18 +237,6 @@ def parse_args(argv=None):
     if args.seeds < 1:
         p.error(f"--seeds: expected >= 1, got {args.seeds}")
     return args
-
-
-def recipe_for(host: str, dataset: str, config) -> str:
-    if config:
-        return config
-    if host == "dpcn":
-        name = "synthetic" if dataset in (None, "synthetic") else f"dpcn_{dataset}"
-    else:
-        name = f"plug_in_{host}_synthetic" if dataset in (None, "synthetic") else f"{host}_{dataset}"
-    if not (CONFIG_DIR / f"{name}.yaml").is_file():
-        raise ConfigError(f"no recipe configs/{name}.yaml for host '{host}' on '{dataset}'; pass --config FILE")
-    return name
 
 
 def _evaluate_checkpoint(cfg: dict, run_dir: Path) -> dict:
@@ -558,7 +546,7 @@ def main(argv=None) -> int:
         arms = [parse_arm(a, args.host) for a in (args.arms or DEFAULT_ARMS[args.host])]
         if len({a.spec for a in arms}) != len(arms):
             raise ValueError(f"--arms: an arm is listed twice: {[a.spec for a in arms]}")
-        recipe = recipe_for(args.host, args.dataset, args.config)
+        recipe = choose_recipe(args.config, args.host, args.dataset)
         preregistration = preregistered(args.preregistered) if args.preregistered else None
         base = overrides_from_args(args)
         if args.no_progress:

@@ -28,19 +28,8 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from benchmarks.engine.config import CONFIG_DIR, ConfigError, add_config_args, dump_config, load_config, overrides_from_args  # noqa: E402,E501
-
-
-def default_recipe(model: str, dataset: str) -> str:
-    """The recipe used when ``--config`` is not given: synthetic demo, or ``<host>_<dataset>.yaml``."""
-    if dataset in (None, "synthetic"):
-        return "synthetic"
-    host = (model or "dpcn").replace("+dcm", "")
-    host = "dpcn" if host == "baseline" else host
-    for name in (f"{host}_{dataset}", f"dpcn_{dataset}"):
-        if (CONFIG_DIR / f"{name}.yaml").is_file():
-            return name
-    raise ConfigError(f"no recipe for dataset '{dataset}' in configs/; pass --config FILE")
+from benchmarks.engine.config import (ConfigError, add_config_args, choose_recipe, dump_config, load_config,  # noqa: E402
+                                     overrides_from_args)
 
 
 def parse_args(argv=None):
@@ -84,7 +73,7 @@ def resolve(args):
             raise ConfigError(f"--resume: '{saved}' not found (the run folder of a training run holds config.yaml)")
         cfg = load_config(saved, overrides)
         return cfg, run_dir, resume
-    recipe = args.config or default_recipe(args.model, args.dataset)
+    recipe = choose_recipe(args.config, args.model, args.dataset)
     cfg = load_config(recipe, overrides)
     run_dir = Path(cfg["run"]["out_dir"]) / (cfg["run"]["name"] or default_run_name(cfg))
     if args.resume is True:

@@ -44,6 +44,29 @@ def test_train_cli_print_config_and_recipes():
     assert "lr: 0.0025" in out and "name: pfenet" in out
 
 
+def test_one_rule_picks_the_recipe_without_config(tmp_path, monkeypatch):
+    from benchmarks.engine.config import ConfigError, choose_recipe
+    want = {(None, None): "synthetic", ("dpcn", "synthetic"): "synthetic", ("baseline", None): "synthetic",
+            ("pfenet", None): "plug_in_pfenet_synthetic", ("canet+dcm", None): "plug_in_canet_synthetic",
+            ("pfenet+dcm", "pascal"): "pfenet_pascal", ("baseline", "coco"): "dpcn_coco",
+            ("canet", "pascal"): "canet_pascal", ("dpcn", "pascal"): "dpcn_pascal"}
+    assert {k: choose_recipe(None, *k) for k in want} == want
+    assert choose_recipe("my_recipe.yaml", "canet", "coco") == "my_recipe.yaml"  # --config as given
+    with pytest.raises(ConfigError, match=r"no recipe configs/canet_coco\.yaml for canet on 'coco'; pass --config"):
+        choose_recipe(None, "canet", "coco")
+    with pytest.raises(ConfigError, match="unknown model 'dpcnn'"):
+        choose_recipe(None, "dpcnn")
+    # both commands use it: train_dpcn.py --model canet runs CANet's synthetic recipe ...
+    out = ok(run("examples/train_dpcn.py", "--print-config", "--model", "canet"))
+    assert "name: canet" in out and "epochs: 3" in out and "reference: none" in out
+    # ... and plug_in.py asks it with its --config, --host and --dataset
+    import benchmarks.plug_in as plug_in
+    asked = []
+    monkeypatch.setattr(plug_in, "choose_recipe", lambda *a: asked.append(a) or choose_recipe(*a))
+    assert plug_in.main(["--host", "canet", "--report-only", "--out", str(tmp_path)]) == 2  # no runs to tabulate
+    assert asked == [(None, "canet", None)]
+
+
 def test_train_cli_bad_arguments(tmp_path):
     fails(run("examples/train_dpcn.py", "--model", "dpcnn", "--out", tmp_path, *sets(TINY)), "unknown model", "dpcnn")
     fails(run("examples/train_dpcn.py", "--set", "train.lrr=1"), "train.lrr", "train.lr")

@@ -197,7 +197,8 @@ def test_a_prior_reference_of_a_model_without_prior_names_the_option(tmp_path):
 
 
 def test_another_hosts_model_on_a_dpcn_recipe_names_its_recipes(tmp_path):
-    one_line_error(run("examples/train_dpcn.py", "--model", "canet", "--out", tmp_path, "--no-progress", *sets(TINY)),
+    one_line_error(run("examples/train_dpcn.py", "--config", "synthetic", "--model", "canet", "--out", tmp_path,
+                       "--no-progress", *sets(TINY)),
                    "decoder_dim", "--config", "plug_in_canet_synthetic", "canet_pascal")
 
 

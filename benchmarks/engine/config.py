@@ -33,7 +33,7 @@ import yaml
 
 __all__ = ["DEFAULTS", "ConfigError", "load_config", "apply_overrides", "merge", "save_config", "dump_config",
            "add_config_args", "overrides_from_args", "CLI_FLAGS",
-           "CONFIG_DIR", "resolve_recipe"]
+           "CONFIG_DIR", "resolve_recipe", "choose_recipe", "host_of"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -195,6 +195,49 @@ def resolve_recipe(name_or_path: Union[str, os.PathLike]) -> Path:
         return cand
     avail = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
     raise ConfigError(f"config '{name_or_path}' not found (neither a file nor one of configs/: {', '.join(avail)})")
+
+
+def host_of(model: Optional[str]) -> str:
+    """The host family of a registry model name: ``dpcn`` for ``dpcn`` and ``baseline`` (and ``None``),
+    ``pfenet`` for ``pfenet`` and ``pfenet+dcm``, ``canet`` for ``canet`` and ``canet+dcm``."""
+    family = str(model or "dpcn").strip().lower().split("+")[0]
+    return "dpcn" if family == "baseline" else family
+
+
+def choose_recipe(config: Union[None, str, os.PathLike], model: Optional[str] = None,
+                  dataset: Optional[str] = None) -> Union[str, os.PathLike]:
+    """The recipe a command runs, by one rule for every command (``examples/train_dpcn.py``,
+    ``benchmarks/plug_in.py``): ``config`` as given when there is one (a YAML path or a name in
+    ``configs/``, resolved by :func:`load_config`), else the default recipe of the network ``model`` (a
+    registry name, default ``dpcn``) on ``dataset`` (default ``synthetic``), named after its host
+    (:func:`host_of`):
+
+    * on the synthetic set: ``synthetic`` for DPCN and its Baseline, ``plug_in_<host>_synthetic`` for the
+      other hosts;
+    * on a real dataset: ``<host>_<dataset>`` (``pfenet_pascal``, ``dpcn_coco``, ...).
+
+    Raises:
+        ConfigError: ``model`` is not a registry name, or its default recipe has no file in ``configs/``
+            (the message asks for ``--config``).
+
+    Example:
+        >>> choose_recipe(None, "pfenet+dcm", "pascal"), choose_recipe(None, "baseline"), choose_recipe("my.yaml", "canet")
+        ('pfenet_pascal', 'synthetic', 'my.yaml')
+    """
+    if config:
+        return config
+    from models.registry import MODELS, list_models
+    if model is not None and str(model).strip().lower() not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; valid names: {', '.join(list_models())}")
+    host = host_of(model)
+    if dataset in (None, "synthetic"):
+        name = "synthetic" if host == "dpcn" else f"plug_in_{host}_synthetic"
+    else:
+        name = f"{host}_{dataset}"
+    if not (CONFIG_DIR / f"{name}.yaml").is_file():
+        raise ConfigError(f"no recipe configs/{name}.yaml for {model or 'dpcn'} on '{dataset or 'synthetic'}'; "
+                          f"pass --config FILE")
+    return name
 
 
 def _parse_value(text: str):

@@ -59,9 +59,8 @@ def check_model_config(cfg: dict) -> None:
 def recipe_hint(model: str) -> str:
     """Which recipes of ``configs/`` are for ``model`` (its host family: ``pfenet+dcm`` -> pfenet, ``baseline``
     -> dpcn), as a hint for an error: ``"use one of its recipes: --config a / b"``."""
-    from .config import CONFIG_DIR
-    family = str(model).strip().lower().split("+")[0]
-    family = "dpcn" if family == "baseline" else family
+    from .config import CONFIG_DIR, host_of
+    family = host_of(model)
     names = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml") if family in f.stem.split("_") and "base" not in f.stem)
     if not names:
         return "give a recipe for it (--config FILE) or set its flags (--set model.flags={...})"
