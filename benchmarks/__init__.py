@@ -6,8 +6,8 @@ library they share lives in three sub-packages::
     datasets/     the episode datasets (PASCAL-5i, COCO-20i, FSS-1000, synthetic), collate_episodes,
                   transforms (PFENet's augmentation, test-time resizing)
     scoring/      protocols (Protocol, evaluate), metrics (class mIoU, FB-IoU), stats (seed and
-                  seed x image intervals)
-    engine/       config (recipes), training, checkpoints, run folders,
+                  seed x image intervals), comparison (a seeded comparison's summary and its tables)
+    engine/       config (recipes), training, the evaluation of finished runs, checkpoints, run folders,
                   the feature cache, inference (predict on your own images), output-path checks
 
 Public names here: the datasets (``PascalFewShot``, ``CocoFewShot``, ``FSS1000``, ``SyntheticFewShot``,

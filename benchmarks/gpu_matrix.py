@@ -58,7 +58,6 @@ import pathlib
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import datetime  # noqa: E402
 import hashlib  # noqa: E402
 import io  # noqa: E402
@@ -404,8 +403,8 @@ def run_unit(plan: dict, uid: str, pack, out, workdir, *, rehearse: bool = False
              echo: Callable[[str], None] = print) -> dict:
     """Train, evaluate and diagnose one unit in this process; write its unit and sealed files."""
     from benchmarks.engine.config import load_config
-    from benchmarks.engine import load_checkpoint_model, resolve_device, train
-    from benchmarks.plug_in import _evaluate_checkpoint, parse_arm
+    from benchmarks.engine import evaluate_run, load_checkpoint_model, resolve_device, train
+    from benchmarks.plug_in import parse_arm
     from benchmarks.dpcn_prior import diagnose
     units = {u["id"]: u for u in plan["units"]}
     if uid not in units:
@@ -422,9 +421,7 @@ def run_unit(plan: dict, uid: str, pack, out, workdir, *, rehearse: bool = False
     started = _now()
     res = train(cfg, run_dir, echo=echo)
     val = res["results"]
-    cfg_test = copy.deepcopy(cfg)
-    cfg_test["eval"]["split"] = "test"
-    test = _evaluate_checkpoint(cfg_test, run_dir)
+    test = evaluate_run(cfg, run_dir, "test")
     device = resolve_device(cfg["run"]["device"])
     model, _ = load_checkpoint_model(run_dir / "best.pth", device=device, cfg=cfg)
     prior = diagnose(model, cfg, batch_size=int(cfg["train"]["val_batch_size"]), device=device,
@@ -448,9 +445,9 @@ def run_unit(plan: dict, uid: str, pack, out, workdir, *, rehearse: bool = False
     sealed = {"format": UNIT_FORMAT, "id": uid, "split": "test", "protocol_text": test["protocol_text"],
               "protocol": test["protocol"], "row": test["rows"][-1],
               "note": f"sealed: not read before the validation decision is committed ({PREREGISTRATION})"}
-    from benchmarks.engine import _json_default
-    atomic_write_text(sealed_file(out, uid), json.dumps(sealed, separators=(",", ":"), default=_json_default))
-    atomic_write_text(unit_file(out, uid), json.dumps(record, separators=(",", ":"), default=_json_default))
+    from benchmarks.engine import json_default
+    atomic_write_text(sealed_file(out, uid), json.dumps(sealed, separators=(",", ":"), default=json_default))
+    atomic_write_text(unit_file(out, uid), json.dumps(record, separators=(",", ":"), default=json_default))
     echo(f"unit {uid}: val mIoU {val['rows'][-1]['miou']:.2f} (best epoch {res['best'].get('epoch')}), "
          f"{wall:.0f} s ({iters / train_s if train_s else float('nan'):.2f} it/s)")
     return record
@@ -790,7 +787,7 @@ def import_lines(path, out, *, plan: Optional[dict] = None, echo: Callable[[str]
 def collect(out, plan: dict, split: str = "val"):
     """``plug_in.py``-shaped results of the done units: ``(res, folds, seeds, episodes, class_info, units,
     protocol_text, incomplete)``; a (fold, seed) cell is kept only when every arm has it (paired)."""
-    from benchmarks.plug_in import collect_episodes
+    from benchmarks.scoring.comparison import collect_episodes
     arms = list(plan["arms"])
     units = {}
     for u in plan["units"]:
@@ -856,7 +853,7 @@ def curve_rising(history: Sequence[dict], tol: float = 0.5) -> Optional[bool]:
 
 
 def cmd_report(args) -> int:
-    from benchmarks.plug_in import INTERVAL_TEXT, markdown, preregistered, summarise
+    from benchmarks.scoring.comparison import INTERVAL_TEXT, label_text, markdown, preregistered, summarise
     out = Path(args.out)
     plan = load_plan(Path(args.plan) if args.plan else out / "plan.json")
     if args.split == "test":
@@ -883,8 +880,6 @@ def cmd_report(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"error: --preregistered: {e}", file=sys.stderr)
             return 2
-    label = (f"**Confirmatory**: pre-registered in `{prereg['file']}` (commit {prereg['commit'][:10]}) before its "
-             f"runs." if prereg else "**Exploratory**: no pre-registration given (`--preregistered`).")
     js = {"plan": {k: plan[k] for k in ("recipe", "arms", "folds", "seeds")}, "split": args.split,
           "units_done": done, "incomplete_cells": incomplete, "label": "confirmatory" if prereg else "exploratory",
           "preregistered": prereg}
@@ -894,7 +889,7 @@ def cmd_report(args) -> int:
         versions = ", ".join(sorted({f"torch {u.get('torch')}" for u in units.values()}))
         minutes = sum(u.get("wall_s", 0) for u in units.values()) / 60
         lines.append(markdown("dpcn", folds, seeds, res, stats, ptxt or "", minutes, "/".join(devices), versions,
-                              label))
+                              label_text(prereg)))
         js.update(results=res, summary=stats, interval=INTERVAL_TEXT, devices=devices)
         if args.split == "val":
             dec = decision(stats, folds, plan)

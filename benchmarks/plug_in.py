@@ -46,7 +46,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -56,16 +55,8 @@ from typing import Dict, List, Optional  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.engine.config import ConfigError, add_config_args, choose_recipe, load_config, overrides_from_args  # noqa: E402
-from benchmarks.scoring.stats import bootstrap_difference, fold_average, format_interval, paired_difference, wider  # noqa: E402
-
-#: DPCN Table 6 (1-shot, ResNet-50, PASCAL-5i): per-fold mIoU, mean, FB-IoU (docs/MODELS_HOSTS.md).
-#: The paper prints CANet fold 0 as 53.5, but its mean 55.4 (and the CANet paper) imply 52.5.
-PAPER_TABLE6 = {
-    "canet": {"folds": [53.5, 65.9, 51.3, 51.9], "mean": 55.4, "fbiou": 66.2},
-    "canet+dcm": {"folds": [64.7, 66.8, 51.8, 51.9], "mean": 58.8, "fbiou": 69.3},
-    "pfenet": {"folds": [61.7, 69.5, 55.4, 56.3], "mean": 60.8, "fbiou": 73.3},
-    "pfenet+dcm": {"folds": [62.2, 69.6, 59.2, 58.0], "mean": 62.3, "fbiou": 73.5},
-}
+from benchmarks.scoring.comparison import (BOOTSTRAP, INTERVAL_TEXT, PAPER_TABLE6, collect_episodes,  # noqa: E402
+                                           label_text, markdown, preregistered, summarise, table)
 
 DEFAULT_ARMS = {"pfenet": ["pfenet", "pfenet+dcm"], "canet": ["canet", "canet+dcm"],
                 "dpcn": ["baseline", "dpcn[nodcm]", "dpcn"]}
@@ -184,28 +175,6 @@ def parse_arm(spec: str, host: str) -> Arm:
     return Arm(spec.strip(), model, variant, variant_overrides(model, variant))
 
 
-def preregistered(path: str) -> dict:
-    """``{"file", "commit"}`` of a pre-registration file: the commit that last changed it (it must be
-    committed and unchanged since, so that the runs cannot have changed it)."""
-    f = Path(path)
-    if not f.is_file():
-        raise FileNotFoundError(f"--preregistered: '{path}' not found")
-    root = Path(__file__).resolve().parents[1]
-    import subprocess
-    try:
-        rel = str(f.resolve().relative_to(root))
-        commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", rel], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", rel], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (ValueError, OSError, subprocess.CalledProcessError):
-        raise ValueError(f"--preregistered: '{path}' is not a file of this repository's git history") from None
-    if not commit or dirty:
-        raise ValueError(f"--preregistered: '{path}' has {'uncommitted changes' if commit else 'never been committed'}; "
-                         f"commit it before the runs")
-    return {"file": rel, "commit": commit}
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -239,32 +208,11 @@ def parse_args(argv=None):
     return args
 
 
-def _evaluate_checkpoint(cfg: dict, run_dir: Path) -> dict:
-    """The final evaluation of a finished run's best checkpoint under ``cfg``'s protocol (no training)."""
-    from benchmarks.engine import (eval_factory, eval_protocol, evaluate_model, load_checkpoint_model,
-                                   resolve_device)
-    device = resolve_device(cfg["run"]["device"])
-    model, _ = load_checkpoint_model(run_dir / "best.pth", device=device, cfg=cfg)
-    if cfg["train"]["cache_backbone"]:
-        from benchmarks.engine.feature_cache import attach_feature_cache
-        attach_feature_cache(model, int(float(cfg["train"]["cache_backbone_gb"]) * 2 ** 30),
-                             cache_dir=cfg["train"].get("cache_backbone_dir"))
-    protocol = eval_protocol(cfg)
-    r = evaluate_model(model, protocol, eval_factory(cfg), device=device, fusion=cfg["eval"]["fusion"],
-                       amp=cfg["train"]["amp"], batch_size=int(cfg["eval"]["batch_size"]),
-                       num_workers=int(cfg["data"]["num_workers"]))
-    prev = json.loads((run_dir / "results.json").read_text())
-    out = {"protocol": protocol.as_dict(), "protocol_text": protocol.describe(), "fusion": cfg["eval"]["fusion"],
-           "rows": [{"label": f"trained {cfg['model']['name']} (best epoch {prev['best'].get('epoch')})", **r.as_dict()}],
-           "best": prev["best"], "train_seconds": prev.get("train_seconds"), "from_checkpoint": True}
-    return out
-
-
 def check_run_dir(cfg: dict, run_dir: Path) -> None:
     """Refuse to reuse ``run_dir`` when the network its ``config.yaml`` was trained with is not the one
     ``cfg`` asks for (e.g. a run of an older version, before a default changed)."""
     from benchmarks.engine.config import DEFAULTS, merge
-    from benchmarks.engine import _first_line, with_legacy_flags
+    from benchmarks.engine import first_line as _first_line, with_legacy_flags
     f = run_dir / "config.yaml"
     if not f.is_file():
         return
@@ -300,7 +248,7 @@ def _comparable(model: dict) -> dict:
 
 def run_one(cfg: dict, run_dir: Path, split: str, resume: bool) -> Optional[dict]:
     """Train (or reuse) one run and return its results on ``split`` (``None`` on a non-zero rank)."""
-    from benchmarks.engine import _json_default, train
+    from benchmarks.engine import evaluate_run, finite_json, json_default, train
     res_file = run_dir / f"results_{split}.json"
     if resume:
         check_run_dir(cfg, run_dir)
@@ -309,7 +257,7 @@ def run_one(cfg: dict, run_dir: Path, split: str, resume: bool) -> Optional[dict
         return json.loads(res_file.read_text())
     if resume and (run_dir / "results.json").is_file() and (run_dir / "best.pth").is_file():
         print(f"[{run_dir.name}] finished run: evaluating its best checkpoint on the {split} split")
-        results = _evaluate_checkpoint(cfg, run_dir)
+        results = evaluate_run(cfg, run_dir, split)
     else:
         print(f"\n=== {run_dir.name} ===")
         resume_from = True if (resume and (run_dir / "last.pth").is_file()) else None
@@ -318,215 +266,8 @@ def run_one(cfg: dict, run_dir: Path, split: str, resume: bool) -> Optional[dict
         if results is None:  # a non-zero rank under torchrun: rank 0 evaluates and reports
             return None
         results["train_seconds"] = out.get("seconds")
-    from benchmarks.engine import finite_json
-    res_file.write_text(json.dumps(finite_json(results), indent=1, default=_json_default))
+    res_file.write_text(json.dumps(finite_json(results), indent=1, default=json_default))
     return results
-
-
-def _fmt(v) -> str:
-    return "   -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.2f}"
-
-
-def _pm(ms) -> str:
-    return f"{ms['mean']:.2f}" + (f" ± {ms['std']:.2f}" if ms.get("std") is not None else "")
-
-
-def collect_episodes(row: dict, fold: int, seed: int, r: dict, episodes: dict, class_info: dict, run_dir: Path) -> None:
-    """Keep a run's per-episode foreground intersections and unions (``r["episode_iu"][fold][seed]``), the
-    fold's episode table (class and query image per episode, which every run of the fold must share:
-    ``episodes[fold]``) and the fold's test images / episodes per class (``class_info[fold]``). A run
-    evaluated before per-episode results were stored, or on several episode seeds, leaves
-    ``episodes[fold] = None`` (no test-image interval for that fold)."""
-    per_seed = row.get("per_seed") or []
-    names = {int(c): n for c, n in (row.get("class_names") or {}).items()}
-    if per_seed and fold not in class_info:
-        ps = per_seed[0]
-        class_info[fold] = {int(c): {"name": names.get(int(c), str(c)),
-                                     "episodes": int(ps.get("episodes_per_class", {}).get(c, 0)),
-                                     "images": (ps.get("images_per_class") or {}).get(c)}
-                            for c in ps.get("class_iou", {})}
-    rec = per_seed[0].get("episode_records") if len(per_seed) == 1 else None
-    if rec is None:
-        episodes[fold] = None
-        return
-    table_ = {"class": [int(c) for c in rec["class"]], "query": list(rec["query"])}
-    if episodes.setdefault(fold, table_) is None:
-        return
-    if episodes[fold] != table_:
-        raise ValueError(f"'{run_dir}': its test episodes differ from the other runs of fold {fold}; the paired "
-                         f"comparison needs identical episodes (same recipe, eval.seeds and data)")
-    r["episode_iu"].setdefault(fold, {})[seed] = {"inter": list(rec["inter"]), "union": list(rec["union"])}
-
-
-#: replicates and generator seed of the seed x test-image bootstrap (benchmarks.scoring.stats.bootstrap_difference)
-BOOTSTRAP = {"n_boot": 4000, "seed": 0}
-FEW_IMAGES = 10  # classes with fewer test images than this are marked in the per-class tables
-
-
-def summarise(arms: List[str], folds, res: dict, episodes: Optional[dict] = None,
-              class_info: Optional[dict] = None) -> dict:
-    """Per-arm fold averages, the paired differences of every arm from the first (and the last arm from
-    each), each with its seed interval and, where every run stored its per-episode results, its seed x
-    test-image interval and the wider of the two (``decide``); and the per-class IoU of every arm."""
-    episodes, class_info = episodes or {}, class_info or {}
-    summary = {a: {"miou": fold_average(res[a]["miou"]), "fbiou": fold_average(res[a]["fbiou"])} for a in arms}
-    pairs = [(arms[0], b) for b in arms[1:]]
-    if len(arms) > 2:  # the last arm (e.g. DPCN) against every other one as well
-        pairs += [(a, arms[-1]) for a in arms[1:-1]]
-    boot_ok = bool(folds) and all(episodes.get(f) is not None for f in folds)
-    diffs = {}
-    for a, b in pairs:
-        d = {"a": a, "b": b, "miou": paired_difference(res[a]["miou"], res[b]["miou"]),
-             "fbiou": paired_difference(res[a]["fbiou"], res[b]["fbiou"])}
-        if boot_ok:
-            d["bootstrap"] = bootstrap_difference({f: res[a]["episode_iu"][f] for f in folds},
-                                                  {f: res[b]["episode_iu"][f] for f in folds},
-                                                  {f: episodes[f] for f in folds}, **BOOTSTRAP)
-        else:
-            d["bootstrap"] = None
-        d["decide"] = wider(d["miou"]["ci95"], d["bootstrap"]["ci95"] if d["bootstrap"] else None)
-        diffs[f"{b} - {a}"] = d
-    classes: Dict[int, dict] = {}
-    for f in folds:
-        info = class_info.get(f, {})
-        per = {}
-        for c in sorted(set().union(*(set(v) for a in arms for v in res[a]["class_iou"].get(f, {}).values()))):
-            iou = {}
-            for a in arms:
-                vals = [v[c] for v in res[a]["class_iou"].get(f, {}).values()
-                        if c in v and v[c] is not None and not math.isnan(v[c])]
-                iou[a] = sum(vals) / len(vals) if vals else None
-            n_img = (info.get(c) or {}).get("images")
-            per[c] = {"name": (info.get(c) or {}).get("name", str(c)), "images": n_img,
-                      "episodes": (info.get(c) or {}).get("episodes"), "iou": iou,
-                      "few_images": n_img is not None and n_img < FEW_IMAGES,
-                      "difference": {name: (None if iou[d["a"]] is None or iou[d["b"]] is None
-                                            else iou[d["b"]] - iou[d["a"]]) for name, d in diffs.items()}}
-        classes[f] = per
-    return {"arms": summary, "differences": diffs, "classes": classes,
-            "bootstrap_missing": [] if boot_ok else [f for f in folds if episodes.get(f) is None]}
-
-
-INTERVAL_TEXT = ("seed interval: 95 % Student-t interval over training seeds of the paired (same seed, same test "
-                 "episodes) difference; across folds the mean of the fold means, SE from the within-fold seed "
-                 "variances, Welch-Satterthwaite df. Seed x image interval: paired two-level bootstrap (query images "
-                 "resampled within each class, seeds within each fold; class IoU recomputed as sum I / sum U), "
-                 "2.5-97.5 % percentiles. A claim is decided by the wider of the two")
-
-
-def _boot(d: dict, f=None) -> str:
-    b = d.get("bootstrap")
-    if not b:
-        return "n/a"
-    return format_interval(b["ci95"] if f is None else b["folds"][f]["ci95"])
-
-
-def _df(m: dict) -> str:
-    return "n/a" if m.get("df") is None else f"{m['df']:.1f}"
-
-
-def _class_lines(folds, stats: dict, arms: List[str], md: bool) -> List[str]:
-    """Per-class IoU of every arm, each difference, and the test images / episodes of the class."""
-    diffs = list(stats["differences"])
-    out = []
-    if md:
-        out += ["| fold | class | test images | episodes | " + " | ".join(arms) + " | " + " | ".join(diffs) + " |",
-                "|---|---|---|---|" + "---|" * (len(arms) + len(diffs))]
-    for f in folds:
-        for c, r in stats["classes"].get(f, {}).items():
-            mark = " (<10 images)" if r["few_images"] else ""
-            ious = [_fmt(r["iou"][a]).strip() for a in arms]
-            ds = ["-" if r["difference"][n] is None else f"{r['difference'][n]:+.2f}" for n in diffs]
-            img = "?" if r["images"] is None else str(r["images"])
-            if md:
-                out.append(f"| {f} | {r['name']}{mark} | {img} | {r['episodes']} | " + " | ".join(ious) + " | "
-                           + " | ".join(ds) + " |")
-            else:
-                out.append(f"  fold {f} {r['name']:>14}{mark:14} images {img:>4} episodes {r['episodes']!s:>4}  "
-                           + "  ".join(ious) + "  |  " + "  ".join(ds))
-    return out
-
-
-def table(host: str, folds, seeds, res: dict, stats: dict, protocol_text: str) -> str:
-    arms = list(res)
-    w = max(24, max(len(a) for a in arms) + 2)
-    head = f"{'':{w}}" + "".join(f"{'fold ' + str(f):>16}" for f in folds) + f"{'mean':>16}{'FB-IoU':>9}"
-    lines = [f"Table 6 — {host}: {', '.join(arms)} | seeds {','.join(map(str, seeds))} | {protocol_text}",
-             "mIoU, mean ± std over seeds", head]
-    for a in arms:
-        s = stats["arms"][a]
-        lines.append(f"{a:{w}}" + "".join(f"{_pm(s['miou']['folds'][f]):>16}" for f in folds)
-                     + f"{_pm(s['miou']):>16}{s['fbiou']['mean']:9.2f}")
-    lines.append("")
-    lines.append("paired difference (mIoU), mean [seed interval] [seed x image interval]")
-    for name, d in stats["differences"].items():
-        m = d["miou"]
-        lines.append(f"{name:{w}}" + "".join(f"{m['folds'][f]['mean']:+7.2f} {format_interval(m['folds'][f]['ci95'])}"
-                                                f" {_boot(d, f)}" for f in folds))
-        lines.append(f"{'':{w}}mean {m['mean']:+.2f}  seeds {format_interval(m['ci95'])} (df {_df(m)})  "
-                     f"seeds x images {_boot(d)}  decide by {format_interval(d['decide'])}  "
-                     f"FB-IoU {d['fbiou']['mean']:+.2f}")
-    if stats.get("bootstrap_missing"):
-        lines.append(f"(no seed x image interval: fold(s) {stats['bootstrap_missing']} have runs without stored "
-                     f"per-episode results)")
-    lines.append(f"({INTERVAL_TEXT})")
-    lines.append("")
-    lines.append("per-class IoU (mean over seeds): " + ", ".join(arms) + " | " + ", ".join(stats["differences"]))
-    lines += _class_lines(folds, stats, arms, md=False)
-    lines.append("")
-    lines.append("per-seed mIoU / FB-IoU")
-    for a in arms:
-        for f in folds:
-            vals = "  ".join(f"s{s}: {res[a]['miou'][f][s]:.2f}/{res[a]['fbiou'][f][s]:.2f}" for s in sorted(res[a]["miou"][f]))
-            lines.append(f"  {a} fold {f}: {vals}")
-    names = [n for n in (host, host + "+dcm") if n in PAPER_TABLE6]
-    if names:
-        lines.append("")
-        lines.append("paper (1-shot, ResNet-50, PASCAL-5i, one number per fold, no seeds reported):")
-        for n in names:
-            p = PAPER_TABLE6[n]
-            lines.append(f"  {n:12}" + "".join(f"  fold {i} {v:.1f}" for i, v in enumerate(p["folds"]))
-                         + f"  mean {p['mean']:.1f}  FB-IoU {p['fbiou']:.1f}")
-    return "\n".join(lines)
-
-
-def markdown(host: str, folds, seeds, res: dict, stats: dict, protocol_text: str, minutes: float, device: str,
-             versions: str, label: str = "") -> str:
-    arms = list(res)
-    out = [f"### {host}: {', '.join(arms)}", ""]
-    if label:
-        out += [label, ""]
-    out += [f"Protocol: {protocol_text}. Seeds {', '.join(map(str, seeds))} per arm and fold, identical test episodes; "
-            f"{minutes:.1f} min on {device} ({versions}).", "",
-            "mIoU, mean ± std over seeds:", "",
-            "| arm | " + " | ".join(f"fold {f}" for f in folds) + " | mean | FB-IoU |",
-            "|---|" + "---|" * (len(folds) + 2)]
-    for a in arms:
-        s = stats["arms"][a]
-        out.append(f"| {a} | " + " | ".join(_pm(s["miou"]["folds"][f]) for f in folds)
-                   + f" | {_pm(s['miou'])} | {s['fbiou']['mean']:.2f} |")
-    out += ["", "Paired difference (mIoU): mean, seed interval, seed × image interval:", "",
-            "| difference | " + " | ".join(f"fold {f}" for f in folds)
-            + " | mean over folds | seed interval (df) | seed × image interval | decided by | FB-IoU |",
-            "|---|" + "---|" * (len(folds) + 5)]
-    for name, d in stats["differences"].items():
-        m = d["miou"]
-        out.append(f"| {name} | " + " | ".join(f"{m['folds'][f]['mean']:+.2f} {format_interval(m['folds'][f]['ci95'])}"
-                                              f" {_boot(d, f)}" for f in folds)
-                   + f" | **{m['mean']:+.2f}** | {format_interval(m['ci95'])} ({_df(m)}) | {_boot(d)} | "
-                     f"{format_interval(d['decide'])} | {d['fbiou']['mean']:+.2f} |")
-    out += ["", f"Intervals: {INTERVAL_TEXT}."]
-    if stats.get("bootstrap_missing"):
-        out += ["", f"No seed × image interval: fold(s) {stats['bootstrap_missing']} have runs without stored "
-                    f"per-episode results."]
-    out += ["", "Per-class IoU (mean over seeds) and differences; classes with fewer than 10 test images are marked:",
-            ""]
-    out += _class_lines(folds, stats, arms, md=True)
-    out += ["", "Per-seed mIoU:", ""]
-    for a in arms:
-        for f in folds:
-            out.append(f"- {a}, fold {f}: " + ", ".join(f"seed {s} {res[a]['miou'][f][s]:.2f}" for s in sorted(res[a]["miou"][f])))
-    return "\n".join(out) + "\n"
 
 
 def _save_caches(cfg0) -> None:
@@ -647,8 +388,6 @@ def main(argv=None) -> int:
         return 0  # non-zero rank
     stats = summarise([a.spec for a in arms], folds, res, episodes, class_info)
     label, prereg = ("confirmatory", preregistration) if preregistration else ("exploratory", None)
-    label_text = (f"**Confirmatory**: pre-registered in `{prereg['file']}` (commit {prereg['commit'][:10]}) before "
-                  f"its runs." if prereg else "**Exploratory**: no pre-registration given (`--preregistered`).")
     minutes = (time.perf_counter() - t0) / 60
     if args.report_only:  # the runs' own wall-clock time, not this report's
         minutes = sum(v or 0.0 for a in arms for per in res[a.spec]["train_seconds"].values() for v in per.values()) / 60
@@ -697,7 +436,7 @@ def main(argv=None) -> int:
                               "summary": stats, "episodes_file": ep_file.name, "paper": PAPER_TABLE6,
                               "missing_runs": missing if args.report_only else []}),
                              indent=1))
-    md.write_text(markdown(args.host, folds, seeds, res, stats, ptxt, minutes, device, versions, label_text))
+    md.write_text(markdown(args.host, folds, seeds, res, stats, ptxt, minutes, device, versions, label_text(prereg)))
     print(f"wrote {js} and {md}")
     return 0
 

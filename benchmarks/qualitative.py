@@ -71,7 +71,7 @@ def predict_episode(model, datasets, index: int, resize: str, device, amp) -> di
     import torch
     from benchmarks.datasets import collate_episodes
     from benchmarks.engine import amp_context
-    from benchmarks.engine.inference import _extras
+    from benchmarks.engine.inference import extra_maps
     prob, maps = None, {}
     for ds in datasets:
         batch = collate_episodes([ds[index]])
@@ -82,7 +82,7 @@ def predict_episode(model, datasets, index: int, resize: str, device, amp) -> di
         fg = torch.softmax(out["logits"].float(), 1)[:, 1:]
         p = _to_original(fg, batch, hw, resize)[0]
         prob = p if prob is None else prob + p
-        for k, v in _extras([out]).items():
+        for k, v in extra_maps([out]).items():
             m = _to_original(v, batch, hw, resize)[0]
             maps[k] = m if k not in maps else maps[k] + m
     n = len(datasets)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from benchmarks.engine.config import CONFIG_DIR, ConfigError, DEFAULTS, apply_overrides, load_config
-from benchmarks.engine import (PolyLR, ResumableDistributedSampler, Trainer, TrainingInterrupted, _fuse,
+from benchmarks.engine import (PolyLR, ResumableDistributedSampler, Trainer, TrainingInterrupted,
                                build_model_from_config, eval_protocol, load_checkpoint_model, train)
+from benchmarks.engine.fusion import _fuse
 
 from _scripts import ROOT, tiny
 
@@ -381,11 +382,12 @@ def test_engine_package_keeps_every_name_and_loads_checkpoints_without_the_train
     used_elsewhere = [  # every name imported from benchmarks.engine in the repository
         "default_run_name", "TrainingInterrupted", "ValidationFailed", "train", "short_error", "exit_process",
         "load_checkpoint_model", "resolve_device", "test_size", "PolyLR", "ResumableDistributedSampler", "Trainer",
-        "_fuse", "build_model_from_config", "eval_protocol", "eval_factory", "evaluate_fusions", "evaluate_model",
-        "make_fusions_predict_fn", "DistInfo", "all_ranks_finite", "_json_default", "build_train_dataset",
-        "seed_everything", "evaluate_reference", "amp_context", "unwrap", "teardown", "_first_line", "atomic_save",
+        "build_model_from_config", "eval_protocol", "eval_factory", "evaluate_fusions", "evaluate_model",
+        "make_fusions_predict_fn", "DistInfo", "all_ranks_finite", "json_default", "build_train_dataset",
+        "seed_everything", "evaluate_reference", "amp_context", "unwrap", "teardown", "first_line", "atomic_save",
         "strip_module_prefix", "rng_state", "set_rng_state", "format_table", "RunLogger", "has_prior",
-        "init_distributed", "make_predict_fn"]
+        "init_distributed", "make_predict_fn", "evaluate_run", "finite_json", "with_legacy_flags"]
+    assert not [n for n in engine._EXPORTS if n.startswith("_")]  # private names stay in their modules
     for n in used_elsewhere + engine.__all__:
         assert getattr(engine, n) is not None, n
     with pytest.raises(AttributeError):

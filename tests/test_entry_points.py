@@ -96,12 +96,13 @@ def test_evaluate_cli_errors(tmp_path):
 
 
 def test_plug_in_cli_tiny(tmp_path):
-    out = ok(run("benchmarks/plug_in.py", "--host", "pfenet", "--out", tmp_path, "--no-progress", "--seeds", "1",
-                 "--backbone-weights", "random", *sets(["data.args={image_size: 32, num_images: 120}",
-                                                         "data.train_episodes=8", "data.num_workers=0",
-                                                         "train.epochs=1", "train.batch_size=4",
-                                                         "train.val_episodes=4", "eval.episodes=4",
-                                                         "model.flags.reduce_dim=8"]), timeout=400))
+    args = ["benchmarks/plug_in.py", "--host", "pfenet", "--out", tmp_path, "--no-progress", "--seeds", "1",
+            "--backbone-weights", "random", *sets(["data.args={image_size: 32, num_images: 120}",
+                                                    "data.train_episodes=8", "data.num_workers=0",
+                                                    "train.epochs=1", "train.batch_size=4",
+                                                    "train.val_episodes=4", "eval.episodes=4",
+                                                    "model.flags.reduce_dim=8"])]
+    out = ok(run(*args, timeout=400))
     for w in ("Table 6", "pfenet+dcm - pfenet", "paired difference", "n/a", "paper", "62.3", "60.8"):
         assert w in out, out
     res = json.loads((tmp_path / "plug_in_pfenet" / "table6_pfenet_val.json").read_text())
@@ -115,6 +116,33 @@ def test_plug_in_cli_tiny(tmp_path):
     c0["model"].pop("name"), c1["model"].pop("name"), c0["run"].pop("name"), c1["run"].pop("name")
     assert c1["model"]["flags"].pop("dcm_fusion") == "residual"
     assert c0 == c1
+    # the finished runs' best checkpoints on the test split, without training (benchmarks.engine.evaluate_run)
+    out = ok(run(*args, "--split", "test", "--resume", timeout=400))
+    assert out.count("finished run: evaluating its best checkpoint on the test split") == 2, out
+    test = json.loads((tmp_path / "plug_in_pfenet" / "table6_pfenet_test.json").read_text())
+    assert test["split"] == "test" and set(test["results"]) == {"pfenet", "pfenet+dcm"}
+    for arm in ("pfenet", "pfenet+dcm"):
+        run_dir = Path(res["results"][arm]["runs"]["0"]["321"])
+        r = json.loads((run_dir / "results_test.json").read_text())
+        assert r["from_checkpoint"] is True and r["protocol"]["split"] == "test"
+        assert r["best"] == json.loads((run_dir / "results.json").read_text())["best"]
+
+
+def test_evaluate_run_repeats_the_final_test_of_a_finished_run(trained):
+    from benchmarks.engine import evaluate_run
+    from benchmarks.engine.config import load_config
+    cfg = load_config(trained / "config.yaml", ["run.progress=false"])
+    final = json.loads((trained / "results.json").read_text())
+    rec = evaluate_run(cfg, trained)
+    assert rec["from_checkpoint"] is True and len(rec["rows"]) == 1
+    for k in ("protocol", "protocol_text", "fusion", "best", "train_seconds"):
+        assert rec[k] == final[k], k
+    assert rec["rows"][0]["label"] == final["rows"][-1]["label"]  # the trained row, without the references
+    for k in ("miou", "fbiou"):
+        assert rec["rows"][0][k] == pytest.approx(final["rows"][-1][k], abs=1e-6)
+    on_test = evaluate_run(cfg, trained, "test")
+    assert on_test["protocol"]["split"] == "test" and cfg["eval"]["split"] == "val"  # cfg is not changed
+    assert sorted(p.name for p in trained.glob("results*.json")) == ["results.json"]  # nothing written
 
 
 def _write_images(d: Path):

@@ -153,3 +153,18 @@ def test_no_script_is_confusable_with_a_library_module():
         assert not lib.endswith("_lib"), lib
         shared = len(os.path.commonprefix([s, lib]))
         assert shared < max(3, min(len(s), len(lib)) - 2), f"script {s}.py and library module {lib} look alike"
+
+
+def test_no_command_imports_a_private_name_of_the_engine():
+    """The commands (benchmarks/*.py) and examples import only public names of ``benchmarks.engine`` and of its
+    modules."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    commands, _, _ = _benchmarks_layout()
+    found = []
+    for p in commands + sorted((root / "examples").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks.engine"):
+                found += [f"{p.name}:{node.lineno}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not found, found

@@ -203,6 +203,7 @@ def test_lock_keeps_a_second_process_out_and_dies_with_its_holder(tmp_path):
 
 def test_train_holds_the_lock_through_training_and_evaluation(tmp_path, monkeypatch):
     """Another process cannot take the lock while train() validates or evaluates; afterwards it can."""
+    import benchmarks.engine.final_eval as final_eval_mod
     import benchmarks.engine.trainer as trainer_mod
     probe = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
              f"from benchmarks.engine.runfolder import RunLock; RunLock({str(tmp_path / 'r')!r}).acquire()"]
@@ -213,7 +214,8 @@ def test_train_holds_the_lock_through_training_and_evaluation(tmp_path, monkeypa
         seen.append(subprocess.run(probe, capture_output=True, text=True, timeout=120))
         return real(*a, **k)
 
-    monkeypatch.setattr(trainer_mod, "evaluate_model", evaluate_and_probe)
+    monkeypatch.setattr(trainer_mod, "evaluate_model", evaluate_and_probe)  # the validations
+    monkeypatch.setattr(final_eval_mod, "evaluate_model", evaluate_and_probe)  # the final test
     train(cfg_of(), tmp_path / "r", echo=quiet)
     assert len(seen) == 2  # the epoch's validation and the final test
     for p in seen:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import _validate as validate_config
 from .config import apply_overrides
-from .errors import _first_line
+from .errors import first_line
 from .from_config import build_model_from_config
 from .runfolder import atomic_write
 
@@ -108,7 +108,7 @@ def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: O
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ValueError(f"checkpoint '{path}' cannot be read by torch.load ({type(e).__name__}: "
-                         f"{_first_line(e) or 'truncated or not a torch file'})") from None
+                         f"{first_line(e) or 'truncated or not a torch file'})") from None
     state = ck.get("model") if isinstance(ck, dict) and "model" in ck else ck
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint '{path}' holds no state dict (a {type(state).__name__})")
@@ -128,7 +128,7 @@ def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: O
     try:
         model = build_model_from_config(cfg, backbone_weights="random")
     except (TypeError, ValueError) as e:  # the config names another model than its flags are for
-        why = _first_line(e).split(" -- ")[0]  # without the recipe hint of build_model_from_config
+        why = first_line(e).split(" -- ")[0]  # without the recipe hint of build_model_from_config
         raise ValueError(f"checkpoint '{path}': its config names model '{cfg['model']['name']}', which cannot be "
                          f"built with the config's flags ({why}); model.name and model.flags must describe the "
                          f"network the weights belong to (fix the config's model.name, or drop a --model / "
@@ -140,7 +140,7 @@ def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: O
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a shape mismatch: the overrides / config describe another network
         raise ValueError(f"checkpoint '{path}' does not fit model '{cfg['model']['name']}' "
-                         f"({cfg['model']['backbone']}, flags {cfg['model']['flags']}): {_first_line(e, 1)}; "
+                         f"({cfg['model']['backbone']}, flags {cfg['model']['flags']}): {first_line(e, 1)}; "
                          f"leave the architecture as the checkpoint's config has it") from None
     if missing or unexpected:
         raise ValueError(f"checkpoint '{path}' does not match model '{cfg['model']['name']}' "

@@ -9,7 +9,7 @@ anything when its folder holds another run or is in use; :func:`short_error` tur
 from __future__ import annotations
 
 __all__ = ["TrainingInterrupted", "ValidationFailed", "RunFolderError", "RunFolderTaken", "RunFolderLocked",
-           "short_error", "layout_help"]
+           "short_error", "first_line", "layout_help"]
 
 
 class TrainingInterrupted(RuntimeError):
@@ -44,7 +44,7 @@ class RunFolderLocked(RunFolderError):
         self.holder = holder
 
 
-def _first_line(e: BaseException, index: int = 0) -> str:
+def first_line(e: BaseException, index: int = 0) -> str:
     """One line of an exception's message (``index``: which non-empty line), for one-line errors."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[min(index, len(lines) - 1)] if lines else ""
@@ -72,7 +72,7 @@ def short_error(e: BaseException, *, layout: bool = True) -> str:
     if "Original Traceback" in text:
         last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
         return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
-    first = _first_line(e) or type(e).__name__
+    first = first_line(e) or type(e).__name__
     help_ = layout_help(e) if layout else ""
     if help_:
         head = first[: first.find(_LAYOUT)].rstrip() if _LAYOUT in first else first

@@ -97,9 +97,9 @@ from torch import Tensor, nn
 
 from .runfolder import atomic_write
 
-__all__ = ["FeatureCache", "FeatureStore", "attach_feature_cache", "detach_feature_cache", "weights_fingerprint",
-           "cache_file", "store_dir", "save_shared_caches", "write_shard", "ShardError", "FeatureStoreWarning",
-           "stores_in", "inspect_store"]
+__all__ = ["FeatureCache", "FeatureStore", "attach_feature_cache", "attach_from_config", "detach_feature_cache",
+           "weights_fingerprint", "cache_file", "store_dir", "save_shared_caches", "write_shard", "ShardError",
+           "FeatureStoreWarning", "stores_in", "inspect_store"]
 
 Output = Union[Tensor, Tuple[Tensor, ...]]
 
@@ -706,6 +706,16 @@ def attach_feature_cache(model: nn.Module, max_bytes: int = 8 << 30, *, shared: 
         cache.store.rescan()
     bb.feature_cache = cache
     return cache
+
+
+def attach_from_config(model: nn.Module, cfg: dict) -> Optional[FeatureCache]:
+    """The cache a resolved config asks for (``train.cache_backbone``, ``train.cache_backbone_gb``,
+    ``train.cache_backbone_dir``) attached to ``model``'s backbone, as training and the evaluation of a
+    finished run use it; ``None`` when the config asks for none."""
+    t = cfg["train"]
+    if not t["cache_backbone"]:
+        return None
+    return attach_feature_cache(model, int(float(t["cache_backbone_gb"]) * 2 ** 30), cache_dir=t.get("cache_backbone_dir"))
 
 
 def detach_feature_cache(model: nn.Module) -> Optional[FeatureCache]:

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Prediction", "predict", "load_image", "load_mask", "load_support", "box_mask", "overlay", "heatmap",
-           "figure", "PredictInputError"]
+__all__ = ["Prediction", "predict", "load_image", "load_mask", "load_support", "box_mask", "extra_maps", "overlay",
+           "heatmap", "figure", "PredictInputError"]
 
 ImageLike = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 Box = Tuple[float, float, float, float]
@@ -299,7 +299,7 @@ def predict(model: nn.Module, query_img: ImageLike, supports: Sequence[Tuple[Ima
                 fg = _fuse(probs, fusion)[:, None]
             p = _to_original(_canvas(fg, S), content, (h0, w0)).clamp(0, 1)
             prob_sum = p if prob_sum is None else prob_sum + p
-            for name, t in _extras(outs).items():
+            for name, t in extra_maps(outs).items():
                 e = _to_original(_canvas(t, S), content, (h0, w0))
                 extras_sum[name] = e if name not in extras_sum else extras_sum[name] + e
     finally:
@@ -309,8 +309,9 @@ def predict(model: nn.Module, query_img: ImageLike, supports: Sequence[Tuple[Ima
     return Prediction(mask=(prob > 0.5).astype(np.uint8), prob=prob, extras=extras)
 
 
-def _extras(outs: List[dict]) -> Dict[str, torch.Tensor]:
-    """Named ``[1, 1, h, w]`` maps from the network outputs (averaged over 1-shot runs)."""
+def extra_maps(outs: List[dict]) -> Dict[str, torch.Tensor]:
+    """The named maps of :attr:`Prediction.extras` from the network outputs ``outs`` (one per 1-shot run, or
+    one K-shot output): ``{name: [B, 1, h, w]}``, averaged over the outputs."""
     got: Dict[str, List[torch.Tensor]] = {}
     for o in outs:
         maps = o.get("activation_maps")

@@ -1,5 +1,5 @@
 """What a run writes besides checkpoints: the ``log.jsonl`` event log (+ TensorBoard) of
-:class:`RunLogger`, the JSON encoding of its values (:func:`_json_default`, :func:`finite_json`: a NaN or
+:class:`RunLogger`, the JSON encoding of its values (:func:`json_default`, :func:`finite_json`: a NaN or
 infinite number, e.g. the IoU of a class no episode sampled, is written as ``null`` so that every file is
 valid JSON) and the result table (:func:`format_table`).
 """
@@ -16,7 +16,7 @@ import torch
 
 from ..scoring.protocols import EvaluationResult
 
-__all__ = ["RunLogger", "format_table", "finite_json"]
+__all__ = ["RunLogger", "format_table", "finite_json", "json_default"]
 
 
 class RunLogger:
@@ -39,7 +39,7 @@ class RunLogger:
             return
         rec = {"event": event, "time": round(time.time(), 3), **fields}
         with open(self.path, "a") as f:
-            f.write(json.dumps(finite_json(rec), default=_json_default) + "\n")
+            f.write(json.dumps(finite_json(rec), default=json_default) + "\n")
         if self.tb is not None:
             step = fields.get("step")
             for k, v in fields.items():
@@ -73,7 +73,9 @@ def finite_json(o):
     return o
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps(..., default=json_default)``: numpy scalars as numbers, tensors as lists, anything else as
+    its ``str``."""
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):

@@ -43,11 +43,12 @@ from .checkpoints import rng_state, seed_everything, set_rng_state, strip_module
 from .device import amp_context, resolve_device
 from .distributed import (ResumableDistributedSampler, _any_rank, all_ranks_finite, ddp_find_unused_parameters,
                           init_distributed, teardown)
-from .errors import RunFolderError, TrainingInterrupted, ValidationFailed, _first_line, layout_help, short_error
+from .errors import RunFolderError, TrainingInterrupted, ValidationFailed, first_line, layout_help, short_error
 from .from_config import build_model_from_config, build_train_dataset, eval_factory, eval_protocol
+from .final_eval import eval_kwargs, final_evaluation
 from .fusion import evaluate_model, evaluate_reference, has_prior
 from .runfolder import RunLock, claim_run_folder
-from .runlog import RunLogger, _json_default, finite_json, format_table
+from .runlog import RunLogger, finite_json, format_table, json_default
 from .schedule import PolyLR
 
 __all__ = ["train", "Trainer", "default_run_name"]
@@ -141,9 +142,8 @@ class Trainer:
         self.model.to(self.device)
         self.feature_cache = None
         if t["cache_backbone"]:
-            from .feature_cache import attach_feature_cache
-            self.feature_cache = attach_feature_cache(self.model, int(float(t["cache_backbone_gb"]) * 2 ** 30),
-                                                      cache_dir=t.get("cache_backbone_dir"))
+            from .feature_cache import attach_from_config
+            self.feature_cache = attach_from_config(self.model, self.cfg)
         self.net = self.model  # possibly DDP-wrapped
         self.ddp_find_unused: Optional[bool] = None  # the find_unused_parameters of the DDP wrapper (None: no DDP)
         self.layer4_on = False
@@ -320,7 +320,7 @@ class Trainer:
             raise ValueError(f"--resume: '{path}' holds a different network than this run's config "
                              f"(checkpoint: {saved.get('name')} / {saved.get('backbone')} {saved.get('flags')}; "
                              f"config: {self.cfg['model']['name']} / {self.cfg['model']['backbone']} "
-                             f"{self.cfg['model']['flags']}): {_first_line(e)}") from None
+                             f"{self.cfg['model']['flags']}): {first_line(e)}") from None
         self.scheduler.load_state_dict(ck["scheduler"])
         if self.scaler is not None and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
@@ -568,9 +568,7 @@ def _train(trainer: "Trainer", t_start: float, echo, evaluate_after: Optional[bo
                          f"{others[0] if len(others) == 1 else ('[' + ','.join(others) + ']') if others else 'none'} "
                          f"(or eval.reference=auto: the prior where the model has one), or pass --no-eval")
     protocol = eval_protocol(trainer.cfg)
-    ekw = dict(device=trainer.device, fusion=e["fusion"], amp=trainer.cfg["train"]["amp"],
-               batch_size=int(e["batch_size"]), num_workers=int(trainer.cfg["data"]["num_workers"]),
-               progress=trainer.progress)
+    ekw = eval_kwargs(trainer.cfg, trainer.device, trainer.progress)
     refs: List[Tuple[str, EvaluationResult]] = []
     ref_path = trainer.run_dir / "reference.json"
     if trainer.main:
@@ -595,28 +593,26 @@ def _train(trainer: "Trainer", t_start: float, echo, evaluate_after: Optional[bo
             set_rng_state(snap)
             trainer.run_dir.mkdir(parents=True, exist_ok=True)
             ref_path.write_text(json.dumps(finite_json([{"label": l, **r.as_dict()} for l, r in refs]),
-                                           default=_json_default))
+                                           default=json_default))
     trainer.dist.barrier()
     fit = trainer.fit()
     out = {"run_dir": str(trainer.run_dir), **fit}
     if evaluate_after and trainer.main:
         best_path = trainer.run_dir / "best.pth"
         model_eval = trainer.model
-        best_epoch = trainer.best.get("epoch")
         if best_path.is_file():
             ck = torch.load(best_path, map_location="cpu", weights_only=False)
             model_eval = copy.deepcopy(trainer.model)
             model_eval.load_state_dict(strip_module_prefix(ck["model"]))
-        label = f"trained {trainer.cfg['model']['name']} (best epoch {best_epoch})"
-        r = evaluate_model(model_eval, protocol, trainer.factory, **ekw)
-        rows = refs + [(label, r)]
+        rows, results = final_evaluation(model_eval, trainer.cfg, protocol, trainer.factory, best=trainer.best,
+                                         train_seconds=sum(h.get("seconds", 0) for h in trainer.history),
+                                         device=trainer.device, refs=refs, progress=trainer.progress)
+        r = rows[-1][1]
         echo("")
         echo(f"Test: {protocol.describe()}" + (f", K-shot fusion: {e['fusion']}" if protocol.shot > 1 else ""))
         echo(format_table(rows))
-        results = finite_json({"protocol": protocol.as_dict(), "protocol_text": protocol.describe(), "fusion": e["fusion"],
-                               "rows": [{"label": l, **x.as_dict()} for l, x in rows], "best": trainer.best,
-                               "train_seconds": sum(h.get("seconds", 0) for h in trainer.history)})
-        (trainer.run_dir / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+        results = finite_json(results)
+        (trainer.run_dir / "results.json").write_text(json.dumps(results, indent=1, default=json_default))
         trainer.logger = RunLogger(trainer.run_dir, True, False)
         trainer.logger.log("eval", miou=r.miou, fbiou=r.fbiou, protocol=protocol.describe(),
                            references={l: {"miou": x.miou, "fbiou": x.fbiou} for l, x in refs})
