@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTS, tuning
+from .launch import LAUNCH_OPTS, tuning
 
 __all__ = ["sam_raw", "supported"]
 
