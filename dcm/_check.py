@@ -1,8 +1,10 @@
 """Input validation with messages that name the argument and show expected vs actual shape.
 
-Every check here looks at shapes, dtypes and devices only (static under ``torch.compile``); the
-few checks that look at values live in :func:`check_mask_values` and :func:`warn_if_empty` and
-respect :func:`dcm.config.data_checks_enabled`.
+Every check of a tensor here looks at shapes, dtypes and devices only (static under
+``torch.compile``); the few checks that look at tensor values live in :func:`check_mask_values` and
+:func:`warn_if_empty` and respect :func:`dcm.config.data_checks_enabled`. Each argument is checked
+once per call: a functional op checks at its entry and a module before it calls the implementation;
+a module's options are checked when they are set (:func:`option`).
 """
 from __future__ import annotations
 
