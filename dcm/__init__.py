@@ -11,6 +11,7 @@ from . import functional
 from ._check import EmptyForegroundWarning
 from .config import get_backend, set_backend, set_data_checks, use_backend
 from .modules import (
+    DCM_FUSIONS,
     ActivationOutput,
     DCMFusion,
     DynamicConvModule,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationOutput",
+    "DCM_FUSIONS",
     "DCMFusion",
     "DynamicConvModule",
     "EmptyForegroundWarning",

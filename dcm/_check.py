@@ -1,15 +1,17 @@
 """Input validation with messages that name the argument and show expected vs actual shape.
 
-Every check here looks at shapes, dtypes and devices only (static under ``torch.compile``); the
-few checks that look at values live in :func:`check_mask_values` and :func:`warn_if_empty` and
-respect :func:`dcm.config.data_checks_enabled`.
+Every check of a tensor here looks at shapes, dtypes and devices only (static under
+``torch.compile``); the few checks that look at tensor values live in :func:`check_mask_values` and
+:func:`warn_if_empty` and respect :func:`dcm.config.data_checks_enabled`. Each argument is checked
+once per call: a functional op checks at its entry and a module before it calls the implementation;
+a module's options are checked when they are set (:func:`option`).
 """
 from __future__ import annotations
 
 import math
 import numbers
 import warnings
-from typing import Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,12 +46,14 @@ def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) ->
         raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {x.device}")
 
 
-def query(name: str, x) -> torch.Tensor:
-    """A query feature map ``Tensor[B, C, H, W]``."""
+def query(name: str, x, channels: int | None = None) -> torch.Tensor:
+    """A query feature map ``Tensor[B, C, H, W]`` (with ``C = channels`` when given)."""
     x = tensor(name, x)
     rank(name, x, (4,), "(B, C, H, W)")
     if x.shape[-1] == 0 or x.shape[-2] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name}: expected non-empty C, H, W in (B, C, H, W), got {_shape(x)}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name}: expected C={channels} channels in (B, C, H, W), got {_shape(x)}")
     return x
 
 
@@ -85,6 +89,27 @@ def mask(name: str, m, batch: int, shots: int, ref_name: str, ref: torch.Tensor)
         raise ValueError(f"{name}: expected non-empty h, w in (B, K, h, w), got {_shape(m)}")
     same_device(name, m, ref_name, ref)
     return m
+
+
+def support_and_mask(name: str, x, mask_name: str, m, batch: int | None = None, channels: int | None = None,
+                     ref_name: str | None = None, ref: torch.Tensor | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Support features and their masks -> ``(Tensor[B, K, C, H, W], Tensor[B, K, h, w])``: :func:`support`,
+    the device of ``ref`` (when given), :func:`mask`, then the mask values (:func:`check_mask_values`)."""
+    x = support(name, x, batch=batch, channels=channels)
+    if ref is not None:
+        same_device(name, x, ref_name, ref)
+    m = mask(mask_name, m, x.shape[0], x.shape[1], name, x)
+    check_mask_values(mask_name, m)
+    return x, m
+
+
+def episode(q, s, m, channels: int | None = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The arguments ``query``, ``support``, ``support_mask`` of the three ops: ``query[B, C, H, W]``
+    (``C = channels`` when given), the support with the query's ``B``, ``C`` and device, and its masks
+    -> ``(query, support[B, K, C, Hs, Ws], support_mask[B, K, h, w])``."""
+    q = query("query", q, channels)
+    s, m = support_and_mask("support", s, "support_mask", m, q.shape[0], q.shape[1], "query", q)
+    return q, s, m
 
 
 def check_mask_values(name: str, m: torch.Tensor) -> None:
@@ -147,6 +172,35 @@ def param_dtype(name: str, x: torch.Tensor, dtype: torch.dtype, owner: str) -> N
     )
 
 
+def _is_positive_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v > 0
+
+
+def positive_int(name: str, v, or_none: bool = False) -> Optional[int]:
+    """A positive ``int`` (not a ``bool``) -> ``int``; with ``or_none``, ``None`` passes as ``None``."""
+    if or_none and v is None:
+        return None
+    if not _is_positive_int(v):
+        raise ValueError(f"{name}: expected {'None or ' if or_none else ''}a positive int, got {v!r}")
+    return int(v)
+
+
+def positive_ints(name: str, vs) -> Tuple[int, ...]:
+    """A sequence of positive ``int`` -> tuple (the message shows the whole sequence)."""
+    vs = tuple(vs)
+    if not all(_is_positive_int(v) for v in vs):
+        raise ValueError(f"{name}: expected positive ints, got {vs}")
+    return tuple(int(v) for v in vs)
+
+
+def one_of(name: str, v, options: Sequence):
+    """``v`` if it is one of ``options``, else ``ValueError`` listing them (``'a', 'b' or 'c'``)."""
+    if v not in options:
+        shown = [repr(o) for o in options]
+        raise ValueError(f"{name}: expected {', '.join(shown[:-1])} or {shown[-1]}, got {v!r}")
+    return v
+
+
 def odd_size(name: str, k) -> Tuple[int, int]:
     """A positive odd kernel or window size, ``int`` or pair -> ``(kh, kw)``."""
     if isinstance(k, bool):
@@ -165,6 +219,13 @@ def odd_size(name: str, k) -> Tuple[int, int]:
     return int(kh), int(kw)
 
 
+def odd_int(name: str, k) -> int:
+    """A positive odd ``int`` (no pair)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name}: expected a positive odd int, got {k!r}")
+    return odd_size(name, k)[0]
+
+
 def windows(name: str, ws) -> Tuple[Tuple[int, int], ...]:
     try:
         items = list(ws)
@@ -173,6 +234,20 @@ def windows(name: str, ws) -> Tuple[Tuple[int, int], ...]:
     if not items:
         raise ValueError(f"{name}: expected at least one (h, w) window, got {ws!r}")
     return tuple(odd_size(f"{name}[{i}]", w) for i, w in enumerate(items))
+
+
+def option(name: str, check: Callable[[str, object], object]) -> property:
+    """A module attribute that is checked when it is set (in ``__init__`` or later) with
+    ``check(name, value)``, which returns the value to store: ``forward`` then uses it unchecked."""
+    attr = "_" + name
+
+    def get(self):
+        return getattr(self, attr)
+
+    def set_(self, value):
+        setattr(self, attr, check(name, value))
+
+    return property(get, set_, doc=f"``{name}``, checked when set.")
 
 
 _warned = {"empty": False}

@@ -10,16 +10,17 @@ The key of an op
 ----------------
 ``key = sha256`` of the op's kernel module (its ``@triton.jit`` kernels and launch code) and,
 transitively, of the definitions it imports from within ``dcm`` (e.g. the generated rolling
-kernels, the package's ``LAUNCH_OPTS``, the op's own ``KNOBS`` defaults), each parsed and written
-back without comments, docstrings or layout. A record matches when its ``op``, ``key`` and
-``cc_major`` (the device's compute-capability major version: the kernels compile to different
-instructions on sm_80 and sm_90) equal the running ones. Editing a kernel or anything it calls
-changes the key, and the op falls back to PyTorch until a GPU run records the new key. The key does
-not contain a file path, the torch / Triton / CUDA versions (stored with each record as
-information: a key on them would drop every kernel at every upgrade, and the tests that a version
-change could break are rerun by :file:`benchmarks/gpu_session.sh`) or launch knobs set in the
-environment (``DCM_<knob>``: explicit tuning; the record is for the defaults, whose values are in
-the key).
+kernels, ``LAUNCH_OPTS`` and the op's own ``KNOBS`` defaults of :mod:`dcm.kernels.launch`), each
+parsed and written back without comments, docstrings or layout. A record matches when its ``op``,
+``key`` and ``cc_major`` (the device's compute-capability major version: the kernels compile to
+different instructions on sm_80 and sm_90) equal the running ones. Editing a kernel or anything it
+calls changes the key, and the op falls back to PyTorch until a GPU run records the new key. Not in
+the key: a file path (a copy of ``dcm`` elsewhere has the same keys; the import statements are code,
+though, so moving a definition to another module changes the key of the ops that import it), the
+torch / Triton / CUDA versions (stored with each record as information: a key on them would drop
+every kernel at every upgrade, and the tests that a version change could break are rerun by
+:file:`benchmarks/gpu_session.sh`) and launch knobs set in the environment (``DCM_<knob>``: explicit
+tuning; the record is for the defaults, whose values are in the key).
 
 ``DCM_VERIFIED=FILE[:FILE...]`` adds the records of other files of the same form (the GPU session
 uses it to test the current sources and then to time what it verified).
@@ -53,10 +54,12 @@ PKG = Path(__file__).resolve().parent
 #: the committed record (shipped in the wheel)
 RECORD_FILE = PKG / "kernels" / "verified.json"
 ENV_EXTRA = "DCM_VERIFIED"
+#: the module of the launch knobs: an op's key holds only its own knobs' defaults
+KNOBS_MODULE = "dcm.kernels.launch"
 
 #: The ops with Triton kernels: the kernel module whose source (with what it calls) is the key, the
-#: prefix of the op's launch knobs in ``dcm.kernels.KNOBS``, and the CUDA tests that are the op's own
-#: (``classname::name`` patterns of pytest's JUnit XML). Every other CUDA test (modules, compile,
+#: prefix of the op's launch knobs in ``KNOBS`` of :data:`KNOBS_MODULE`, and the CUDA tests that are the
+#: op's own (``classname::name`` patterns of pytest's JUnit XML). Every other CUDA test (modules, compile,
 #: CUDA graphs, networks) is shared: it must pass for any op to be recorded.
 OPS: Dict[str, dict] = {
     "dynamic_conv": dict(
@@ -209,7 +212,7 @@ def _collect(op: str, read: Optional[Reader]) -> Tuple[List[str], List[str]]:
 
     def follow(mod: _Module, nodes: Iterable[ast.AST], top: bool) -> None:
         """Queue what ``nodes`` use: names of ``mod`` and, through relative imports, of other modules.
-        Submodules imported inside a definition (``top`` False: the availability check's imports of
+        Submodules imported inside a definition (``top`` False, e.g. an availability check that imports
         every kernel module) are not followed."""
         for node in nodes:
             for n in ast.walk(node):
@@ -246,7 +249,7 @@ def _collect(op: str, read: Optional[Reader]) -> Tuple[List[str], List[str]]:
                 continue
             seen.add((name, f"#{i}"))
             st = mod.tree.body[i]
-            if name == "dcm.kernels" and attr == "KNOBS":
+            if name == KNOBS_MODULE and attr == "KNOBS":
                 st = _knobs_filtered(st, spec["knobs"])
             pieces[(name, i)] = _canon(st)
             follow(mod, [st], False)

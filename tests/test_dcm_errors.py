@@ -27,7 +27,7 @@ def _nan_mask():
 def _dcm_after_construction(**attrs):
     mod = dcm.DynamicConvModule(8)
     for k, v in attrs.items():
-        setattr(mod, k, v)  # the functional op checks it again
+        setattr(mod, k, v)  # an option is checked when it is set, not only in __init__
     return mod(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.ones(2, 5, 5))
 
 
@@ -167,3 +167,89 @@ def test_data_checks_can_be_disabled():
         DF.foreground_pool(q(1, 1, 2, 3, 3), torch.full((1, 1, 3, 3), 7.0))  # no value check
     finally:
         dcm.set_data_checks(True)
+
+
+# ------------------------------------------------------------------------------------- checked once
+_CHECKS = ("tensor", "fg_threshold", "nonneg_eps", "windows", "odd_size", "one_of", "positive_int", "positive_ints",
+           "check_mask_values", "param_dtype")
+
+
+def _ops():
+    """(label, callable) for every module forward and every functional op that takes tensors and options."""
+    Q, S, M, PM = q(2, 8, 5, 5), q(2, 3, 8, 5, 5), torch.ones(2, 3, 5, 5), torch.rand(2, 1, 5, 5)
+    dcm_mod, sam, ffm = dcm.DynamicConvModule(8, kernel_norm="l1"), dcm.SupportActivation(chunk_size=2), dcm.FeatureFiltering(8)
+    return [
+        ("DynamicConvModule", lambda: dcm_mod(Q, S, M)),
+        ("DynamicConvModule.generate_kernels", lambda: dcm_mod.generate_kernels(S, M)),
+        ("SupportActivation", lambda: sam(Q, S, M)),
+        ("FeatureFiltering", lambda: ffm(Q, S, M, PM)),
+        ("dynamic_convolution", lambda: DF.dynamic_convolution(Q, S, M, _GENS, 3, kernel_norm="l2")),
+        ("generate_dynamic_kernels", lambda: DF.generate_dynamic_kernels(S, M, _GENS, 3)),
+        ("dynamic_depthwise_conv2d_multi", lambda: DF.dynamic_depthwise_conv2d_multi(Q, [q(2, 8, 3, 1), q(2, 8, 1, 3)])),
+        ("dynamic_depthwise_conv2d", lambda: DF.dynamic_depthwise_conv2d(Q, q(2, 8, 3, 3))),
+        ("support_activation", lambda: DF.support_activation(Q, S, M, chunk_size=3)),
+        ("support_activation_raw", lambda: DF.support_activation_raw(Q, S, chunk_size=3)),
+        ("support_prototype", lambda: DF.support_prototype(S, M)),
+        ("feature_filtering", lambda: DF.feature_filtering(Q, q(2, 8), PM, q(1, 8, 3, 3))),
+        ("foreground_pool", lambda: DF.foreground_pool(S, M)),
+        ("masked_average_pool", lambda: DF.masked_average_pool(S, M)),
+        ("normalize_kernel", lambda: DF.normalize_kernel(q(2, 8, 3, 3), "l1")),
+    ]
+
+
+@pytest.mark.parametrize("label", [label for label, _ in _ops()])
+def test_each_argument_is_checked_once(monkeypatch, label):
+    """A module forward checks each input once (its options were checked when set) and a functional op
+    each argument once, however many internal functions the call passes through."""
+    from dcm import _check
+
+    seen = []
+    for fn in _CHECKS:
+        orig = getattr(_check, fn)
+        monkeypatch.setattr(_check, fn, lambda name, *a, _f=fn, _o=orig, **kw: seen.append((_f, name)) or _o(name, *a, **kw))
+    call = dict(_ops())[label]
+    seen.clear()  # what building the modules checked
+    call()
+    counts = {k: seen.count(k) for k in seen}
+    assert seen and all(n == 1 for n in counts.values()), counts
+    if label[0].isupper():  # a module: no option is checked on the way
+        assert {f for f, _ in seen} <= {"tensor", "check_mask_values", "param_dtype"}, counts
+
+
+@pytest.mark.parametrize("make, attr, bad, pattern", [
+    (lambda: dcm.DynamicConvModule(8), "kernel_size", 4, r"^kernel_size: expected positive odd sizes"),
+    (lambda: dcm.DynamicConvModule(8), "variants", ("v", "v"), r"^variants: expected a non-empty subset"),
+    (lambda: dcm.DynamicConvModule(8), "square_source", "both", r"^square_source: expected 'serial' or 'parallel'"),
+    (lambda: dcm.DynamicConvModule(8), "kernel_norm", "l3", r"^kernel_norm: expected None, 'l1' or 'l2', got 'l3'"),
+    (lambda: dcm.SupportActivation(), "windows", ((2, 1),), r"^windows\[0\]: expected positive odd sizes"),
+    (lambda: dcm.SupportActivation(), "chunk_size", 0, r"^chunk_size: expected None or a positive int, got 0"),
+    (lambda: dcm.FeatureFiltering(8), "eps", -1.0, r"^eps: expected a finite float >= 0"),
+])
+def test_module_options_are_checked_when_set(make, attr, bad, pattern):
+    mod = make()
+    before = getattr(mod, attr)
+    with pytest.raises(ValueError, match=pattern):
+        setattr(mod, attr, bad)
+    assert getattr(mod, attr) == before  # a rejected value is not kept
+
+
+def test_module_options_set_later_are_used_normalised():
+    sam = dcm.SupportActivation()
+    sam.windows = [[3, 3], 1]
+    assert sam.windows == ((3, 3), (1, 1))
+    assert sam(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.ones(2, 5, 5)).maps.shape == (2, 2, 5, 5)
+    mod = dcm.DynamicConvModule(8)
+    mod.variants = ["s", "v"]
+    assert mod.variants == ("s", "v") and len(mod(q(2, 8, 5, 5), q(2, 8, 5, 5), torch.ones(2, 5, 5))) == 2
+    assert re.search(r"variants=\('s', 'v'\)", repr(mod))
+
+
+def test_positive_int_checks_share_one_message():
+    for make, name in ((lambda v: dcm.DynamicConvModule(v), "channels"), (lambda v: dcm.FeatureFiltering(v), "channels"),
+                       (lambda v: dcm.DCMFusion(v, 1), "channels"), (lambda v: dcm.DCMFusion(4, v), "n_maps")):
+        for bad in (0, -1, True, 2.0, "3"):
+            with pytest.raises(ValueError, match=rf"^{name}: expected a positive int, got {re.escape(repr(bad))}$"):
+                make(bad)
+    with pytest.raises(ValueError, match=r"^map_channels: expected None or a positive int, got 0$"):
+        dcm.DCMFusion(4, 1, map_channels=0)
+    assert dcm.DCMFusion(4, 2).map_channels == 4 and dcm.DCMFusion(4, 2, map_channels=6).map_channels == 6

@@ -67,7 +67,6 @@ def launches(monkeypatch):
     calls = {}
     monkeypatch.setattr(JITFunction, "__getitem__", lambda self, grid: _Recorder(self, calls))
     monkeypatch.setattr(dcm.config, "_triton_interpreted", lambda: True)  # CPU tensors -> the launchers
-    monkeypatch.setattr(kernels, "interpreted", lambda: True)
     monkeypatch.setitem(dcm.config._state, "data_checks", False)  # the recorded launches write nothing
     from dcm.kernels import foreground
 
@@ -102,7 +101,7 @@ def test_every_kernel_compiles_for_sm90(launches):
                 "_fg_select_kernel", "_fg_pool_fwd_kernel", "_fg_pool_finish_kernel", "_fg_pool_bwd_kernel"}
     assert expected <= set(families), f"launches not recorded: {sorted(expected - set(families))}"
     unpinned = sorted({key[0] for key, (_, _, _, opts) in launches.items() if opts.get("enable_fp_fusion") is not True})
-    assert not unpinned, f"launches without dcm.kernels.LAUNCH_OPTS (FMA contraction not pinned): {unpinned}"
+    assert not unpinned, f"launches without dcm.kernels.launch.LAUNCH_OPTS (FMA contraction not pinned): {unpinned}"
     target = GPUTarget("cuda", 90, 32)
     failed = []
     for (name, _, consts, _), (fn, sig, const_vals, opts) in launches.items():

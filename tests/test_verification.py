@@ -18,6 +18,8 @@ from dcm import verification as V
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = list(V.OPS)
+LAUNCH = "dcm/kernels/launch.py"
+GENERATED = "dcm/kernels/generated/dynconv_rolling.py"
 SHIPPED = V.RECORD_FILE
 
 
@@ -100,16 +102,16 @@ def test_key_covers_what_the_kernel_calls_and_nothing_else():
         return {op for op in OPS if V.op_key(op, read) != keys[op]}
 
     # the generated rolling kernels are code dynamic_conv calls
-    gen = V.package_reader(ROOT)("dcm/kernels/_dynconv_rolling.py")
+    gen = V.package_reader(ROOT)(GENERATED)
     line = next(ln for ln in gen.splitlines() if "tl.store(" in ln)
-    assert changed(edited("dcm/kernels/_dynconv_rolling.py", line, line.replace("tl.store(", "tl.store(0 + ", 1))) == {"dynamic_conv"}
-    # the package's launch options are called by every op; a knob default only by its own op
-    assert changed(edited("dcm/kernels/__init__.py", '{"enable_fp_fusion": True}', '{"enable_fp_fusion": False}')) == set(OPS)
-    assert changed(edited("dcm/kernels/__init__.py", '"DW_ROWS": (4,', '"DW_ROWS": (2,')) == {"dynamic_conv"}
-    assert changed(edited("dcm/kernels/__init__.py", '"FG_SM_PROGRAMS": (2,', '"FG_SM_PROGRAMS": (3,')) == {"foreground"}
-    assert changed(edited("dcm/kernels/__init__.py", '"SAM_BP": (32,', '"SAM_BP": (16,')) == {"support_activation"}
+    assert changed(edited(GENERATED, line, line.replace("tl.store(", "tl.store(0 + ", 1))) == {"dynamic_conv"}
+    # the launch options are called by every op; a knob default only by its own op
+    assert changed(edited(LAUNCH, '{"enable_fp_fusion": True}', '{"enable_fp_fusion": False}')) == set(OPS)
+    assert changed(edited(LAUNCH, '"DW_ROWS": (4,', '"DW_ROWS": (2,')) == {"dynamic_conv"}
+    assert changed(edited(LAUNCH, '"FG_SM_PROGRAMS": (2,', '"FG_SM_PROGRAMS": (3,')) == {"foreground"}
+    assert changed(edited(LAUNCH, '"SAM_BP": (32,', '"SAM_BP": (16,')) == {"support_activation"}
     # a knob's description, the availability check, the PyTorch twins and the other ops' modules are not
-    assert changed(edited("dcm/kernels/__init__.py", "input rows the rolling", "rows the rolling")) == set()
+    assert changed(edited(LAUNCH, "input rows the rolling", "rows the rolling")) == set()
     assert changed(edited("dcm/kernels/__init__.py", "return torch.cuda.is_available() and _importable()",
                           "return bool(torch.cuda.is_available()) and _importable()")) == set()
     assert changed(edited("dcm/functional/foreground.py", "B, K, C, H, W = feat.shape", "B, K, C, H, W = tuple(feat.shape)")) == set()
@@ -121,14 +123,51 @@ def test_key_covers_what_the_kernel_calls_and_nothing_else():
 def test_key_does_not_depend_on_where_the_files_are(tmp_path):
     shutil.copytree(ROOT / "dcm", tmp_path / "elsewhere" / "dcm")
     assert {op: V.op_key(op, V.package_reader(tmp_path / "elsewhere")) for op in OPS} == V.current_keys()
+    # what is hashed is the parsed sources, with no path of the checkout in them
+    for op in OPS:
+        texts = V.op_sources(op)
+        assert texts and not any(str(ROOT) in t for t in texts), op
 
 
 def test_every_kernel_module_belongs_to_an_op():
     """Every module of dcm/kernels is in some op's key (else editing it would drop nothing to PyTorch)."""
     reached = {m for op in OPS for m in V.op_modules(op)}
-    assert {"dcm.kernels", "dcm.kernels._dynconv_rolling"} <= set(V.op_modules("dynamic_conv"))
-    modules = {f"dcm.kernels.{p.stem}" for p in (ROOT / "dcm" / "kernels").glob("*.py")} - {"dcm.kernels.__init__"}
+    assert {"dcm.kernels.launch", "dcm.kernels.generated.dynconv_rolling"} <= set(V.op_modules("dynamic_conv"))
+    kernels = ROOT / "dcm" / "kernels"
+    modules = {"dcm.kernels." + ".".join(p.relative_to(kernels).with_suffix("").parts) for p in kernels.rglob("*.py")
+               if p.name != "__init__.py"}
     assert modules - reached == {"dcm.kernels._gen_rolling"}  # the generator: not run code (its output is)
+
+
+def _dcm_imports(path: Path):
+    """The ``dcm`` modules (or ``module.name`` for ``from . import name``) that a file under dcm/ imports."""
+    import ast
+
+    pkg = ["dcm", *path.parent.relative_to(ROOT / "dcm").parts]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name.split(".")[0] == "dcm")
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            base = ".".join(pkg[: len(pkg) - node.level + 1] + ([node.module] if node.module else []))
+            yield from ([base] if node.module else [f"{base}.{a.name}" for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "dcm":
+            yield node.module
+
+
+def test_kernel_modules_import_nothing_above_them():
+    """In dcm/kernels only the package's own ``__init__`` imports its submodules; a kernel module imports from dcm
+    only the launch settings and the generated kernels below it, and those import nothing from dcm."""
+    kernels = ROOT / "dcm" / "kernels"
+    for p in sorted(kernels.rglob("*.py")):
+        rel = p.relative_to(kernels).as_posix()
+        for target in _dcm_imports(p):
+            if rel == "__init__.py":
+                assert target.startswith("dcm.kernels."), (rel, target)
+            elif rel == "launch.py" or rel.startswith("generated/"):
+                raise AssertionError(f"{rel} imports {target}: it must import nothing from dcm")
+            else:
+                assert target == "dcm.kernels.launch" or target.startswith("dcm.kernels.generated."), (rel, target)
+    assert "dcm.kernels.launch" in set(_dcm_imports(kernels / "dynamic_conv.py"))  # the walk sees relative imports
 
 
 # ------------------------------------------------------------------------------------- dispatch

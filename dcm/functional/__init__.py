@@ -1,11 +1,13 @@
 """Stateless maths of the DPCN modules: plain tensors in, plain tensors out.
 
-Every function checks its arguments (shapes, dtypes, devices) and is vectorised over batch and
+Each op checks its arguments (shapes, dtypes, devices, mask values) once and then runs a private
+implementation, which the modules of :mod:`dcm.modules` call after their own single check; the building
+blocks :func:`prepare_mask`, :func:`shot_weights`, :func:`normalize_minmax` and
+:func:`foreground_pool_weights` take their inputs unchecked. Everything is vectorised over batch and
 shots (no Python loop over samples, no ``.item()``, no boolean indexing), so it works under
 ``torch.compile(fullgraph=True)`` and CUDA graphs.
 """
 from .dynamic_conv import (
-    KERNEL_NORMS,
     dynamic_convolution,
     dynamic_depthwise_conv2d,
     dynamic_depthwise_conv2d_multi,

@@ -1,7 +1,7 @@
 """Dynamic depthwise convolution with per-sample kernels (DPCN Eq. 8) and the DCM kernel pipeline."""
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,15 +19,52 @@ __all__ = [
 ]
 
 
-def _check_pair(x: torch.Tensor, weight: torch.Tensor, name: str = "weight") -> Tuple[int, int]:
-    _check.query("x", x)
+#: lower bound of the kernel norm in :func:`normalize_kernel` (a zero kernel stays zero)
+KERNEL_NORM_EPS = 1e-12
+#: the values of ``kernel_norm``
+KERNEL_NORMS = (None, "l1", "l2")
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _kernel_size(name: str, kernel_size) -> int:
+    """An odd ``S``: an int or a pair of equal ints."""
+    S = _check.odd_size(name, kernel_size)[0]
+    if isinstance(kernel_size, (tuple, list)) and len(set(kernel_size)) != 1:
+        raise ValueError(f"{name}: expected a single odd int S, got {kernel_size!r}")
+    return S
+
+
+def _variants(name: str, variants) -> Tuple[str, ...]:
+    """A non-empty subset of ``("v", "h", "s")``, in the caller's order -> tuple."""
+    variants = tuple(variants)
+    if not variants or any(v not in ("v", "h", "s") for v in variants) or len(set(variants)) != len(variants):
+        raise ValueError(f"{name}: expected a non-empty subset of ('v', 'h', 's'), got {variants!r}")
+    return variants
+
+
+def _square_source(name: str, square_source) -> str:
+    return _check.one_of(name, square_source, ("serial", "parallel"))
+
+
+def _kernel_norm(name: str, kernel_norm) -> Optional[str]:
+    return _check.one_of(name, kernel_norm, KERNEL_NORMS)
+
+
+def _options(kernel_size, variants, square_source, fg_threshold, kernel_norm) -> tuple:
+    """The checked ``(S, variants, square_source, fg_threshold, kernel_norm)`` of the kernel generator."""
+    return (_kernel_size("kernel_size", kernel_size), _variants("variants", variants), _square_source("square_source", square_source),
+            _check.fg_threshold("fg_threshold", fg_threshold), _kernel_norm("kernel_norm", kernel_norm))
+
+
+def _check_weight(name: str, weight, x: torch.Tensor) -> None:
+    """Kernels ``Tensor[B, C, kh, kw]`` (odd sizes) for a checked ``x[B, C, H, W]``."""
     _check.tensor(name, weight)
     _check.rank(name, weight, (4,), "(B, C, kh, kw)")
     B, C = x.shape[:2]
     if weight.shape[0] != B or weight.shape[1] != C:
         raise ValueError(f"{name}: expected shape (B={B}, C={C}, kh, kw), got ({', '.join(map(str, weight.shape))})")
     _check.same_device(name, weight, "x", x)
-    return _check.odd_size(f"{name} kernel size", (int(weight.shape[2]), int(weight.shape[3])))
+    _check.odd_size(f"{name} kernel size", (int(weight.shape[2]), int(weight.shape[3])))
 
 
 def _grouped(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -63,7 +100,8 @@ def dynamic_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor) -> torch.Ten
         >>> torch.equal(dynamic_depthwise_conv2d(x, w), x)
         True
     """
-    _check_pair(x, weight)
+    x = _check.query("x", x)
+    _check_weight("weight", weight, x)
     return _grouped(x, weight)
 
 
@@ -83,13 +121,19 @@ def dynamic_depthwise_conv2d_multi(x: torch.Tensor, weights: Sequence[torch.Tens
         >>> [o.shape for o in dynamic_depthwise_conv2d_multi(x, ws)]
         [torch.Size([2, 3, 5, 6]), torch.Size([2, 3, 5, 6])]
     """
+    x, weights = _check.query("x", x), list(weights)
     for i, w in enumerate(weights):
-        _check_pair(x, w, f"weights[{i}]")
+        _check_weight(f"weights[{i}]", w, x)
+    return _dynamic_depthwise_conv2d_multi(x, weights)
+
+
+def _dynamic_depthwise_conv2d_multi(x: torch.Tensor, weights: List[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """:func:`dynamic_depthwise_conv2d_multi` on checked inputs."""
     if config.resolve_backend(x, "dynamic_conv") == "triton":
         from ..kernels import dynamic_conv as _k
 
         if _k.supported(x, weights):
-            return _k.dynamic_depthwise_conv2d_multi(x, list(weights))
+            return _k.dynamic_depthwise_conv2d_multi(x, weights)
     return tuple(_grouped(x, w) for w in weights)
 
 
@@ -141,18 +185,23 @@ def generate_dynamic_kernels(
         >>> {k: tuple(v.shape) for k, v in ks.items()}
         {'v': (2, 4, 3, 1), 'h': (2, 4, 1, 3), 's': (2, 4, 3, 3)}
     """
-    support = _check.support("support", support)
-    support_mask = _check.mask("support_mask", support_mask, support.shape[0], support.shape[1], "support", support)
-    _check.check_mask_values("support_mask", support_mask)
-    S = _check.odd_size("kernel_size", kernel_size)[0]
-    if isinstance(kernel_size, (tuple, list)) and len(set(kernel_size)) != 1:
-        raise ValueError(f"kernel_size: expected a single odd int S, got {kernel_size!r}")
-    variants = tuple(variants)
-    if not variants or any(v not in ("v", "h", "s") for v in variants) or len(set(variants)) != len(variants):
-        raise ValueError(f"variants: expected a non-empty subset of ('v', 'h', 's'), got {variants!r}")
-    if square_source not in ("serial", "parallel"):
-        raise ValueError(f"square_source: expected 'serial' or 'parallel', got {square_source!r}")
-    _check_kernel_norm(kernel_norm)
+    support, support_mask = _check.support_and_mask("support", support, "support_mask", support_mask)
+    return _generate_dynamic_kernels(support, support_mask, generators, *_options(kernel_size, variants, square_source, fg_threshold,
+                                                                                  kernel_norm))
+
+
+def _generate_dynamic_kernels(
+    support: torch.Tensor,
+    support_mask: torch.Tensor,
+    generators: Mapping[str, KernelNet],
+    S: int,
+    variants: Tuple[str, ...],
+    square_source: str,
+    fg_threshold: float,
+    kernel_norm: Optional[str],
+) -> dict:
+    """:func:`generate_dynamic_kernels` on checked ``support[B, K, C, H, W]``, ``support_mask[B, K, h, w]``
+    and options (:func:`_options`)."""
     need_asym = any(v in variants for v in "vh") or ("s" in variants and square_source == "serial")
     bins = ((S,) if need_asym else ()) + ((S * S,) if "s" in variants and square_source == "parallel" else ())
     pooled = dict(zip(bins, _foreground_pool(support, support_mask, bins, fg_threshold)))
@@ -171,17 +220,7 @@ def generate_dynamic_kernels(
         else:
             src = pooled[S * S]
         out["s"] = generators["s"](src).reshape(B, C, S, S)
-    return {v: normalize_kernel(out[v], kernel_norm) for v in variants}
-
-
-#: lower bound of the kernel norm in :func:`normalize_kernel` (a zero kernel stays zero)
-KERNEL_NORM_EPS = 1e-12
-KERNEL_NORMS = (None, "l1", "l2")
-
-
-def _check_kernel_norm(kernel_norm) -> None:
-    if kernel_norm not in KERNEL_NORMS:
-        raise ValueError(f"kernel_norm: expected None, 'l1' or 'l2', got {kernel_norm!r}")
+    return {v: _normalize_kernel(out[v], kernel_norm) for v in variants}
 
 
 def normalize_kernel(weight: torch.Tensor, kernel_norm: Optional[str]) -> torch.Tensor:
@@ -194,7 +233,11 @@ def normalize_kernel(weight: torch.Tensor, kernel_norm: Optional[str]) -> torch.
         >>> normalize_kernel(w, "l1").flatten().tolist()
         [0.25, -0.75]
     """
-    _check_kernel_norm(kernel_norm)
+    return _normalize_kernel(weight, _kernel_norm("kernel_norm", kernel_norm))
+
+
+def _normalize_kernel(weight: torch.Tensor, kernel_norm: Optional[str]) -> torch.Tensor:
+    """:func:`normalize_kernel` with a checked ``kernel_norm``."""
     if kernel_norm is None:
         return weight
     p = 1 if kernel_norm == "l1" else 2
@@ -230,10 +273,13 @@ def dynamic_convolution(
         >>> len(outs), tuple(outs[0].shape)
         (3, (2, 4, 7, 5))
     """
-    query = _check.query("query", query)
-    support = _check.support("support", support, batch=query.shape[0], channels=query.shape[1])
-    _check.same_device("support", support, "query", query)
-    kernels = generate_dynamic_kernels(support, support_mask, generators, kernel_size, variants, square_source, fg_threshold,
-                                       kernel_norm)
-    weights = [kernels[v].to(query.dtype) for v in kernels]
-    return dynamic_depthwise_conv2d_multi(query, weights)
+    query, support, support_mask = _check.episode(query, support, support_mask)
+    return _dynamic_convolution(query, support, support_mask, generators,
+                                *_options(kernel_size, variants, square_source, fg_threshold, kernel_norm))
+
+
+def _dynamic_convolution(query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor, generators: Mapping[str, KernelNet],
+                         *options) -> Tuple[torch.Tensor, ...]:
+    """:func:`dynamic_convolution` on checked inputs (:func:`dcm._check.episode`) and options (:func:`_options`)."""
+    kernels = _generate_dynamic_kernels(support, support_mask, generators, *options)
+    return _dynamic_depthwise_conv2d_multi(query, [kernels[v].to(query.dtype) for v in kernels])

@@ -39,11 +39,13 @@ def support_prototype(support: torch.Tensor, support_mask: torch.Tensor, eps: fl
         >>> support_prototype(s, m, eps=0.0)
         tensor([[1., 1., 1.]])
     """
-    support = _check.support("support", support)
-    B, K, C, H, W = support.shape
-    support_mask = _check.mask("support_mask", support_mask, B, K, "support", support)
-    _check.check_mask_values("support_mask", support_mask)
-    eps = _check.nonneg_eps("eps", eps)
+    support, support_mask = _check.support_and_mask("support", support, "support_mask", support_mask)
+    return _support_prototype(support, support_mask, _check.nonneg_eps("eps", eps))
+
+
+def _support_prototype(support: torch.Tensor, support_mask: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`support_prototype` on checked ``support[B, K, C, H, W]``, ``support_mask[B, K, h, w]`` and ``eps``."""
+    H, W = support.shape[-2:]
     protos = _masked_average_pool(support, support_mask, eps, "mean")  # [B, K, C]
     weights, all_empty = shot_weights(prepare_mask(support_mask, (H, W), dtype=support.dtype))
     _check.warn_if_empty(all_empty, "support_prototype")
@@ -76,10 +78,21 @@ def feature_filtering(
         ((2, 1, 5, 5), (2, 4, 5, 5))
     """
     query = _check.query("query", query)
-    B, C, H, W = query.shape
+    B, C = query.shape[:2]
     _check.tensor("prototype", prototype)
     if tuple(prototype.shape) != (B, C):
         raise ValueError(f"prototype: expected shape (B={B}, C={C}), got {tuple(prototype.shape)}")
+    pseudo_mask = _check_pseudo_mask(pseudo_mask, query)
+    _check.rank("weight", weight, (4,), f"(1, C={C}, k, k)")
+    if weight.shape[0] != 1 or weight.shape[1] != C:
+        raise ValueError(f"weight: expected shape (1, C={C}, k, k), got {tuple(weight.shape)}")
+    _check.odd_size("weight kernel size", (int(weight.shape[2]), int(weight.shape[3])))
+    return _feature_filtering(query, prototype, pseudo_mask, weight, bias)
+
+
+def _check_pseudo_mask(pseudo_mask, query: torch.Tensor) -> torch.Tensor:
+    """A pseudo mask ``Tensor[B, 1, h, w]`` or ``Tensor[B, h, w]`` for a checked ``query[B, C, H, W]`` -> 4-D."""
+    B = query.shape[0]
     _check.tensor("pseudo_mask", pseudo_mask)
     _check.rank("pseudo_mask", pseudo_mask, (3, 4), f"(B={B}, 1, h, w) or (B={B}, h, w)")
     if pseudo_mask.dim() == 3:
@@ -87,10 +100,14 @@ def feature_filtering(
     if pseudo_mask.shape[0] != B or pseudo_mask.shape[1] != 1:
         raise ValueError(f"pseudo_mask: expected shape (B={B}, 1, h, w), got {tuple(pseudo_mask.shape)}")
     _check.same_device("pseudo_mask", pseudo_mask, "query", query)
-    _check.rank("weight", weight, (4,), f"(1, C={C}, k, k)")
-    if weight.shape[0] != 1 or weight.shape[1] != C:
-        raise ValueError(f"weight: expected shape (1, C={C}, k, k), got {tuple(weight.shape)}")
-    kh, kw = _check.odd_size("weight kernel size", (int(weight.shape[2]), int(weight.shape[3])))
+    return pseudo_mask
+
+
+def _feature_filtering(query: torch.Tensor, prototype: torch.Tensor, pseudo_mask: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> FilterOutput:
+    """:func:`feature_filtering` on checked inputs (``pseudo_mask`` 4-D, ``weight`` of odd size)."""
+    H, W = query.shape[-2:]
+    kh, kw = weight.shape[-2:]
     pm = pseudo_mask.to(query.dtype)
     if tuple(pm.shape[-2:]) != (H, W):
         pm = F.interpolate(pm, size=(H, W), mode="bilinear", align_corners=True)

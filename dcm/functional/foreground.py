@@ -39,7 +39,11 @@ def foreground_selection(mask: torch.Tensor, fg_threshold: float = 0.5) -> torch
         tensor([[[[0, 1],
                   [0, 1]]]], dtype=torch.int32)
     """
-    _check.fg_threshold("fg_threshold", fg_threshold)
+    return _foreground_selection(mask, _check.fg_threshold("fg_threshold", fg_threshold))
+
+
+def _foreground_selection(mask: torch.Tensor, fg_threshold: float) -> torch.Tensor:
+    """:func:`foreground_selection` with a checked ``fg_threshold``."""
     flat = mask.flatten(2)
     above = flat > fg_threshold
     peak = flat.amax(-1, keepdim=True)
@@ -106,19 +110,13 @@ def foreground_pool(
         >>> foreground_pool(feat, mask, bins=(2,))[0]
         tensor([[[1.0000, 4.5000]]])
     """
-    feat = _check.support("feat", feat)
-    mask = _check.mask("mask", mask, feat.shape[0], feat.shape[1], "feat", feat)
-    _check.check_mask_values("mask", mask)
-    return _foreground_pool(feat, mask, bins, fg_threshold)
+    feat, mask = _check.support_and_mask("feat", feat, "mask", mask)
+    return _foreground_pool(feat, mask, _check.positive_ints("bins", bins), _check.fg_threshold("fg_threshold", fg_threshold))
 
 
-def _foreground_pool(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int], fg_threshold: float) -> Tuple[torch.Tensor, ...]:
-    """:func:`foreground_pool` on already validated ``feat[B, K, C, H, W]`` and ``mask[B, K, h, w]``."""
+def _foreground_pool(feat: torch.Tensor, mask: torch.Tensor, bins: Tuple[int, ...], fg_threshold: float) -> Tuple[torch.Tensor, ...]:
+    """:func:`foreground_pool` on checked ``feat[B, K, C, H, W]``, ``mask[B, K, h, w]``, ``bins`` and ``fg_threshold``."""
     B, K, C, H, W = feat.shape
-    for s in bins:
-        if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
-            raise ValueError(f"bins: expected positive ints, got {tuple(bins)}")
-    fg_threshold = _check.fg_threshold("fg_threshold", fg_threshold)
     acc = torch.promote_types(feat.dtype, torch.float32)
     if config.resolve_backend(feat, "foreground") == "triton":
         from ..kernels import foreground as _k
@@ -129,7 +127,7 @@ def _foreground_pool(feat: torch.Tensor, mask: torch.Tensor, bins: Sequence[int]
                 _check.warn_if_empty(n == 0, "foreground_pool")
             return outs
     m = prepare_mask(mask, (H, W), dtype=acc)
-    sel = foreground_selection(m, fg_threshold).reshape(B, K * H * W)
+    sel = _foreground_selection(m, fg_threshold).reshape(B, K * H * W)
     empty = ~sel.any(1)
     _check.warn_if_empty(empty, "foreground_pool")
     f = feat.to(acc).permute(0, 2, 1, 3, 4).reshape(B, C, K * H * W)

@@ -107,19 +107,14 @@ def masked_average_pool(
         >>> masked_average_pool(f, torch.tensor([[[1, 0], [0, 1]]]), eps=0.0)
         tensor([[1.5000]])
     """
-    squeeze = feat.dim() == 4
-    feat = _check.support("feat", feat)
-    mask = _check.mask("mask", mask, feat.shape[0], feat.shape[1], "feat", feat)
-    _check.check_mask_values("mask", mask)
-    eps = _check.nonneg_eps("eps", eps)
-    proto = _masked_average_pool(feat, mask, eps, empty)
+    squeeze = isinstance(feat, torch.Tensor) and feat.dim() == 4
+    feat, mask = _check.support_and_mask("feat", feat, "mask", mask)
+    proto = _masked_average_pool(feat, mask, _check.nonneg_eps("eps", eps), _check.one_of("empty", empty, ("zero", "mean")))
     return proto[:, 0] if squeeze else proto
 
 
 def _masked_average_pool(feat: torch.Tensor, mask: torch.Tensor, eps: float, empty: str) -> torch.Tensor:
-    """:func:`masked_average_pool` on validated ``feat[B, K, C, H, W]``, ``mask[B, K, h, w]`` -> ``[B, K, C]``."""
-    if empty not in ("zero", "mean"):
-        raise ValueError(f"empty: expected 'zero' or 'mean', got {empty!r}")
+    """:func:`masked_average_pool` on checked ``feat[B, K, C, H, W]``, ``mask[B, K, h, w]`` -> ``[B, K, C]``."""
     H, W = feat.shape[-2:]
     m = prepare_mask(mask, (H, W), dtype=feat.dtype)
     area = m.sum((-2, -1))  # [B, K]

@@ -94,11 +94,24 @@ def support_activation_raw(
 ) -> torch.Tensor:
     """Un-normalised activations ``max_p mean_δ cos`` per shot: ``Tensor[B, K, nW, Hq, Wq]``.
 
-    ``support`` must already be masked (``Tensor[B, K, C, Hs, Ws]``); ``query`` is
-    ``Tensor[B, C, Hq, Wq]``. Computed in at least float32 (matmuls follow autocast). See
-    :func:`support_activation` for the masked, normalised, shot-averaged maps.
+    ``support`` must already be masked (``Tensor[B, K, C, Hs, Ws]``, or ``Tensor[B, C, Hs, Ws]`` for
+    K = 1, with the query's ``B`` and ``C``); ``query`` is ``Tensor[B, C, Hq, Wq]``. Computed in at least
+    float32 (matmuls follow autocast). See :func:`support_activation` for the masked, normalised,
+    shot-averaged maps.
     """
-    wins = _check.windows("windows", windows)
+    query = _check.query("query", query)
+    support = _check.support("support", support, batch=query.shape[0], channels=query.shape[1])
+    _check.same_device("support", support, "query", query)
+    return _support_activation_raw(query, support, _check.windows("windows", windows), eps, _chunk_size("chunk_size", chunk_size))
+
+
+def _chunk_size(name: str, chunk_size) -> int | None:
+    return _check.positive_int(name, chunk_size, or_none=True)
+
+
+def _support_activation_raw(query: torch.Tensor, support: torch.Tensor, wins: Tuple[Tuple[int, int], ...], eps: float,
+                            chunk_size: int | None) -> torch.Tensor:
+    """:func:`support_activation_raw` on checked inputs."""
     fast = _fast_path(query, support, None, chunk_size)
     if fast is not None:
         return fast.sam_raw(query, support, None, wins, eps)
@@ -153,16 +166,15 @@ def support_activation(
         >>> tuple(a.shape), bool(a.min() >= 0), bool(a.max() <= 1)
         ((2, 3, 6, 7), True, True)
     """
-    query = _check.query("query", query)
-    B, C = query.shape[:2]
-    support = _check.support("support", support, batch=B, channels=C)
-    K, Hs, Ws = support.shape[1], support.shape[3], support.shape[4]
-    support_mask = _check.mask("support_mask", support_mask, B, K, "support", support)
-    _check.same_device("support", support, "query", query)
-    _check.check_mask_values("support_mask", support_mask)
-    wins = _check.windows("windows", windows)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size!r}")
+    query, support, support_mask = _check.episode(query, support, support_mask)
+    return _support_activation(query, support, support_mask, _check.windows("windows", windows), eps,
+                               _chunk_size("chunk_size", chunk_size))
+
+
+def _support_activation(query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor, wins: Tuple[Tuple[int, int], ...],
+                        eps: float, chunk_size: int | None) -> torch.Tensor:
+    """:func:`support_activation` on checked inputs (:func:`dcm._check.episode`), windows and chunk size."""
+    B, Hs, Ws = support.shape[0], support.shape[3], support.shape[4]
     if B == 0:  # empty outputs, still connected to the inputs' graphs (the sums of empty tensors are 0)
         return query.new_zeros((0, len(wins)) + tuple(query.shape[-2:])) + (query.sum() + support.sum()) * 0
     acc = torch.promote_types(query.dtype, torch.float32)
@@ -175,6 +187,6 @@ def support_activation(
     if fast is not None:  # masks and normalises inside its prep kernel (no fp32 copy of the support)
         raw = fast.sam_raw(query, torch.where(keep, support, 0.0), m, wins, eps)
     else:
-        raw = support_activation_raw(query, torch.where(keep, support.to(acc) * m[:, :, None], 0.0), wins, eps, chunk_size)
+        raw = _support_activation_raw(query, torch.where(keep, support.to(acc) * m[:, :, None], 0.0), wins, eps, chunk_size)
     maps = normalize_minmax(raw, eps)
     return (maps * weights[:, :, None, None, None]).sum(1).to(query.dtype)

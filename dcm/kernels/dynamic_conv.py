@@ -4,7 +4,7 @@ Twin (pure PyTorch, the oracle): :func:`dcm.functional.dynamic_depthwise_conv2d_
 ``"torch"`` backend (one grouped convolution, ``groups = B·C``, per kernel set).
 
 Kernels up to 5×5 (the paper's sizes) use the *rolling-row* kernels of
-:mod:`dcm.kernels._dynconv_rolling` (generated code): one program owns a column block of one
+:mod:`dcm.kernels.generated.dynconv_rolling` (generated code): one program owns a column block of one
 ``(b, c)`` plane and a chunk of rows, walks down the rows, loads each input row once at its five
 column shifts and keeps the five partial output rows in registers, so ``x`` is read from device
 memory once, each output is written once, and each element is loaded ~5 times from L1 instead of
@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTS, tuning
-from ._dynconv_rolling import _dw_dw_roll, _dw_dx_roll, _dw_fwd_roll
+from .launch import LAUNCH_OPTS, tuning
+from .generated.dynconv_rolling import _dw_dw_roll, _dw_dx_roll, _dw_fwd_roll
 
 __all__ = ["dynamic_depthwise_conv2d_multi", "supported"]
 

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTS, tuning
+from .launch import LAUNCH_OPTS, tuning
 
 __all__ = ["foreground_pool", "supported"]
 
@@ -445,15 +445,10 @@ _fg_pool_op.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------------
 # entry point used by dcm.functional.foreground
 # --------------------------------------------------------------------------------------------------
-def _interpreted() -> bool:
-    from . import interpreted
-
-    return interpreted()
-
-
 def supported(feat: torch.Tensor, bins: Sequence[int]) -> bool:
-    """Whether the kernels handle these inputs (else the caller uses the pooling-matrix ``bmm``)."""
-    if not (feat.is_cuda or _interpreted()) or feat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    """Whether the kernels handle these inputs (else the caller uses the pooling-matrix ``bmm``); the
+    device is the caller's choice (:func:`dcm.config.resolve_backend`)."""
+    if feat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if not 1 <= len(bins) <= _MAX_SETS or sum(bins) > _MAX_BINS:
         return False

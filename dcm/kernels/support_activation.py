@@ -47,9 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCH_OPTS, tuning
+from .launch import LAUNCH_OPTS, tuning
 
-__all__ = ["sam_raw", "support_activation_raw", "supported", "gemm_mode"]
+__all__ = ["sam_raw", "supported"]
 
 MODE_X3, MODE_BF16, MODE_FP16 = 0, 1, 2
 _MAXW = 3
@@ -516,7 +516,7 @@ _sam_fwd_op.register_autograd(_sam_bwd_formula, setup_context=_sam_setup)
 # --------------------------------------------------------------------------------------------------
 # entry points
 # --------------------------------------------------------------------------------------------------
-def gemm_mode(x: torch.Tensor) -> int:
+def _gemm_mode(x: torch.Tensor) -> int:
     """GEMM precision: the CUDA autocast dtype when autocast is on, else the float32-accurate split."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
@@ -552,17 +552,9 @@ def sam_raw(
             (``support`` already masked); the cosine uses ``s·m`` exactly as the PyTorch twin.
     """
     wins = [(int(a), int(b)) for a, b in windows]
-    mode = gemm_mode(query)
+    mode = _gemm_mode(query)
     if mask is not None:
         mask = mask.detach().to(torch.float32).contiguous()
     if torch.compiler.is_compiling():
         return torch.ops.dcm.sam_fwd(query, support, mask, _flat(wins), float(eps), mode)[0]
     return _SamFn.apply(query, support, mask, wins, float(eps), mode)
-
-
-def support_activation_raw(s_hat: torch.Tensor, q_hat: torch.Tensor, windows) -> torch.Tensor:
-    """Compatibility entry: already normalised ``s_hat [B, K, C, Hs, Ws]`` and ``q_hat [B, C, Hq, Wq]``.
-
-    Normalising again is exact up to rounding (unit vectors stay unit vectors; zero vectors stay 0).
-    """
-    return sam_raw(q_hat, s_hat, None, windows, 1e-7)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import _check
-from .. import functional as DF
+from ..functional.dynamic_conv import _dynamic_convolution, _generate_dynamic_kernels, _kernel_norm, _square_source, _variants
 
 __all__ = ["KernelGenerator", "DynamicConvModule"]
 
@@ -75,7 +75,9 @@ class DynamicConvModule(nn.Module):
     shot contributes nothing; a sample with no foreground in any shot uses its whole-image average
     as the single foreground vector (one :class:`dcm.EmptyForegroundWarning`); support positions
     outside the foreground never reach the output (NaN / Inf there included). ``query`` and
-    ``support`` must have the parameters' dtype unless autocast is on (else ``TypeError``).
+    ``support`` must have the parameters' dtype unless autocast is on (else ``TypeError``). The options
+    ``kernel_size``, ``variants``, ``square_source``, ``fg_threshold`` and ``kernel_norm`` are checked when
+    they are set (here or as attributes later), not at every call.
 
     Example:
         >>> dcm_layer = DynamicConvModule(16)
@@ -97,24 +99,19 @@ class DynamicConvModule(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
-            raise ValueError(f"channels: expected a positive int, got {channels!r}")
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
-            raise TypeError(f"kernel_size: expected a positive odd int, got {kernel_size!r}")
-        _check.odd_size("kernel_size", kernel_size)
-        variants = tuple(variants)
-        if not variants or any(v not in ("v", "h", "s") for v in variants) or len(set(variants)) != len(variants):
-            raise ValueError(f"variants: expected a non-empty subset of ('v', 'h', 's'), got {variants!r}")
-        if square_source not in ("serial", "parallel"):
-            raise ValueError(f"square_source: expected 'serial' or 'parallel', got {square_source!r}")
-        self.channels, self.kernel_size, self.variants = channels, kernel_size, variants
-        if kernel_norm not in DF.KERNEL_NORMS:
-            raise ValueError(f"kernel_norm: expected None, 'l1' or 'l2', got {kernel_norm!r}")
-        self.square_source, self.fg_threshold = square_source, _check.fg_threshold("fg_threshold", fg_threshold)
-        self.kernel_norm = kernel_norm
+        self.channels = _check.positive_int("channels", channels)
+        self.kernel_size, self.variants, self.square_source = kernel_size, variants, square_source
+        self.kernel_norm, self.fg_threshold = kernel_norm, fg_threshold
+        variants, square_source = self.variants, self.square_source
         need = [v for v in ("v", "h") if v in variants or ("s" in variants and square_source == "serial")]
         need += ["s"] if "s" in variants else []
         self.generators = nn.ModuleDict({v: KernelGenerator(channels, kgen_kernel_size, device, dtype) for v in need})
+
+    kernel_size = _check.option("kernel_size", _check.odd_int)
+    variants = _check.option("variants", _variants)
+    square_source = _check.option("square_source", _square_source)
+    fg_threshold = _check.option("fg_threshold", _check.fg_threshold)
+    kernel_norm = _check.option("kernel_norm", _kernel_norm)
 
     @property
     def out_channels(self) -> int:
@@ -123,28 +120,21 @@ class DynamicConvModule(nn.Module):
 
     def generate_kernels(self, support: torch.Tensor, support_mask: torch.Tensor) -> dict:
         """``{"v": Tensor[B, C, S, 1], "h": Tensor[B, C, 1, S], "s": Tensor[B, C, S, S]}`` (the used variants)."""
-        support = _check.support("support", support, channels=self.channels)
-        _check.param_dtype("support", support, self._param_dtype(), "DynamicConvModule")
-        return DF.generate_dynamic_kernels(
-            support, support_mask, self.generators, self.kernel_size, self.variants, self.square_source, self.fg_threshold,
-            self.kernel_norm,
-        )
+        support, support_mask = _check.support_and_mask("support", support, "support_mask", support_mask, channels=self.channels)
+        self._check_dtype("support", support)
+        return _generate_dynamic_kernels(support, support_mask, self.generators, *self._options())
 
     def forward(self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        query = _check.query("query", query)
-        if query.shape[1] != self.channels:
-            raise ValueError(f"query: expected C={self.channels} channels in (B, C, H, W), got {tuple(query.shape)}")
-        support = _check.support("support", support, batch=query.shape[0], channels=self.channels)
-        dtype = self._param_dtype()
-        _check.param_dtype("query", query, dtype, "DynamicConvModule")
-        _check.param_dtype("support", support, dtype, "DynamicConvModule")
-        return DF.dynamic_convolution(
-            query, support, support_mask, self.generators, self.kernel_size, self.variants, self.square_source, self.fg_threshold,
-            self.kernel_norm,
-        )
+        query, support, support_mask = _check.episode(query, support, support_mask, channels=self.channels)
+        self._check_dtype("query", query)
+        self._check_dtype("support", support)
+        return _dynamic_convolution(query, support, support_mask, self.generators, *self._options())
 
-    def _param_dtype(self) -> torch.dtype:
-        return next(self.generators.parameters()).dtype
+    def _options(self) -> tuple:
+        return self.kernel_size, self.variants, self.square_source, self.fg_threshold, self.kernel_norm
+
+    def _check_dtype(self, name: str, x: torch.Tensor) -> None:
+        _check.param_dtype(name, x, next(self.generators.parameters()).dtype, "DynamicConvModule")
 
     def extra_repr(self) -> str:
         return (

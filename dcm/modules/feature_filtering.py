@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from .. import _check
-from .. import functional as DF
-from ..functional import FilterOutput
+from ..functional.feature_filtering import FilterOutput, _check_pseudo_mask, _feature_filtering, _support_prototype
 
 __all__ = ["FeatureFiltering", "FilterOutput"]
 
@@ -26,6 +25,7 @@ class FeatureFiltering(nn.Module):
         eps: masked-average-pooling epsilon (PFENet 0.0005), ``>= 0``.
 
     ``query`` and ``support`` must have the parameters' dtype unless autocast is on (else ``TypeError``).
+    ``eps`` is checked when it is set (here or as an attribute later), not at every call.
 
     Shape:
         - query: ``Tensor[B, C, H, W]``; support: ``Tensor[B, K, C, Hs, Ws]`` or ``Tensor[B, C, Hs, Ws]``
@@ -53,22 +53,20 @@ class FeatureFiltering(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
-            raise ValueError(f"channels: expected a positive int, got {channels!r}")
+        self.channels = _check.positive_int("channels", channels)
         k = _check.odd_size("kernel_size", kernel_size)[0]
-        self.channels, self.kernel_size, self.eps = channels, k, _check.nonneg_eps("eps", eps)
+        self.kernel_size, self.eps = k, eps
         self.conv = nn.Conv2d(channels, 1, k, padding=k // 2, device=device, dtype=dtype)
 
+    eps = _check.option("eps", _check.nonneg_eps)
+
     def forward(self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor, pseudo_mask: torch.Tensor) -> FilterOutput:
-        query = _check.query("query", query)
-        if query.shape[1] != self.channels:
-            raise ValueError(f"query: expected C={self.channels} channels in (B, C, H, W), got {tuple(query.shape)}")
-        support = _check.support("support", support, batch=query.shape[0], channels=self.channels)
-        _check.same_device("support", support, "query", query)
-        _check.param_dtype("query", query, self.conv.weight.dtype, "FeatureFiltering")
-        _check.param_dtype("support", support, self.conv.weight.dtype, "FeatureFiltering")
-        proto = DF.support_prototype(support, support_mask, self.eps)
-        return DF.feature_filtering(query, proto, pseudo_mask, self.conv.weight, self.conv.bias)
+        query, support, support_mask = _check.episode(query, support, support_mask, channels=self.channels)
+        for name, x in (("query", query), ("support", support)):
+            _check.param_dtype(name, x, self.conv.weight.dtype, "FeatureFiltering")
+        pseudo_mask = _check_pseudo_mask(pseudo_mask, query)
+        proto = _support_prototype(support, support_mask, self.eps)
+        return _feature_filtering(query, proto, pseudo_mask, self.conv.weight, self.conv.bias)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kernel_size={self.kernel_size}, eps={self.eps}"

@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .. import _check
+
 __all__ = ["DCMFusion", "DCM_FUSIONS"]
 
 #: the fusion modes of :class:`DCMFusion`
@@ -38,15 +40,9 @@ class DCMFusion(nn.Module):
         super().__init__()
         if mode not in DCM_FUSIONS:
             raise ValueError(f"mode: expected one of {DCM_FUSIONS}, got {mode!r}")
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels: expected a positive int, got {channels!r}")
-        if isinstance(n_maps, bool) or not isinstance(n_maps, int) or n_maps < 1:
-            raise ValueError(f"n_maps: expected a positive int, got {n_maps!r}")
-        if map_channels is None:
-            map_channels = channels
-        if isinstance(map_channels, bool) or not isinstance(map_channels, int) or map_channels < 1:
-            raise ValueError(f"map_channels: expected a positive int or None, got {map_channels!r}")
-        self.mode, self.channels, self.n_maps, self.map_channels = mode, int(channels), int(n_maps), int(map_channels)
+        channels, n_maps = _check.positive_int("channels", channels), _check.positive_int("n_maps", n_maps)
+        map_channels = _check.positive_int("map_channels", map_channels, or_none=True) or channels
+        self.mode, self.channels, self.n_maps, self.map_channels = mode, channels, n_maps, map_channels
         self.proj = nn.Sequential(nn.Conv2d(channels + n_maps * map_channels, channels, 1, bias=False),
                                   nn.ReLU(inplace=True))
         if mode == "residual":

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import _check
-from .. import functional as DF
+from ..functional.support_activation import _chunk_size, _support_activation
 
 __all__ = ["ActivationOutput", "SupportActivation"]
 
@@ -31,6 +31,9 @@ class SupportActivation(nn.Module):
         eps: cosine / normalisation epsilon.
         chunk_size: query rows per chunk to bound memory (``None``: all at once).
 
+    ``windows`` and ``chunk_size`` are checked when they are set (here or as attributes later), not at
+    every call.
+
     Shape:
         - query: ``Tensor[B, C, Hq, Wq]``; support: ``Tensor[B, K, C, Hs, Ws]`` or ``Tensor[B, C, Hs, Ws]``
         - support_mask: ``Tensor[B, K, h, w]`` or ``Tensor[B, h, w]``, any resolution
@@ -47,14 +50,14 @@ class SupportActivation(nn.Module):
 
     def __init__(self, windows: Sequence[Tuple[int, int]] = ((5, 1), (3, 3), (1, 5)), eps: float = 1e-7, chunk_size: int | None = None):
         super().__init__()
-        self.windows = _check.windows("windows", windows)
-        self.eps = float(eps)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.windows, self.eps, self.chunk_size = windows, float(eps), chunk_size
+
+    windows = _check.option("windows", _check.windows)
+    chunk_size = _check.option("chunk_size", _chunk_size)
 
     def forward(self, query: torch.Tensor, support: torch.Tensor, support_mask: torch.Tensor) -> ActivationOutput:
-        maps = DF.support_activation(query, support, support_mask, self.windows, self.eps, self.chunk_size)
+        query, support, support_mask = _check.episode(query, support, support_mask)
+        maps = _support_activation(query, support, support_mask, self.windows, self.eps, self.chunk_size)
         return ActivationOutput(maps, maps.mean(1, keepdim=True))
 
     def extra_repr(self) -> str:
