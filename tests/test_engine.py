@@ -31,9 +31,10 @@ def quiet(*_):
 
 # ----------------------------------------------------------------------------- config
 def test_config_defaults_overrides_and_types():
-    cfg = load_config(None, ["train.lr=0.02", "model.flags.dcm_kernel_size=3", "eval.seeds=[1, 2]", "run.name=x"])
+    cfg = load_config(None, ["train.lr=0.02", "model.dcm.kernel_size=3", "model.flags.reduce_dim=8", "eval.seeds=[1, 2]",
+                             "run.name=x"])
     assert cfg["train"]["lr"] == 0.02 and cfg["train"]["momentum"] == 0.9
-    assert cfg["model"]["flags"] == {"dcm_kernel_size": 3}
+    assert cfg["model"]["dcm"] == {"kernel_size": 3} and cfg["model"]["flags"] == {"reduce_dim": 8}
     assert cfg["eval"]["seeds"] == [1, 2]
     assert DEFAULTS["train"]["lr"] == 0.005  # overrides never touch the defaults
 
