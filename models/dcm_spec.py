@@ -54,7 +54,6 @@ _CHOICES: Dict[str, Tuple] = {
     "support": ("dropout", "clean"),
     "kernels": ("dynamic", "identity"),
     "gate": ("none", "fit"),
-    "kernel_norm": (None, "l1", "l2"),
 }
 
 #: the fields that apply to some hosts only (the others apply to every host)
