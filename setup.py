@@ -20,7 +20,7 @@ _requires = ["torch>=2.4"]
 # models/, benchmarks/ and examples/ (repository code, not installed) need these as well
 _train = [
     "numpy",
-    "scipy",  # benchmarks/stats.py: Student-t quantiles at fractional (Welch) degrees of freedom
+    "scipy",  # benchmarks/scoring/stats.py: Student-t quantiles at fractional (Welch) degrees of freedom
     "torchvision",
     "pyyaml",
     "tqdm",

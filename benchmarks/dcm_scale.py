@@ -28,7 +28,8 @@ def measure(cfg: dict, kernel_norm, episodes: int, batch: int = 8) -> dict:
     name = cfg["model"]["name"]
     if "+dcm" not in name and name != "dpcn":
         cfg["model"]["name"] = name = name + "+dcm"
-    cfg["model"]["flags"]["dcm_kernel_norm"] = kernel_norm
+    dcm = cfg["model"].get("dcm")
+    cfg["model"]["dcm"] = {**(dcm if isinstance(dcm, dict) else {"preset": dcm or "default"}), "kernel_norm": kernel_norm}
     seed_everything(int(cfg["train"]["seed"]))
     model = build_model_from_config(cfg).train()
     ds = build_train_dataset(cfg)

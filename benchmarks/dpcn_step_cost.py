@@ -100,7 +100,7 @@ def arm_cost(recipe: str, base: List[str], spec: str, steps: int) -> dict:
     from benchmarks.datasets import collate_episodes
     from benchmarks.engine import build_model_from_config, build_train_dataset, seed_everything
     from benchmarks.engine.feature_cache import attach_feature_cache
-    from benchmarks.plug_in import parse_arm
+    from models.arms import parse_arm
     arm = parse_arm(spec, "dpcn")
     cfg = load_config(recipe, base + [f"model.name={arm.model}", *arm.overrides])
     t = cfg["train"]

@@ -316,7 +316,7 @@ def recipe_config_digest(recipe: str, overrides: Sequence[str] = ()) -> str:
 
 
 def unit_id(arm: str, fold: int, seed: int) -> str:
-    from benchmarks.plug_in import parse_arm
+    from models.arms import parse_arm
     return f"{parse_arm(arm, 'dpcn').tag}_f{fold}_seed{seed}"
 
 
@@ -376,7 +376,7 @@ def unit_overrides(plan: dict, unit: dict, pack, rehearse: bool = False, weights
     """The config overrides of one unit: the pack's data and weights (``weights``: the unpacked ``.pth``,
     ``None`` = random backbone weights), the arm, fold and seed, the validation split for the final
     evaluation, and the rehearsal's sizes."""
-    from benchmarks.plug_in import parse_arm
+    from models.arms import parse_arm
     arm = parse_arm(unit["arm"], "dpcn")
     pack = Path(pack).resolve()
     return [f"data.root={pack / 'VOC2012'}", f"model.backbone_weights={Path(weights).resolve() if weights else 'random'}",
@@ -404,7 +404,7 @@ def run_unit(plan: dict, uid: str, pack, out, workdir, *, rehearse: bool = False
     """Train, evaluate and diagnose one unit in this process; write its unit and sealed files."""
     from benchmarks.engine.config import load_config
     from benchmarks.engine import evaluate_run, load_checkpoint_model, resolve_device, train
-    from benchmarks.plug_in import parse_arm
+    from models.arms import parse_arm
     from benchmarks.dpcn_prior import diagnose
     units = {u["id"]: u for u in plan["units"]}
     if uid not in units:

@@ -11,23 +11,21 @@ comparison before its runs (the table is then labelled confirmatory, otherwise e
 
     python benchmarks/plug_in.py --host pfenet                  # synthetic set, a few CPU minutes per run
     python benchmarks/plug_in.py --host pfenet --config plug_in_pfenet_voc_lite0 --data-root VOC2012 --folds 1 2 3
-    python benchmarks/plug_in.py --host canet --arms canet "canet+dcm[paper]" "canet+dcm[residual+l1]"
+    python benchmarks/plug_in.py --host canet --arms canet "canet+dcm[paper]" "canet+dcm[kernel_norm=l1]"
     python benchmarks/plug_in.py --host dpcn --config dpcn_voc_lite0 --data-root VOC2012   # Baseline, DPCN w/o DCM, DPCN
 
-An arm is a registry model name with an optional DCM variant in brackets, tokens joined by ``+``:
-``paper`` (the DCM as the paper describes it: on the reduced feature, PFENet's fused feature *replaces*
-the query feature, CANet concatenates the maps to its fusion layer's input, raw kernels), ``residual`` (zero-initialised
-residual fusion), ``replace`` / ``concat``, ``l1`` / ``l2`` / ``raw`` (kernel normalisation),
-``clean`` (PFENet, CANet: kernels from the support feature before dropout), ``rawin`` / ``redin`` (the
-DCM runs on the backbone's raw mid-level feature / on the reduced one), ``ident`` (PFENet, CANet: a
-control, every DCM map is the DCM's query input instead of a dynamic convolution), ``pyramid`` / ``decoder`` (PFENet: the DCM
-maps fused into each pyramid level / into the FEM's output instead of its input), ``fit`` (PFENet, CANet:
-the residual fusion gated per query position by how well the support foreground matches it,
-``dcm_gate``), ``mapdrop<x>`` (PFENet, CANet: channel dropout ``x`` on the DCM maps while training), ``lr<x>`` / ``wd<x>`` (kernel
-generators' learning-rate factor / weight decay), ``nodcm`` (DPCN without DCM), ``sb<x>`` (DPCN and its
-Baseline: weight λ of the q→s support-branch loss, e.g. ``baseline[sb1]``). ``pfenet+dcm`` alone is
-the model's default (residual fusion, raw kernels; CANet+DCM: on the raw input); with ``--resume`` a run folder trained with another
-network than the arm asks for (e.g. by a version with another default) is an error, not reused.
+An arm is a registry model name with, in brackets, the DCM it trains with (models/arms.py): a preset
+(``paper``: the DCM as the paper describes it, on the reduced feature, PFENet's fused feature *replaces* the
+query feature, CANet concatenates the maps to its fusion layer's input; ``default``; ``dpcn[nodcm]``: DPCN
+without DCM) and/or ``field=value`` items of ``models.dcm_spec.DCMSpec`` (``input=raw``, ``fusion=residual``,
+``kernel_norm=l1``, ``support=clean``, ``kernels=identity``, ``placement=pyramid``, ``gate=fit``,
+``map_dropout=0.5``, ``lr_scale=0.1``, ``weight_decay=0``, ...) or of the model's flags
+(``baseline[support_branch_weight=1]``), joined by ``,``: ``"canet+dcm[gate=fit,map_dropout=0.5]"``. The
+earlier ``+``-joined tokens (``canet+dcm[residual+rawin]``, ``baseline[sb1]``) still work for one release
+(a ``DeprecationWarning``) and keep their run folders. ``pfenet+dcm`` alone is the model's default DCM
+(``models.dcm_spec.preset("pfenet")``: residual fusion; CANet+DCM: on the raw input); with ``--resume`` a
+run folder trained with another network than the arm asks for (e.g. by a version with another default)
+is an error, not reused.
 
 ``--split val|test`` picks the split of the final evaluation (recipes that split their images have
 both). Model choices are made on ``val``; ``--split test --resume`` afterwards evaluates the finished
@@ -46,9 +44,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Dict, List, Optional  # noqa: E402
 
@@ -57,122 +53,7 @@ import yaml  # noqa: E402
 from benchmarks.engine.config import ConfigError, add_config_args, choose_recipe, load_config, overrides_from_args  # noqa: E402
 from benchmarks.scoring.comparison import (BOOTSTRAP, INTERVAL_TEXT, PAPER_TABLE6, collect_episodes,  # noqa: E402
                                            label_text, markdown, preregistered, summarise, table)
-
-DEFAULT_ARMS = {"pfenet": ["pfenet", "pfenet+dcm"], "canet": ["canet", "canet+dcm"],
-                "dpcn": ["baseline", "dpcn[nodcm]", "dpcn"]}
-_HOST_MODELS = {"pfenet": ("pfenet", "pfenet+dcm"), "canet": ("canet", "canet+dcm"), "dpcn": ("dpcn", "baseline")}
-
-
-@dataclass
-class Arm:
-    spec: str          # as given, e.g. "pfenet+dcm[residual+l1]"
-    model: str         # registry name
-    variant: str       # "" or the bracket content
-    overrides: List[str]
-
-    @property
-    def tag(self) -> str:
-        return self.model.replace("+", "_") + (f"_{self.variant.replace('+', '-')}" if self.variant else "")
-
-
-#: variant tokens that only some arms take: (pattern, its name in the docs, the arms that take it)
-_ARM_TOKENS = [
-    (r"sb[0-9.e+-]*", "sb<x>", ("dpcn", "baseline")),
-    (r"nodcm", "nodcm", ("dpcn",)),
-    (r"clean|ident|fit|mapdrop[0-9.e+-]*", None, ("pfenet+dcm", "canet+dcm")),
-    (r"decoder|pyramid", None, ("pfenet+dcm",)),
-]
-
-
-def variant_overrides(model: str, variant: str) -> List[str]:
-    """Config overrides of a DCM variant (module docstring) for registry model ``model``."""
-    if not variant:
-        return []
-    family = "dpcn" if model in ("dpcn", "baseline") else model.split("+")[0]
-    has_dcm = model in ("dpcn", "pfenet+dcm", "canet+dcm")
-    norm_key = "model.flags.dcm_kernel_norm"
-    paper_fusion = {"pfenet": "replace", "canet": "concat", "dpcn": "replace"}[family]
-    out: List[str] = []
-
-    def number(tok: str, prefix: str):
-        """The value of a ``<prefix><x>`` token (``lr0.1``, ``sb1``), None when ``tok`` is not one."""
-        if not re.fullmatch(prefix + r"[0-9.e-]+", tok):
-            return None
-        try:
-            return float(tok[len(prefix):])
-        except ValueError:
-            raise ValueError(f"arm '{model}[{variant}]': '{tok}' needs a number after '{prefix}'") from None
-
-    for tok in variant.split("+"):
-        for pattern, name, arms in _ARM_TOKENS:
-            if re.fullmatch(pattern, tok) and model not in arms:
-                raise ValueError(f"arm '{model}[{variant}]': '{tok}'"
-                                 + (f" ({name})" if name and name != tok else "")
-                                 + f" applies to {' / '.join(arms)} arms only, not to {model}")
-        if tok == "nodcm" and model == "dpcn":
-            out.append("model.flags.use_dcm=false")
-            continue
-        if family == "dpcn" and (x := number(tok, "sb")) is not None:
-            out.append(f"model.flags.support_branch_weight={x}")
-            continue
-        if not has_dcm:
-            raise ValueError(f"arm '{model}[{variant}]': '{tok}' is a DCM variant but '{model}' has no DCM")
-        if tok == "paper":
-            out += [f"model.flags.dcm_fusion={paper_fusion}", "model.flags.dcm_input=reduced", f"{norm_key}=null"]
-        elif tok in ("replace", "residual", "concat"):
-            if tok != "residual" and tok != paper_fusion:
-                raise ValueError(f"arm '{model}[{variant}]': {family} takes dcm_fusion '{paper_fusion}' or 'residual'")
-            out.append(f"model.flags.dcm_fusion={tok}")
-        elif tok in ("l1", "l2", "raw"):
-            out.append(f"{norm_key}={'null' if tok == 'raw' else tok}")
-        elif tok == "clean" and family in ("pfenet", "canet"):
-            out.append("model.flags.dcm_support=clean")
-        elif tok in ("rawin", "redin"):
-            out.append(f"model.flags.dcm_input={'raw' if tok == 'rawin' else 'reduced'}")
-        elif tok == "ident" and family in ("pfenet", "canet"):
-            out.append("model.flags.dcm_kernels=identity")
-        elif tok in ("decoder", "pyramid") and family == "pfenet":
-            out.append(f"model.flags.dcm_placement={tok}")
-        elif tok == "fit" and family in ("pfenet", "canet"):
-            out.append("model.flags.dcm_gate=fit")
-        elif family in ("pfenet", "canet") and (x := number(tok, "mapdrop")) is not None:
-            out.append(f"model.flags.dcm_map_dropout={x}")
-        elif (x := number(tok, "lr")) is not None:
-            out.append(f"model.flags.dcm_lr_scale={x}")
-        elif (x := number(tok, "wd")) is not None:
-            out.append(f"model.flags.dcm_weight_decay={x}")
-        else:
-            raise ValueError(f"arm '{model}[{variant}]': unknown variant token '{tok}' (paper, residual, "
-                             f"replace/concat, l1, l2, raw, clean, rawin, redin, ident, pyramid, decoder, fit, mapdrop<x>, lr<x>, wd<x>, "
-                             f"nodcm, sb<x>)")
-    set_by: Dict[str, tuple] = {}
-    for tok, ov in zip(_token_of(variant, out), out):
-        key, _, value = ov.partition("=")
-        if key in set_by and set_by[key][1] != value:
-            raise ValueError(f"arm '{model}[{variant}]': '{set_by[key][0]}' and '{tok}' contradict each other "
-                             f"({key.split('.')[-1]}: {set_by[key][1]} vs {value}); keep one")
-        set_by.setdefault(key, (tok, value))
-    return out
-
-
-def _token_of(variant: str, out: List[str]) -> List[str]:
-    """The token that produced each override of :func:`variant_overrides` (``paper`` gives three)."""
-    toks = []
-    for tok in variant.split("+"):
-        toks += [tok] * (3 if tok == "paper" else 1)
-    return toks[:len(out)]
-
-
-def parse_arm(spec: str, host: str) -> Arm:
-    m = re.fullmatch(r"([a-z0-9+_]+)(?:\[([a-z0-9.+\-]*)\])?", spec.strip())
-    if not m:
-        raise ValueError(f"--arms: cannot read '{spec}' (expected NAME or NAME[variant], e.g. pfenet+dcm[residual+l1])")
-    model, variant = m.group(1), m.group(2) or ""
-    if m.group(2) is not None and not variant:
-        raise ValueError(f"--arms: '{spec}' has empty brackets; name a variant (e.g. {model}[residual]) or drop the brackets")
-    if model not in _HOST_MODELS[host]:
-        raise ValueError(f"--arms: '{model}' is not a {host} arm (one of {', '.join(_HOST_MODELS[host])})")
-    return Arm(spec.strip(), model, variant, variant_overrides(model, variant))
+from models.arms import DEFAULT_ARMS, parse_arm  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -210,40 +91,24 @@ def parse_args(argv=None):
 
 def check_run_dir(cfg: dict, run_dir: Path) -> None:
     """Refuse to reuse ``run_dir`` when the network its ``config.yaml`` was trained with is not the one
-    ``cfg`` asks for (e.g. a run of an older version, before a default changed)."""
-    from benchmarks.engine.config import DEFAULTS, merge
-    from benchmarks.engine import first_line as _first_line, with_legacy_flags
+    ``cfg`` asks for (e.g. a run of an older version, before a default changed; ``models.migrate.network_of``)."""
+    from benchmarks.engine import first_line as _first_line
+    from models.migrate import network_of
     f = run_dir / "config.yaml"
     if not f.is_file():
         return
     try:
-        saved = with_legacy_flags(merge(DEFAULTS, yaml.safe_load(f.read_text()) or {}))["model"]
-    except (yaml.YAMLError, ConfigError, TypeError, AttributeError) as e:
+        saved = network_of((yaml.safe_load(f.read_text()) or {}).get("model") or {})
+    except (yaml.YAMLError, TypeError, AttributeError, ValueError) as e:
         raise ValueError(f"--resume: '{f}' cannot be read as a run config ({_first_line(e) or type(e).__name__}); delete '{run_dir}' "
                          f"to run it again") from None
-    want, saved = _comparable(cfg["model"]), _comparable(saved)
+    want = network_of(cfg["model"])
     if saved != want:
         diff = sorted(k for k in set(saved["flags"]) | set(want["flags"]) if saved["flags"].get(k) != want["flags"].get(k))
         what = ", ".join(f"{k}: run {saved['flags'].get(k)!r}, asked {want['flags'].get(k)!r}" for k in diff) or \
             ", ".join(f"{k}: run {saved.get(k)!r}, asked {want.get(k)!r}" for k in want if k != "flags" and saved.get(k) != want.get(k))
         raise ValueError(f"--resume: '{run_dir}' was trained with another network ({what}); give another --out "
                          f"or delete the folder to run it again")
-
-
-def _comparable(model: dict) -> dict:
-    """A model section with the deprecated ``dcm_kwargs`` spelled as flat ``dcm_*`` flags and every flag the
-    network's constructor defaults filled in (two spellings of one network compare equal)."""
-    from models.registry import MODELS, default_flags
-    m = json.loads(json.dumps(model, default=list))
-    flags = dict(m.get("flags") or {})
-    for k, v in (flags.pop("dcm_kwargs", None) or {}).items():
-        flags.setdefault(f"dcm_{k}", v)
-    name = str(m.get("name", "")).strip().lower()
-    if name in MODELS:
-        defaults = {k: v for k, v in default_flags(name).items() if k != "dcm_kwargs"}
-        flags = {**json.loads(json.dumps(defaults, default=list)), **flags, **MODELS[name][2]}
-    m["flags"] = flags
-    return m
 
 
 def run_one(cfg: dict, run_dir: Path, split: str, resume: bool) -> Optional[dict]:
@@ -285,7 +150,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         arms = [parse_arm(a, args.host) for a in (args.arms or DEFAULT_ARMS[args.host])]
-        if len({a.spec for a in arms}) != len(arms):
+        if len({a.tag for a in arms}) != len(arms):
             raise ValueError(f"--arms: an arm is listed twice: {[a.spec for a in arms]}")
         recipe = choose_recipe(args.config, args.host, args.dataset)
         preregistration = preregistered(args.preregistered) if args.preregistered else None

@@ -335,11 +335,11 @@ def _in(ctx, *fns):
 
 
 # ------------------------------------------------------------------------------------ models
-#: The networks of ``--ops models`` (registry name, flags), ResNet-50: DPCN, PFENet and CANet, each host
-#: with its default DCM and with the DCM on the other input (the raw input's kernel generators grow
-#: with the square of the backbone feature's channels, 1536 on ResNet-50).
-MODEL_ROWS = (("dpcn", {}), ("pfenet", {}), ("pfenet+dcm", {}), ("pfenet+dcm", {"dcm_input": "raw"}),
-              ("canet", {}), ("canet+dcm", {}), ("canet+dcm", {"dcm_input": "reduced"}))
+#: The networks of ``--ops models`` (registry name, DCM fields changed from the model's default), ResNet-50:
+#: DPCN, PFENet and CANet, each host with its default DCM and with the DCM on the other input (the raw
+#: input's kernel generators grow with the square of the backbone feature's channels, 1536 on ResNet-50).
+MODEL_ROWS = (("dpcn", {}), ("pfenet", {}), ("pfenet+dcm", {}), ("pfenet+dcm", {"input": "raw"}),
+              ("canet", {}), ("canet+dcm", {}), ("canet+dcm", {"input": "reduced"}))
 
 
 def op_models(bench: Bench, a, dtype, B, K, add):
@@ -351,10 +351,11 @@ def op_models(bench: Bench, a, dtype, B, K, add):
         return
     dev = bench.device
     size = 473 if bench.cuda else 65
-    for name, flags in MODEL_ROWS:
-        label = name + "".join(f" {k}={v}" for k, v in flags.items())
+    for name, fields in MODEL_ROWS:
+        label = name + "".join(f" {k}={v}" for k, v in fields.items())
         try:
-            net = registry.build_model(name, backbone="resnet50", shot=K, backbone_weights="random", **flags).to(dev)
+            net = registry.build_model(name, backbone="resnet50", shot=K, backbone_weights="random",
+                                       **({"dcm": fields} if fields else {})).to(dev)
         except Exception as e:  # noqa: BLE001
             print(f"[models] {label}: build failed ({type(e).__name__}: {e})")
             add(dict(op=f"model {label}", mode="-", variant="-", ms=None, peak_mb=None, note=f"build failed: {e}"))

@@ -13,7 +13,7 @@ The paper's recipes (configs/*.yaml) on the real benchmarks::
     python examples/train_dpcn.py --config dpcn_coco --data-root /data/coco --fold 0 --set data.num_workers=8
     torchrun --nproc_per_node 4 examples/train_dpcn.py --config dpcn_coco --data-root /data/coco
 
-Any key can be overridden (``--set train.lr=0.01 --set model.flags.dcm_kernel_size=3``); the resolved
+Any key can be overridden (``--set train.lr=0.01 --set model.dcm.kernel_size=3``); the resolved
 config is saved as ``<run>/config.yaml``. A killed run continues with ``--resume`` (same --out/--name,
 or the run folder / a checkpoint path). A run folder belongs to one run: a new run into a folder that
 holds another one stops with an error, unless ``--move-aside`` renames that folder to

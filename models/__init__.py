@@ -1,4 +1,5 @@
-"""Networks assembled from ``dcm``'s public API: backbones, DPCN, PFENet(+DCM), CANet(+DCM).
+"""Networks assembled from ``dcm``'s public API: backbones, DPCN, PFENet(+DCM), CANet(+DCM), each taking its
+DCM as one :class:`DCMSpec` (``models.dcm_spec``); comparison arms (``models.arms``).
 
 Repository code (not installed): scripts put the repository root on ``sys.path``; tests get it
 from pytest's ``pythonpath``. Dependency direction: ``models`` -> ``dcm``, never the reverse.
@@ -17,7 +18,9 @@ from .backbones import (
 )
 
 # ---------------------------------------------------------------- networks and build_model
+from .dcm_spec import DCMSpec, preset
 from .registry import MODELS, build_model, list_models
+from .migrate import migrate_model_config
 from .dpcn import ABLATIONS, DPCN
 
 __all__ = [
@@ -36,4 +39,8 @@ __all__ = [
     "MODELS",
     "build_model",
     "list_models",
+    # how a DCM sits in a network (models/dcm_spec.py), and configs of earlier releases (models/migrate.py)
+    "DCMSpec",
+    "preset",
+    "migrate_model_config",
 ]

@@ -6,8 +6,9 @@ Layout of the official ``one_shot_network.py`` (names kept; ``r = reduce_dim`` =
     q, s = backbone.forward_mid(img)                   layer2, layer3 (no layer4), frozen
     e = layer5(cat[layer2, layer3])                    3x3 dil-2 f->r + ReLU + Dropout2d(0.5), shared
     z = masked average pool of e_s (mask resized, Σ e·m / (Σ m + 5e-4)), tiled to the query size
-    [+DCM: q_v, q_h, q_s = DCM(e_q; kernels from e_s and the mask)]
-    x = layer55(cat[e_q, z (, q_v, q_h, q_s)])         3x3 dil-2 2r (+3r) -> r + ReLU + Dropout2d(0.5)
+    [+DCM: q_v, q_h, q_s = DCM(e_q; kernels from e_s and the mask)  (dcm.input="reduced"; "raw": of the
+           backbone's feature); fusion "residual": e_q <- e_q + γ ⊙ ReLU(Conv1x1([e_q, q_v, q_h, q_s]))]
+    x = layer55(cat[e_q, z (, q_v, q_h, q_s)])         3x3 dil-2 2r (+3r, fusion "paper") -> r + ReLU + Dropout2d(0.5)
     IOM (iterated):  h = history mask (2 ch, resized to the feature size; zeros by default)
         y = x + residule1(cat[x, h])                   ReLU, 3x3 (r+2)->r, ReLU, 3x3 r->r
         y = y + residule2(y);  y = y + residule3(y)    ReLU, 3x3, ReLU, 3x3 (r->r)
@@ -22,7 +23,7 @@ biases keep PyTorch's default initialisation (the official code only re-initiali
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +36,7 @@ from .common import (
     DCMFusion,
     FewShotSegmenter,
     check_choice,
-    check_dcm_branch_flags,
-    check_dcm_support,
-    check_dcm_training_flags,
     check_episode,
-    dcm_module_kwargs,
     drop_maps,
     gated_fusion,
     kernel_fit,
@@ -47,6 +44,7 @@ from .common import (
     segmentation_loss,
     upsample,
 )
+from .dcm_spec import DCMSpec, host_dcm
 
 __all__ = ["CANet"]
 
@@ -88,41 +86,22 @@ class CANet(FewShotSegmenter):
         backbone_kwargs: extra keyword arguments of ``build_backbone`` (``layer4_trainable`` is
             refused: CANet has no layer4).
         reduce_dim: ``r`` (CANet: 256).
-        use_dcm: add the DCM: kernels from the support embeddings after ``layer5`` and their masks
-            (foreground vectors of all shots pooled together), depthwise dynamic convolutions of
-            the query embedding after ``layer5``; ``dcm_fusion`` merges the maps into it.
-        dcm_kernel_size, dcm_variants, dcm_square_source, dcm_kgen_kernel_size, dcm_fg_threshold,
-            dcm_kernel_norm: the DCM's ``kernel_size``, ``variants``, ``square_source``,
-            ``kgen_kernel_size``, ``fg_threshold`` and ``kernel_norm`` (:class:`dcm.DynamicConvModule`;
-            its channels are ``reduce_dim``). The same flags as DPCN's and PFENet's.
-        dcm_fusion: ``"residual"`` (default): the query embedding becomes
-            ``q + γ ⊙ ReLU(Conv1x1([q, q_v, q_h, q_s]))`` with ``γ`` initialised to 0 and ``layer55``
-            keeps its ``2r`` input, so that CANet+DCM equals CANet at initialisation
-            (:class:`models.common.DCMFusion`), or ``"concat"`` (the paper's form): the three maps are
-            concatenated to ``layer55``'s input, which widens from ``2r`` to ``(2 + n_variants)·r``
-            (1280 for r = 256). A saved config without this flag was trained with ``"concat"`` and
-            loads as such (``models.registry.LEGACY_DEFAULTS``).
-        dcm_support: what the kernel generators see of the support: ``"dropout"`` (default: the
-            support embedding after ``layer5``'s Dropout2d, as the prototype does) or ``"clean"``
-            (the same embedding before the dropout).
-        dcm_input: what the DCM convolves: ``"raw"`` (default: the backbone's ``[layer2, layer3]``
-            feature before ``layer5``, ``fea_dim`` channels, for query and support alike;
-            ``dcm_support`` does not apply; the form chosen on real images, docs/REAL_IMAGES.md) or
-            ``"reduced"`` (the paper's: the embeddings after ``layer5``, ``r`` channels). With
-            ``"raw"``, ``"concat"`` widens ``layer55``'s input by ``n_variants·fea_dim`` and
-            ``"residual"`` projects the maps into the query embedding (``DCMFusion(map_channels=fea_dim)``).
-            With ResNet-50 (``fea_dim`` = 1536) the raw form's kernel generators hold 42.5 M
-            parameters (1.2 M for ``"reduced"`` at ``r`` = 256). A saved config without this flag
-            was trained with ``"reduced"`` and loads as such (``models.registry.LEGACY_DEFAULTS``).
-        dcm_kernels: ``"dynamic"`` (default) or ``"identity"`` (a control: every DCM map is the
-            DCM's own query input; the kernel generators are frozen and unused), as in PFENet.
-        dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the kernel
-            generators (an optimiser group of their own).
-        dcm_gate: ``"none"`` or ``"fit"``: the residual fusion's contribution at each query position is
-            scaled by :func:`models.common.kernel_fit` (the cosine of the DCM's query input with the
-            support foreground prototype its kernels come from, clamped at 0), so that the DCM acts only
-            where the support matches the query (needs ``dcm_fusion="residual"``).
-        dcm_map_dropout: channel dropout (``Dropout2d``) on each DCM map while training (0: none).
+        dcm: the DCM (docs/MODELS_HOSTS.md#canet-dcm): ``None`` (default: CANet), a
+            :class:`models.dcm_spec.DCMSpec`, a preset name (``"default"``: on the raw ``[layer2, layer3]``
+            feature with the residual fusion, the form chosen on real images, docs/REAL_IMAGES.md;
+            ``"paper"``: on the embeddings after ``layer5``, the maps concatenated to ``layer55``'s
+            input) or a mapping (the ``default`` preset with the fields it sets). Kernels from the
+            support feature and its masks (foreground vectors of all shots pooled together),
+            depthwise dynamic convolutions of the query feature (``dcm.input``: ``"reduced"``, the
+            embeddings after ``layer5``, ``r`` channels, or ``"raw"``, the feature before ``layer5``,
+            ``fea_dim`` channels). ``dcm.fusion="paper"`` concatenates the maps to ``layer55``'s input,
+            which widens from ``2r`` by ``n_variants`` times the DCM's channels (1280 for r = 256 and
+            the reduced input); ``"residual"`` makes the query embedding
+            ``q + γ ⊙ ReLU(Conv1x1([q, q_v, q_h, q_s]))`` with ``γ = 0`` at initialisation and
+            ``layer55`` keeps its ``2r`` input, so that CANet+DCM equals CANet at initialisation
+            (:class:`dcm.DCMFusion`). ``dcm.placement`` means nothing for CANet (an error). With
+            ResNet-50 (``fea_dim`` = 1536) the raw input's kernel generators hold 42.5 M parameters
+            (1.2 M for the reduced one at ``r`` = 256).
         iom_iterations: IOM passes per forward in training (official: 1, with the history mask
             given as input; DENet: 3, unrolled). Each pass after the first takes the softmax of the
             previous pass's logits (at feature resolution, not detached) as history mask.
@@ -134,8 +113,8 @@ class CANet(FewShotSegmenter):
             fusion is not in any released code and is not implemented.) With the DCM both use the
             same DCM maps computed from all shots.
         init_std: std of the normal initialisation of the new convolution weights (official 0.01).
-        dcm_kwargs: deprecated spelling of the flat ``dcm_*`` flags (``{"kernel_size": 3}`` for
-            ``dcm_kernel_size=3``); warns, removed in the next release.
+        **legacy: the deprecated flat spelling of ``dcm`` (``use_dcm``, ``dcm_<field>``, ``dcm_kwargs``;
+            :func:`models.dcm_spec.spec_from_flags`): warns, removed in the next release.
 
     Shape:
         ``forward(query_img[B,3,H,W], support_imgs[B,K,3,H,W], support_masks[B,K,H,W] (or [B,H,W]),
@@ -163,26 +142,12 @@ class CANet(FewShotSegmenter):
         freeze_backbone_bn: bool = True,
         backbone_kwargs: Optional[Dict] = None,
         reduce_dim: int = 256,
-        use_dcm: bool = False,
-        dcm_kernel_size: int = 5,
-        dcm_variants: Sequence[str] = ("v", "h", "s"),
-        dcm_square_source: str = "serial",
-        dcm_kgen_kernel_size: int = 3,
-        dcm_fg_threshold: float = 0.5,
-        dcm_kernel_norm: Optional[str] = None,
-        dcm_lr_scale: float = 1.0,
-        dcm_weight_decay: Optional[float] = None,
-        dcm_fusion: str = "residual",
-        dcm_support: str = "dropout",
-        dcm_input: str = "raw",
-        dcm_kernels: str = "dynamic",
-        dcm_gate: str = "none",
-        dcm_map_dropout: float = 0.0,
+        dcm: Union[None, str, Mapping, DCMSpec] = None,
         iom_iterations: int = 1,
         eval_iom_iterations: Optional[int] = None,
         shot_fusion: str = "prototype",
         init_std: float = 0.01,
-        dcm_kwargs: Optional[Dict] = None,
+        **legacy,
     ):
         super().__init__()
         if isinstance(shot, bool) or not isinstance(shot, int) or shot < 1:
@@ -195,29 +160,15 @@ class CANet(FewShotSegmenter):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         check_choice("shot_fusion", shot_fusion, ("prototype", "logits"))
-        dcm_kwargs = dcm_module_kwargs(
-            {"dcm_kernel_size": dcm_kernel_size, "dcm_variants": dcm_variants, "dcm_square_source": dcm_square_source,
-             "dcm_kgen_kernel_size": dcm_kgen_kernel_size, "dcm_fg_threshold": dcm_fg_threshold,
-             "dcm_kernel_norm": dcm_kernel_norm}, dcm_kwargs, use_dcm, "CANet")
-        check_choice("dcm_fusion", dcm_fusion, ("concat", "residual"))
-        check_choice("dcm_support", dcm_support, ("dropout", "clean"))
-        check_choice("dcm_input", dcm_input, ("reduced", "raw"))
-        check_dcm_support(use_dcm, dcm_input, dcm_support)
-        check_choice("dcm_kernels", dcm_kernels, ("dynamic", "identity"))
-        check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
-        check_dcm_branch_flags(dcm_gate, dcm_map_dropout, dcm_fusion, "CANet")
-        self.dcm_gate, self.dcm_map_dropout = dcm_gate, float(dcm_map_dropout)
-        self.dcm_fusion, self.dcm_support, self.dcm_input = dcm_fusion, dcm_support, dcm_input
-        self.dcm_kernels = dcm_kernels
-        self.dcm_lr_scale = float(dcm_lr_scale)
-        self.dcm_weight_decay = None if dcm_weight_decay is None else float(dcm_weight_decay)
+        spec, _ = host_dcm("canet", dcm, None, legacy)
+        self.dcm_spec = spec
         bkw = dict(backbone_kwargs or {})
         if bkw.pop("layer4_trainable", False):
             raise ValueError("layer4_trainable: CANet uses no layer4 (layer2 + layer3 only)")
         if isinstance(backbone, str):
             bkw.setdefault("freeze_bn", bool(freeze_backbone_bn))
         self.backbone = resolve_backbone(backbone, backbone_weights, False, **bkw)
-        self.shot, self.use_dcm, self.reduce_dim = shot, bool(use_dcm), reduce_dim
+        self.shot, self.use_dcm, self.reduce_dim = shot, spec is not None, reduce_dim
         self.iom_iterations = iom_iterations
         self.eval_iom_iterations = eval_iom_iterations
         self.shot_fusion = shot_fusion
@@ -228,13 +179,13 @@ class CANet(FewShotSegmenter):
         self.layer5 = _conv_block(self.fea_dim, r, k=3, dilation=2)
         fuse_in = 2 * r
         if self.use_dcm:
-            c_dcm = r if dcm_input == "reduced" else self.fea_dim
-            self.dcm = DynamicConvModule(c_dcm, **dcm_kwargs)
-            if dcm_fusion == "concat":
+            c_dcm = r if spec.input == "reduced" else self.fea_dim
+            self.dcm = DynamicConvModule(c_dcm, **spec.module_kwargs())
+            if spec.host_fusion("canet") == "concat":
                 fuse_in += self.dcm.out_channels
             else:
                 self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), "residual", map_channels=c_dcm)
-            if dcm_kernels == "identity":
+            if spec.kernels == "identity":
                 self.dcm.requires_grad_(False)
         self.layer55 = _conv_block(fuse_in, r, k=3, dilation=2)
         self.residule1 = _residual_block(r + 2, r)
@@ -307,20 +258,21 @@ class CANet(FewShotSegmenter):
             history = upsample(history_mask.to(q.dtype), (h, w))
 
         extra = []
+        spec = self.dcm_spec
         if self.use_dcm:
-            if self.dcm_input == "raw":
+            if spec.input == "raw":
                 dcm_q, dcm_s = q_mid, s_mid.reshape(B, K, -1, hs, ws)
-            elif self.dcm_support == "clean":
+            elif spec.support == "clean":
                 dcm_q, dcm_s = q, s_pre.reshape(B, K, r, hs, ws)
             else:
                 dcm_q, dcm_s = q, s
-            if self.dcm_kernels == "identity":
+            if spec.kernels == "identity":
                 extra = [dcm_q] * len(self.dcm.variants)
             else:
                 extra = list(self.dcm(dcm_q, dcm_s, support_masks))
-            extra = drop_maps(extra, self.dcm_map_dropout, self.training)
-            if self.dcm_fusion == "residual":
-                fit = kernel_fit(dcm_q, dcm_s, support_masks) if self.dcm_gate == "fit" else None
+            extra = drop_maps(extra, spec.map_dropout, self.training)
+            if spec.fusion == "residual":
+                fit = kernel_fit(dcm_q, dcm_s, support_masks) if spec.gate == "fit" else None
                 q, extra = gated_fusion(self.dcm_fuse, q, extra, fit), []
 
         if self.shot_fusion == "prototype" or K == 1:
@@ -349,9 +301,7 @@ class CANet(FewShotSegmenter):
 
     def extra_repr(self) -> str:
         return (
-            f"reduce_dim={self.reduce_dim}, shot={self.shot}, use_dcm={self.use_dcm}, "
-            + (f"dcm_fusion={self.dcm_fusion!r}, dcm_support={self.dcm_support!r}, dcm_input={self.dcm_input!r}, "
-               f"dcm_kernels={self.dcm_kernels!r}, " if self.use_dcm else "")
-            + f"iom_iterations={self.iom_iterations}, eval_iom_iterations={self.eval_iom_iterations}, "
+            f"reduce_dim={self.reduce_dim}, shot={self.shot}, dcm={self.dcm_spec!r}, "
+            f"iom_iterations={self.iom_iterations}, eval_iom_iterations={self.eval_iom_iterations}, "
             f"shot_fusion={self.shot_fusion!r}"
         )

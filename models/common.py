@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcm import DCMFusion
-from dcm.modules.fusion import DCM_FUSIONS as _DCM_FUSIONS
+from dcm import DCM_FUSIONS as _DCM_FUSIONS
 
 __all__ = [
     "FewShotSegmenter",
@@ -26,10 +26,6 @@ __all__ = [
     "resolve_backbone",
     "DCMFusion",
     "DCM_FUSIONS",
-    "DCM_MODULE_FLAGS",
-    "dcm_module_kwargs",
-    "DCM_GATES",
-    "check_dcm_branch_flags",
     "kernel_fit",
     "gated_fusion",
     "drop_maps",
@@ -110,10 +106,8 @@ class FewShotSegmenter(nn.Module):
     """
 
     backbone: nn.Module
-    #: learning-rate factor of the DCM's kernel generators (``self.dcm``) relative to the head
-    dcm_lr_scale: float = 1.0
-    #: weight decay of the kernel generators (``None``: the optimiser's)
-    dcm_weight_decay: Optional[float] = None
+    #: how the DCM (``self.dcm``) sits in the network (:class:`models.dcm_spec.DCMSpec`; ``None``: no DCM)
+    dcm_spec = None
 
     def head_parameters(self) -> List[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
@@ -127,17 +121,17 @@ class FewShotSegmenter(nn.Module):
     def param_groups(self, lr: float, layer4_lr_scale: float = 1.0, include_layer4: bool = False) -> List[Dict]:
         """Optimiser groups: ``head`` at ``lr``; with ``include_layer4`` also ``layer4`` at
         ``lr * layer4_lr_scale`` (its parameters are listed even while frozen, so a schedule can
-        unfreeze layer4 later without rebuilding the optimiser). With ``dcm_lr_scale != 1`` or a
-        ``dcm_weight_decay``, the DCM's parameters form a ``dcm`` group at ``lr * dcm_lr_scale``."""
+        unfreeze layer4 later without rebuilding the optimiser). With the spec's ``lr_scale != 1`` or a
+        ``weight_decay``, the DCM's parameters form a ``dcm`` group at ``lr * lr_scale``."""
         head = self.head_parameters()
         groups = [{"params": head, "lr": lr, "name": "head"}]
-        dcm_mod = getattr(self, "dcm", None)
-        if isinstance(dcm_mod, nn.Module) and (self.dcm_lr_scale != 1.0 or self.dcm_weight_decay is not None):
+        dcm_mod, spec = getattr(self, "dcm", None), self.dcm_spec
+        if isinstance(dcm_mod, nn.Module) and spec is not None and (spec.lr_scale != 1.0 or spec.weight_decay is not None):
             ids = {id(p) for p in dcm_mod.parameters()}
             groups[0]["params"] = [p for p in head if id(p) not in ids]
-            g = {"params": [p for p in head if id(p) in ids], "lr": lr * self.dcm_lr_scale, "name": "dcm"}
-            if self.dcm_weight_decay is not None:
-                g["weight_decay"] = float(self.dcm_weight_decay)
+            g = {"params": [p for p in head if id(p) in ids], "lr": lr * spec.lr_scale, "name": "dcm"}
+            if spec.weight_decay is not None:
+                g["weight_decay"] = float(spec.weight_decay)
             groups.append(g)
         if include_layer4:
             l4 = list(self.backbone.layer4_parameters())
@@ -197,32 +191,9 @@ DCM_FUSIONS = _DCM_FUSIONS
 def check_choice(name: str, value, choices) -> None:
     """Raise ``ValueError("name: expected 'a', 'b' or 'c', got ...")`` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        quoted = [repr(str(c)) for c in choices]
+        quoted = [repr(c) for c in choices]
         text = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
         raise ValueError(f"{name}: expected {text}, got {value!r}")
-
-
-def check_dcm_support(use_dcm, dcm_input, dcm_support) -> None:
-    """A host's ``dcm_support`` (``"dropout"`` / ``"clean"``) applies only to the reduced DCM input."""
-    if use_dcm and dcm_input == "raw" and dcm_support != "dropout":
-        raise ValueError(f"dcm_support={dcm_support!r} applies to dcm_input='reduced' (the raw mid-level "
-                         f"feature has no dropout); pass dcm_input='reduced' with it")
-
-
-#: how the residual DCM fusion is gated: ``"none"`` (``q + γ ⊙ y`` everywhere) or ``"fit"`` (scaled per query
-#: position by :func:`kernel_fit`)
-DCM_GATES = ("none", "fit")
-
-
-def check_dcm_branch_flags(dcm_gate, dcm_map_dropout, dcm_fusion: str, owner: str) -> None:
-    """Validate the ``dcm_gate`` / ``dcm_map_dropout`` host flags (``dcm_gate='fit'`` needs the residual fusion)."""
-    check_choice("dcm_gate", dcm_gate, DCM_GATES)
-    if dcm_gate == "fit" and dcm_fusion != "residual":
-        raise ValueError(f"dcm_gate='fit' gates the residual fusion; {owner} with dcm_fusion={dcm_fusion!r} has none "
-                         f"(pass dcm_fusion='residual')")
-    if isinstance(dcm_map_dropout, bool) or not isinstance(dcm_map_dropout, (int, float)) \
-            or not 0.0 <= dcm_map_dropout < 1.0:
-        raise ValueError(f"dcm_map_dropout: expected a number in [0, 1), got {dcm_map_dropout!r}")
 
 
 def kernel_fit(query: torch.Tensor, support: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
@@ -263,58 +234,3 @@ def drop_maps(maps, p: float, training: bool) -> list:
     if p <= 0.0 or not training:
         return list(maps)
     return [F.dropout2d(m, p, True) for m in maps]
-
-
-def check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay) -> None:
-    """Validate the ``dcm_lr_scale`` / ``dcm_weight_decay`` host flags."""
-    if isinstance(dcm_lr_scale, bool) or not isinstance(dcm_lr_scale, (int, float)) or not dcm_lr_scale >= 0:
-        raise ValueError(f"dcm_lr_scale: expected a number >= 0, got {dcm_lr_scale!r}")
-    if dcm_weight_decay is not None and (isinstance(dcm_weight_decay, bool)
-                                         or not isinstance(dcm_weight_decay, (int, float)) or not dcm_weight_decay >= 0):
-        raise ValueError(f"dcm_weight_decay: expected None or a number >= 0, got {dcm_weight_decay!r}")
-
-
-#: the ``dcm_*`` flags of every network that maps to an argument of :class:`dcm.DynamicConvModule`
-DCM_MODULE_FLAGS = {
-    "dcm_kernel_size": "kernel_size",
-    "dcm_variants": "variants",
-    "dcm_square_source": "square_source",
-    "dcm_kgen_kernel_size": "kgen_kernel_size",
-    "dcm_fg_threshold": "fg_threshold",
-    "dcm_kernel_norm": "kernel_norm",
-}
-
-
-def dcm_module_kwargs(flags: Dict, dcm_kwargs: Optional[Dict], use_dcm: bool, owner: str) -> Dict:
-    """Keyword arguments of :class:`dcm.DynamicConvModule` from a network's flat ``dcm_*`` flags.
-
-    ``flags``: ``{flag name: value}`` of :data:`DCM_MODULE_FLAGS`. ``dcm_kwargs`` is the deprecated
-    spelling (``{"kernel_size": 3}`` for ``dcm_kernel_size=3``): accepted with a
-    ``DeprecationWarning``; a key it shares with a flag that was set to a non-default value, an unknown
-    key, ``channels`` or ``dcm_kwargs`` without ``use_dcm`` are errors.
-    """
-    import inspect
-    import warnings
-
-    from dcm import DynamicConvModule
-
-    out = {arg: flags[flag] for flag, arg in DCM_MODULE_FLAGS.items()}
-    if dcm_kwargs is None:
-        return out
-    warnings.warn(f"{owner}: dcm_kwargs is deprecated and will be removed in the next release; pass the flat flags "
-                  f"({', '.join(f'dcm_{k}=' for k in dcm_kwargs) or 'dcm_kernel_size=...'})", DeprecationWarning,
-                  stacklevel=3)
-    if not use_dcm:
-        raise ValueError("dcm_kwargs: given but use_dcm=False")
-    if not isinstance(dcm_kwargs, dict):
-        raise TypeError(f"dcm_kwargs: expected a dict, got {type(dcm_kwargs).__name__}")
-    if "channels" in dcm_kwargs:
-        raise ValueError("dcm_kwargs: 'channels' is fixed to reduce_dim by the host")
-    defaults = {p.name: p.default for p in inspect.signature(DynamicConvModule).parameters.values()}
-    for key, value in dcm_kwargs.items():
-        if key not in out:
-            raise ValueError(f"dcm_kwargs: unknown key '{key}' (expected some of {sorted(out)})")
-        if out[key] != defaults[key] and out[key] != value:
-            raise ValueError(f"dcm_kwargs: '{key}' given twice (dcm_{key}={out[key]!r} and dcm_kwargs)")
-        out[key] = value
-    return out

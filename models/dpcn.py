@@ -18,8 +18,8 @@ flag setting, see :data:`ABLATIONS`):
   window ``(1, 1)`` (one activation map);
 * ``use_ffm=False``: ``x̃_q = x_q`` and ``Mʳ = M⁰``; the prototype ``x_p`` is still the masked
   average of the support (:func:`dcm.functional.support_prototype`);
-* ``use_dcm=False``: the three dynamically convolved maps are left out and the (filtered) query
-  feature ``x̃_q`` takes their place in ``x_out`` (``dcm_off_feature="query"``; ``"none"`` leaves
+* ``dcm=None``: the three dynamically convolved maps are left out and the (filtered) query
+  feature ``x̃_q`` takes their place in ``x_out`` (``off_feature="query"``; ``"none"`` leaves
   the query feature out entirely, the most literal reading of "removing DCM");
 * all three off (``"baseline"``): ``x_out = [x_q, x_p]`` -- no prior, layer4 is never run
   (``use_prior=True`` adds PFENet's ``(1, 1)`` prior map and ``Mʳ = M⁰``: two extra channels).
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -49,14 +49,13 @@ from .common import (
     DCMFusion,
     FewShotSegmenter,
     check_choice,
-    check_dcm_training_flags,
     check_episode,
-    dcm_module_kwargs,
     reduce_block,
     resolve_backbone,
     segmentation_loss,
     upsample,
 )
+from .dcm_spec import DCMSpec, host_dcm
 from .heads import DPCNDecoder
 
 __all__ = ["DPCN", "ABLATIONS", "PAPER_SAM_WINDOWS", "PRIOR_WINDOW", "dpcn_flags"]
@@ -70,27 +69,27 @@ PRIOR_WINDOW: Tuple[Tuple[int, int], ...] = ((1, 1),)
 #: ``build_model("dpcn", **ABLATIONS[name])`` builds the row; ``"baseline"`` is also a model name.
 ABLATIONS: Dict[str, Dict[str, object]] = {
     # Tables 1-2: Baseline = DPCN without SAM, FFM and DCM (decoder on [x_q, x_p])
-    "baseline": {"use_sam": False, "use_ffm": False, "use_dcm": False},
+    "baseline": {"use_sam": False, "use_ffm": False, "dcm": None},
     "dpcn": {},
     # Table 3: components
-    "table3_sam_ffm": {"use_dcm": False},  # 64.5
+    "table3_sam_ffm": {"dcm": None},  # 64.5
     "table3_ffm_dcm": {"use_sam": False},  # 65.4
     "table3_sam_dcm": {"use_ffm": False},  # 64.7
     "table3_sam_ffm_dcm": {},  # 66.7
     # Table 4: DCM kernel size S
-    "table4_k3": {"dcm_kernel_size": 3},  # 65.9
-    "table4_k5": {"dcm_kernel_size": 5},  # 66.7
-    "table4_k7": {"dcm_kernel_size": 7},  # 66.1
-    "table4_k9": {"dcm_kernel_size": 9},  # 66.3
+    "table4_k3": {"dcm": DCMSpec(kernel_size=3)},  # 65.9
+    "table4_k5": {"dcm": DCMSpec(kernel_size=5)},  # 66.7
+    "table4_k7": {"dcm": DCMSpec(kernel_size=7)},  # 66.1
+    "table4_k9": {"dcm": DCMSpec(kernel_size=9)},  # 66.3
     # Table 5: kernel variants ("v" = S×1, "h" = 1×S, "s" = S×S)
-    "table5_none": {"use_dcm": False},  # 64.5
-    "table5_5x5": {"dcm_variants": ("s",)},  # 65.0
-    "table5_1x5": {"dcm_variants": ("h",)},  # 65.2
-    "table5_1x5_5x1": {"dcm_variants": ("v", "h")},  # 64.7
-    "table5_1x5_5x5_5x1": {"dcm_variants": ("v", "h", "s")},  # 66.7
+    "table5_none": {"dcm": None},  # 64.5
+    "table5_5x5": {"dcm": DCMSpec(variants=("s",))},  # 65.0
+    "table5_1x5": {"dcm": DCMSpec(variants=("h",))},  # 65.2
+    "table5_1x5_5x1": {"dcm": DCMSpec(variants=("v", "h"))},  # 64.7
+    "table5_1x5_5x5_5x1": {"dcm": DCMSpec(variants=("v", "h", "s"))},  # 66.7
     # Table A1: square-kernel generation
-    "tableA1_parallel": {"dcm_square_source": "parallel"},  # "5/25": 66.0
-    "tableA1_serial": {"dcm_square_source": "serial"},  # "5→25": 66.7
+    "tableA1_parallel": {"dcm": DCMSpec(square_source="parallel")},  # "5/25": 66.0
+    "tableA1_serial": {"dcm": DCMSpec(square_source="serial")},  # "5→25": 66.7
     # COCO setting of the paper: SAM reduced to PFENet's prior (single (1, 1) window)
     "coco_prior": {"sam_windows": PRIOR_WINDOW},
 }
@@ -136,7 +135,22 @@ class DPCN(FewShotSegmenter):
         reduce_dim: ``C`` of the mid-level features (256).
         shared_reducer: one 1×1 reducer for query and support instead of two (docs/CONVENTIONS.md#mid-level-features).
         reduce_dropout: Dropout2d after the reducers (0.5).
-        use_sam, use_ffm, use_dcm: the three modules (see the module docstring for what "off" means).
+        use_sam, use_ffm: two of the three modules (see the module docstring for what "off" means;
+            the third, the DCM, is ``dcm``).
+        dcm: the DCM: a :class:`models.dcm_spec.DCMSpec`, a preset name (``"default"`` =
+            ``"paper"`` = ``DCMSpec()``, the default: on the filtered reduced query feature ``x̃_q``,
+            kernels from the reduced support feature ``x_s``, the maps ``q_v, q_h, q_s`` take the place of
+            ``x̃_q`` in ``x_out``, Eq. 9), a mapping (the ``default`` preset with the fields it sets) or
+            ``None`` (DPCN without DCM, see ``off_feature``). ``dcm.fusion="residual"``:
+            ``x̃_q + γ ⊙ ReLU(Conv1x1([x̃_q, q_v, q_h, q_s]))`` with ``γ = 0`` at initialisation takes the
+            place of ``x̃_q`` (:class:`dcm.DCMFusion`), so that DPCN equals DPCN without DCM at
+            initialisation. ``dcm.input="raw"``: the DCM convolves the backbone's mid-level feature
+            ``[layer3, layer2]`` of query and support before the reducers (``C3 + C2`` channels); its maps
+            are projected into ``x̃_q``, so it needs ``fusion="residual"``. ``placement``, ``support``,
+            ``kernels``, ``gate`` and ``map_dropout`` mean nothing for DPCN (an error).
+        off_feature: with ``dcm=None``: ``"query"`` (``x̃_q`` takes the place of the DCM maps in
+            ``x_out``; gives the Baseline ``[x_q, x_p]`` when everything is off) or ``"none"`` (the
+            most literal reading of "removing DCM"); with a DCM it must stay ``"query"``.
         use_prior: ``None`` (auto: a prior/SAM is computed iff ``use_sam`` or ``use_ffm``);
             ``True`` forces it (with SAM off, PFENet's ``(1, 1)`` prior enters ``x_out``);
             ``False`` is only valid with SAM and FFM off.
@@ -147,26 +161,6 @@ class DPCN(FewShotSegmenter):
             (paper Eq. 1).
         sam_chunk_size: query rows per chunk in SAM (bounds memory; ``None`` = all at once).
         ffm_kernel_size: FFM refinement conv size (3; 1 is the alternative).
-        dcm_kernel_size: DCM kernel size ``S`` ∈ {3, 5, 7, 9} (paper Table 4; any odd value works).
-        dcm_variants: subset of ``("v", "h", "s")`` (S×1, 1×S, S×S; Table 5).
-        dcm_square_source: ``"serial"`` (5→25, default) or ``"parallel"`` (5/25; Table A1).
-        dcm_kgen_kernel_size: kernel size of the kernel generators' 1-D convolutions (3).
-        dcm_fg_threshold: foreground threshold on the resized support mask in DCM (0.5).
-        dcm_kernel_norm: ``None`` (the paper), ``"l1"`` or ``"l2"``: normalise each generated kernel
-            over its taps (:class:`dcm.DynamicConvModule`'s ``kernel_norm``).
-        dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the DCM's kernel
-            generators (an optimiser group of their own).
-        dcm_off_feature: with ``use_dcm=False``: ``"query"`` (``x̃_q`` replaces the DCM maps in
-            ``x_out``; gives the Baseline ``[x_q, x_p]`` when everything is off) or ``"none"``.
-        dcm_fusion: how the DCM maps enter ``x_out``: ``"replace"`` (the paper, Eq. 9: ``q_v, q_h,
-            q_s`` take the place of ``x̃_q``) or ``"residual"``: ``x̃_q + γ ⊙ ReLU(Conv1x1([x̃_q, q_v, q_h,
-            q_s]))`` with ``γ`` initialised to 0 takes the place of ``x̃_q`` (:class:`dcm.DCMFusion`), so
-            that DPCN equals DPCN without DCM (``dcm_off_feature="query"``) at initialisation.
-        dcm_input: what the DCM convolves: ``"reduced"`` (default, the paper: the filtered reduced
-            query feature ``x̃_q``, kernels from the reduced support feature ``x_s``) or ``"raw"`` (the
-            backbone's mid-level feature ``[layer3, layer2]`` of query and support before the
-            reducers, ``C3 + C2`` channels; the maps are projected into ``x̃_q`` by
-            ``DCMFusion(map_channels=C3 + C2)``, so it needs ``dcm_fusion="residual"``).
         decoder_dim: decoder width ``D`` (256).
         aspp_rates: ASPP dilation rates ``(6, 12, 18)``.
         decoder_dropout: Dropout2d after ``F_conv`` (0.5).
@@ -176,6 +170,8 @@ class DPCN(FewShotSegmenter):
             probability); detached either way.
         support_branch_shots: ``"all"`` (each support shot is a query; ``B·K`` swapped episodes)
             or ``"first"`` (only shot 0).
+        **legacy: the deprecated flat spelling of ``dcm`` (``use_dcm``, ``dcm_<field>``,
+            ``dcm_off_feature``; :func:`models.dcm_spec.spec_from_flags`): warns, removed in the next release.
 
     Forward:
         ``model(query_img, support_imgs, support_masks, query_mask=None)`` with
@@ -218,23 +214,13 @@ class DPCN(FewShotSegmenter):
         reduce_dropout: float = 0.5,
         use_sam: bool = True,
         use_ffm: bool = True,
-        use_dcm: bool = True,
+        dcm: Union[None, str, Mapping, DCMSpec] = "default",
+        off_feature: str = "query",
         use_prior: Optional[bool] = None,
         sam_windows: Optional[Sequence[Tuple[int, int]]] = None,
         sam_mask_before_layer4: bool = False,
         sam_chunk_size: Optional[int] = None,
         ffm_kernel_size: int = 3,
-        dcm_kernel_size: int = 5,
-        dcm_variants: Sequence[str] = ("v", "h", "s"),
-        dcm_square_source: str = "serial",
-        dcm_kgen_kernel_size: int = 3,
-        dcm_fg_threshold: float = 0.5,
-        dcm_kernel_norm: Optional[str] = None,
-        dcm_lr_scale: float = 1.0,
-        dcm_weight_decay: Optional[float] = None,
-        dcm_off_feature: str = "query",
-        dcm_fusion: str = "replace",
-        dcm_input: str = "reduced",
         decoder_dim: int = 256,
         aspp_rates: Sequence[int] = (6, 12, 18),
         decoder_dropout: float = 0.5,
@@ -242,6 +228,7 @@ class DPCN(FewShotSegmenter):
         support_branch_weight: float = 1.0,
         support_branch_mask: str = "argmax",
         support_branch_shots: str = "all",
+        **legacy,
     ):
         super().__init__()
         if isinstance(backbone_weights, int) and not isinstance(backbone_weights, bool):
@@ -257,12 +244,13 @@ class DPCN(FewShotSegmenter):
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         check_choice("support_branch_mask", support_branch_mask, ("argmax", "soft"))
         check_choice("support_branch_shots", support_branch_shots, ("all", "first"))
-        check_choice("dcm_off_feature", dcm_off_feature, ("query", "none"))
-        check_choice("dcm_fusion", dcm_fusion, ("replace", "residual"))
-        check_choice("dcm_input", dcm_input, ("reduced", "raw"))
-        if use_dcm and dcm_input == "raw" and dcm_fusion != "residual":
-            raise ValueError("dcm_input='raw' needs dcm_fusion='residual' (the raw-feature maps are projected into "
-                             "the reduced query feature; 'replace' would put them into x_out as they are)")
+        spec, legacy_kw = host_dcm("dpcn", dcm, "default", legacy)
+        off_feature = legacy_kw.get("off_feature", off_feature)
+        check_choice("off_feature", off_feature, ("query", "none"))
+        if spec is not None and off_feature != "query":
+            raise ValueError(f"DPCN: off_feature={off_feature!r} says what x_out holds without the DCM; with "
+                             f"dcm={spec!r} leave it at 'query' (or pass dcm=None)")
+        use_dcm = spec is not None
         if not float(support_branch_weight) >= 0:
             raise ValueError(f"support_branch_weight: expected a number >= 0, got {support_branch_weight!r}")
         if use_prior is None:
@@ -277,8 +265,8 @@ class DPCN(FewShotSegmenter):
                     f"sam_windows={sam_windows!r} has no effect with use_sam=False (SAM off = PFENet's (1, 1) prior)"
                 )
             windows = PRIOR_WINDOW
-        if not use_dcm and not use_prior and dcm_off_feature == "none":
-            raise ValueError("with SAM, FFM, DCM and the prior off and dcm_off_feature='none', x_out holds no query information")
+        if not use_dcm and not use_prior and off_feature == "none":
+            raise ValueError("with SAM, FFM, DCM and the prior off and off_feature='none', x_out holds no query information")
 
         # ---------------------------------------------------------------- backbone
         bkw = {"freeze_bn": bool(freeze_backbone_bn)} if isinstance(backbone, str) else {}
@@ -296,10 +284,8 @@ class DPCN(FewShotSegmenter):
         self.shot = shot
         self.use_sam, self.use_ffm, self.use_dcm, self.use_prior = bool(use_sam), bool(use_ffm), bool(use_dcm), bool(use_prior)
         self.sam_mask_before_layer4 = bool(sam_mask_before_layer4)
-        self.dcm_off_feature = dcm_off_feature
-        check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
-        self.dcm_lr_scale = float(dcm_lr_scale)
-        self.dcm_weight_decay = None if dcm_weight_decay is None else float(dcm_weight_decay)
+        self.off_feature = off_feature
+        self.dcm_spec = spec
         self.support_branch_weight = float(support_branch_weight)
         self.support_branch_mask = support_branch_mask
         self.support_branch_shots = support_branch_shots
@@ -313,21 +299,16 @@ class DPCN(FewShotSegmenter):
         # ---------------------------------------------------------------- modules
         self.sam = SupportActivation(windows=windows, chunk_size=sam_chunk_size) if self.use_prior else None
         self.ffm = FeatureFiltering(C, kernel_size=ffm_kernel_size) if self.use_ffm else None
-        dcm_flags = {"dcm_kernel_size": dcm_kernel_size, "dcm_variants": dcm_variants,
-                     "dcm_square_source": dcm_square_source, "dcm_kgen_kernel_size": dcm_kgen_kernel_size,
-                     "dcm_fg_threshold": dcm_fg_threshold, "dcm_kernel_norm": dcm_kernel_norm}
-        self.dcm_input = dcm_input
-        c_dcm = C if dcm_input == "reduced" else mid_in
-        self.dcm = DynamicConvModule(c_dcm, **dcm_module_kwargs(dcm_flags, None, self.use_dcm, "DPCN")) if self.use_dcm else None
-        self.dcm_fusion = dcm_fusion
-        if self.use_dcm and dcm_fusion == "residual":
+        c_dcm = C if not use_dcm or spec.input == "reduced" else mid_in
+        self.dcm = DynamicConvModule(c_dcm, **spec.module_kwargs()) if self.use_dcm else None
+        if self.use_dcm and spec.fusion == "residual":
             self.dcm_fuse = DCMFusion(C, len(self.dcm.variants), "residual", map_channels=c_dcm)
 
         # ---------------------------------------------------------------- decoder
         if self.use_dcm:
-            q_ch = self.dcm.out_channels if dcm_fusion == "replace" else C
+            q_ch = self.dcm.out_channels if spec.fusion == "paper" else C
         else:
-            q_ch = C if dcm_off_feature == "query" else 0
+            q_ch = C if off_feature == "query" else 0
         map_ch = (len(windows) + 1) if self.use_prior else 0
         self.x_out_channels = q_ch + C + map_ch
         self.decoder = DPCNDecoder(
@@ -384,9 +365,10 @@ class DPCN(FewShotSegmenter):
 
         parts = []
         if self.dcm is not None:
-            dyn = self.dcm(x_t, x_s, s_fg) if self.dcm_input == "reduced" else self.dcm(q_mid, s_mid, s_fg)
-            parts.extend(dyn if self.dcm_fusion == "replace" else [self.dcm_fuse(x_t, dyn)])
-        elif self.dcm_off_feature == "query":
+            spec = self.dcm_spec
+            dyn = self.dcm(x_t, x_s, s_fg) if spec.input == "reduced" else self.dcm(q_mid, s_mid, s_fg)
+            parts.extend(dyn if spec.fusion == "paper" else [self.dcm_fuse(x_t, dyn)])
+        elif self.off_feature == "query":
             parts.append(x_t)
         parts.append(proto[:, :, None, None].expand(-1, -1, h, w))
         if maps is not None:
@@ -459,9 +441,8 @@ class DPCN(FewShotSegmenter):
     def extra_repr(self) -> str:
         return (
             f"shot={self.shot}, use_sam={self.use_sam}, use_ffm={self.use_ffm}, use_dcm={self.use_dcm}, "
-            f"use_prior={self.use_prior}, x_out_channels={self.x_out_channels}, "
-            + (f"dcm_fusion={self.dcm_fusion!r}, dcm_input={self.dcm_input!r}, " if self.use_dcm else "")
-            + f"support_branch_weight={self.support_branch_weight}, support_branch_mask={self.support_branch_mask!r}"
+            f"use_prior={self.use_prior}, x_out_channels={self.x_out_channels}, dcm={self.dcm_spec!r}, "
+            f"support_branch_weight={self.support_branch_weight}, support_branch_mask={self.support_branch_mask!r}"
         )
 
 

@@ -8,7 +8,7 @@ Architecture (docs/MODELS_HOSTS.md#pfenet, ResNet numbers; ``r = reduce_dim`` = 
     x_s = down_supp(cat[layer3, layer2])           same, separate weights
     proto = Weighted_GAP(x_s, mask)                Σ x·m / (Σ m + 5e-4), averaged over shots
     prior = max_p cos(q4(r), s4(p)·m(p)), min-max per image, averaged over shots
-    [+DCM: x_q <- ReLU(Conv1x1(cat[x_q, q_v, q_h, q_s]))  (docs/MODELS_HOSTS.md#pfenet-dcm)]
+    [+DCM: x_q <- fusion(x_q, [q_v, q_h, q_s])          (docs/MODELS_HOSTS.md#pfenet-dcm)]
     FEM over the pyramid bins (fine -> coarse):
         m_b = init_merge[b](cat[pool_b(x_q), proto, prior_b])        1x1 (2r+1)->r + ReLU
         m_b += alpha_conv[b-1](cat[m_b, resize_b(m_{b-1}^up)])       1x1 2r->r + ReLU (b > 0)
@@ -23,7 +23,7 @@ the final 1x1 classifiers; the head has no BatchNorm.
 from __future__ import annotations
 
 import numbers
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -34,12 +34,7 @@ from dcm import DynamicConvModule, SupportActivation
 from .common import (
     DCMFusion,
     FewShotSegmenter,
-    check_choice,
-    check_dcm_branch_flags,
-    check_dcm_support,
-    check_dcm_training_flags,
     check_episode,
-    dcm_module_kwargs,
     drop_maps,
     gated_fusion,
     kernel_fit,
@@ -48,6 +43,7 @@ from .common import (
     segmentation_loss,
     upsample,
 )
+from .dcm_spec import DCMSpec, host_dcm
 
 __all__ = ["PFENet", "resolve_bins"]
 
@@ -128,57 +124,28 @@ class PFENet(FewShotSegmenter):
             reproduces PFENet's released code, which trains with batch statistics).
         backbone_kwargs: extra keyword arguments of ``build_backbone`` (e.g. ``input_norm``).
         reduce_dim: ``r`` (PFENet: 256).
-        use_dcm: add the DCM (docs/MODELS_HOSTS.md#pfenet-dcm): kernels from the support feature and its
-            mask (all shots' foreground vectors pooled together), three depthwise dynamic
-            convolutions of the query feature (``dcm_input``: the reduced query feature ``q`` by
-            default), then the maps are merged into ``q`` before the FEM by ``dcm_fusion``.
-            Everything else is unchanged.
-        dcm_kernel_size, dcm_variants, dcm_square_source, dcm_kgen_kernel_size, dcm_fg_threshold,
-            dcm_kernel_norm: the DCM's ``kernel_size``, ``variants``, ``square_source``,
-            ``kgen_kernel_size``, ``fg_threshold`` and ``kernel_norm`` (:class:`dcm.DynamicConvModule`;
-            its channels are ``reduce_dim``, or ``fea_dim`` with ``dcm_input="raw"``). The same flags
-            as DPCN's.
-        dcm_fusion: ``"residual"`` (default): ``q' = q + γ ⊙ ReLU(Conv1x1([q, q_v, q_h, q_s]))`` with
-            ``γ`` initialised to 0, so that PFENet+DCM equals PFENet at initialisation (the form chosen
-            on real images, docs/REAL_IMAGES.md), or ``"replace"`` (the paper's description):
-            ``q' = ReLU(Conv1x1([q, q_v, q_h, q_s]; (1 + n_variants)·r -> r, no bias))`` takes the
-            place of ``q`` (:class:`models.common.DCMFusion`). A saved config without this flag was
-            trained with ``"replace"`` and loads as such (``models.registry.LEGACY_DEFAULTS``).
-        dcm_support: what the kernel generators see of the support: ``"dropout"`` (the reduced
-            support feature after ``down_supp``'s Dropout2d, as the prototype does) or ``"clean"``
-            (the same feature before the dropout).
-        dcm_input: what the DCM convolves: ``"reduced"`` (default: the reduced query feature ``q``,
-            ``r`` channels, kernels from the reduced support feature; the form chosen on real images
-            for PFENet, docs/REAL_IMAGES.md) or ``"raw"`` (the backbone's mid-level feature
-            ``[layer3, layer2]`` before ``down_query`` / ``down_supp``, ``fea_dim`` channels, for query
-            and support alike; ``dcm_support`` does not apply, ``"clean"`` with it is an error;
-            ``dcm_fusion`` projects the ``fea_dim``-channel maps into ``q``,
-            ``DCMFusion(map_channels=fea_dim)``). The DCM's size grows with the square of its
-            channels: with ResNet-50 (``fea_dim`` = 1536) the raw form's kernel generators hold
-            42.5 M parameters against 1.2 M for ``"reduced"`` at ``r`` = 256.
-        dcm_kernels: ``"dynamic"`` (default: the DCM's support-generated kernels) or ``"identity"``
-            (a control: every DCM map is the DCM's own query input, as a centre-tap kernel of 1 would
-            give; the kernel generators are frozen and unused, the fusion is unchanged). It tells
-            whether a gain comes from the support-conditioned kernels or from the extra input path.
-        dcm_placement: where the fused DCM maps enter: ``"fem_input"`` (the reduced query feature
-            before the FEM, as above), ``"pyramid"`` (per pyramid level: the maps are pooled to each
-            bin like the query feature and merged into that level's pooled query feature, one
-            ``DCMFusion`` per level, ``dcm_fuse[i]``) or ``"decoder"`` (the DCM convolves the feature
-            ``dcm_input`` names, as before; ``dcm_fusion`` merges its maps into the FEM's output
-            feature, the input of the final classifier).
-        dcm_lr_scale, dcm_weight_decay: learning-rate factor and weight decay of the DCM's kernel
-            generators (an optimiser group of their own, :meth:`param_groups`).
-        dcm_gate: ``"none"`` or ``"fit"``: the residual fusion's contribution at each query position is
-            scaled by :func:`models.common.kernel_fit` (the cosine of the DCM's query input with the
-            support foreground prototype its kernels come from, clamped at 0), so that the DCM acts only
-            where the support matches the query (needs ``dcm_fusion="residual"``).
-        dcm_map_dropout: channel dropout (``Dropout2d``) on each DCM map while training (0: none).
+        dcm: the DCM (docs/MODELS_HOSTS.md#pfenet-dcm): ``None`` (default: PFENet), a
+            :class:`models.dcm_spec.DCMSpec`, a preset name (``"default"``: on the reduced query feature
+            with the residual fusion, the form chosen on real images, docs/REAL_IMAGES.md; ``"paper"``:
+            the fused feature replaces the query feature) or a mapping (the ``default`` preset with the
+            fields it sets). Kernels from the support feature and its mask (all shots' foreground
+            vectors pooled together), depthwise dynamic convolutions of the query feature
+            (``dcm.input``: the reduced query feature ``q``, ``r`` channels, or the raw ``[layer3,
+            layer2]``, ``fea_dim`` channels), then the maps are merged by ``dcm.fusion`` where
+            ``dcm.placement`` says: ``"fem_input"`` (into ``q`` before the FEM: ``"paper"`` gives
+            ``q' = ReLU(Conv1x1([q, q_v, q_h, q_s]))``, ``"residual"`` gives ``q' = q + γ ⊙ ReLU(Conv1x1(...))``
+            with ``γ = 0`` at initialisation, :class:`dcm.DCMFusion`), ``"pyramid"`` (the maps pooled to
+            each bin and merged into that level's pooled query feature, one fusion per level,
+            ``dcm_fuse[i]``) or ``"decoder"`` (into the FEM's output feature). Every field of the spec
+            applies to PFENet. The DCM's size grows with the square of its channels: with ResNet-50
+            (``fea_dim`` = 1536) the raw input's kernel generators hold 42.5 M parameters against
+            1.2 M for the reduced one at ``r`` = 256.
         ppm_scales: pyramid bins, see :func:`resolve_bins` (PASCAL ``[60, 30, 15, 8]``, the
             default, made for 473 inputs; COCO ``[1.0, 0.5, 0.25, 0.125]``).
         aux_weight: weight of the auxiliary (``inner_cls``) loss, mean over bins (PFENet: 1.0).
         prior_eps: epsilon of the prior's cosine and min-max normalisation (PFENet: 1e-7).
-        dcm_kwargs: deprecated spelling of the flat ``dcm_*`` flags (``{"kernel_size": 3}`` for
-            ``dcm_kernel_size=3``); warns, removed in the next release.
+        **legacy: the deprecated flat spelling of ``dcm`` (``use_dcm``, ``dcm_<field>``, ``dcm_kwargs``;
+            :func:`models.dcm_spec.spec_from_flags`): warns, removed in the next release.
 
     Shape:
         ``forward(query_img[B,3,H,W], support_imgs[B,K,3,H,W], support_masks[B,K,H,W] (or [B,H,W]
@@ -210,57 +177,24 @@ class PFENet(FewShotSegmenter):
         freeze_backbone_bn: bool = True,
         backbone_kwargs: Optional[Dict] = None,
         reduce_dim: int = 256,
-        use_dcm: bool = False,
-        dcm_kernel_size: int = 5,
-        dcm_variants: Sequence[str] = ("v", "h", "s"),
-        dcm_square_source: str = "serial",
-        dcm_kgen_kernel_size: int = 3,
-        dcm_fg_threshold: float = 0.5,
-        dcm_kernel_norm: Optional[str] = None,
-        dcm_lr_scale: float = 1.0,
-        dcm_weight_decay: Optional[float] = None,
-        dcm_fusion: str = "residual",
-        dcm_support: str = "dropout",
-        dcm_input: str = "reduced",
-        dcm_kernels: str = "dynamic",
-        dcm_placement: str = "fem_input",
-        dcm_gate: str = "none",
-        dcm_map_dropout: float = 0.0,
+        dcm: Union[None, str, Mapping, DCMSpec] = None,
         ppm_scales: Sequence[float] = (60, 30, 15, 8),
         aux_weight: float = 1.0,
         prior_eps: float = 1e-7,
-        dcm_kwargs: Optional[Dict] = None,
+        **legacy,
     ):
         super().__init__()
         if isinstance(shot, bool) or not isinstance(shot, int) or shot < 1:
             raise ValueError(f"shot: expected a positive int, got {shot!r}")
         if isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int) or reduce_dim < 1:
             raise ValueError(f"reduce_dim: expected a positive int, got {reduce_dim!r}")
-        dcm_kwargs = dcm_module_kwargs(
-            {"dcm_kernel_size": dcm_kernel_size, "dcm_variants": dcm_variants, "dcm_square_source": dcm_square_source,
-             "dcm_kgen_kernel_size": dcm_kgen_kernel_size, "dcm_fg_threshold": dcm_fg_threshold,
-             "dcm_kernel_norm": dcm_kernel_norm}, dcm_kwargs, use_dcm, "PFENet")
-        check_choice("dcm_fusion", dcm_fusion, ("replace", "residual"))
-        check_choice("dcm_support", dcm_support, ("dropout", "clean"))
-        check_choice("dcm_input", dcm_input, ("reduced", "raw"))
-        check_dcm_support(use_dcm, dcm_input, dcm_support)
-        check_choice("dcm_kernels", dcm_kernels, ("dynamic", "identity"))
-        check_choice("dcm_placement", dcm_placement, ("fem_input", "pyramid", "decoder"))
-        check_dcm_training_flags(dcm_lr_scale, dcm_weight_decay)
-        check_dcm_branch_flags(dcm_gate, dcm_map_dropout, dcm_fusion, "PFENet")
-        if dcm_gate == "fit" and dcm_placement != "fem_input":
-            raise ValueError(f"dcm_gate='fit' gates the fusion at the FEM input; pass dcm_placement='fem_input' "
-                             f"(got {dcm_placement!r})")
-        self.dcm_gate, self.dcm_map_dropout = dcm_gate, float(dcm_map_dropout)
-        self.dcm_fusion, self.dcm_support = dcm_fusion, dcm_support
-        self.dcm_input, self.dcm_kernels, self.dcm_placement = dcm_input, dcm_kernels, dcm_placement
-        self.dcm_lr_scale = float(dcm_lr_scale)
-        self.dcm_weight_decay = None if dcm_weight_decay is None else float(dcm_weight_decay)
+        spec, _ = host_dcm("pfenet", dcm, None, legacy)
+        self.dcm_spec = spec
         bkw = dict(backbone_kwargs or {})
         if isinstance(backbone, str):
             bkw.setdefault("freeze_bn", bool(freeze_backbone_bn))
         self.backbone = resolve_backbone(backbone, backbone_weights, layer4_trainable, **bkw)
-        self.shot, self.use_dcm, self.reduce_dim = shot, bool(use_dcm), reduce_dim
+        self.shot, self.use_dcm, self.reduce_dim = shot, spec is not None, reduce_dim
         self.ppm_scales = _check_scales(ppm_scales)
         self.aux_weight = float(aux_weight)
         r = reduce_dim
@@ -274,14 +208,15 @@ class PFENet(FewShotSegmenter):
         self.down_query = reduce_block(fea_dim, r, dropout=0.5)
         self.down_supp = reduce_block(fea_dim, r, dropout=0.5)
         if self.use_dcm:
-            c_dcm = r if dcm_input == "reduced" else fea_dim
-            self.dcm = DynamicConvModule(c_dcm, **dcm_kwargs)
-            if dcm_placement == "pyramid":  # one fusion per pyramid level
-                self.dcm_fuse = nn.ModuleList(DCMFusion(r, len(self.dcm.variants), dcm_fusion, map_channels=c_dcm)
+            c_dcm = r if spec.input == "reduced" else fea_dim
+            self.dcm = DynamicConvModule(c_dcm, **spec.module_kwargs())
+            fusion = spec.host_fusion("pfenet")
+            if spec.placement == "pyramid":  # one fusion per pyramid level
+                self.dcm_fuse = nn.ModuleList(DCMFusion(r, len(self.dcm.variants), fusion, map_channels=c_dcm)
                                               for _ in self.ppm_scales)
             else:
-                self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), dcm_fusion, map_channels=c_dcm)
-            if dcm_kernels == "identity":
+                self.dcm_fuse = DCMFusion(r, len(self.dcm.variants), fusion, map_channels=c_dcm)
+            if spec.kernels == "identity":
                 self.dcm.requires_grad_(False)
         n = len(self.ppm_scales)
         self.init_merge = nn.ModuleList(
@@ -350,19 +285,20 @@ class PFENet(FewShotSegmenter):
         prior = upsample(upsample(prior, q3.shape[-2:]), (fh, fw))
 
         # ---- DCM (option A): enhance the reduced query feature
+        spec = self.dcm_spec
         if self.use_dcm:
-            if self.dcm_input == "raw":
+            if spec.input == "raw":
                 dcm_q, dcm_supp = torch.cat([q3, q2], 1), torch.cat([s3, s2], 1).reshape(B, K, -1, h3, w3)
             else:
                 dcm_q = query_feat
-                dcm_supp = supp_feat if self.dcm_support == "dropout" else supp_pre.reshape(B, K, r, h3, w3)
-            if self.dcm_kernels == "identity":
+                dcm_supp = supp_feat if spec.support == "dropout" else supp_pre.reshape(B, K, r, h3, w3)
+            if spec.kernels == "identity":
                 enhanced = [dcm_q] * len(self.dcm.variants)
             else:
                 enhanced = self.dcm(dcm_q, dcm_supp, support_masks)
-            enhanced = drop_maps(enhanced, self.dcm_map_dropout, self.training)
-            if self.dcm_placement == "fem_input":
-                fit = kernel_fit(dcm_q, dcm_supp, support_masks) if self.dcm_gate == "fit" else None
+            enhanced = drop_maps(enhanced, spec.map_dropout, self.training)
+            if spec.placement == "fem_input":
+                fit = kernel_fit(dcm_q, dcm_supp, support_masks) if spec.gate == "fit" else None
                 query_feat = gated_fusion(self.dcm_fuse, query_feat, enhanced, fit)
 
         # ---- FEM
@@ -371,7 +307,7 @@ class PFENet(FewShotSegmenter):
         aux_logits: List[Tensor] = []
         for idx, b in enumerate(bins):
             q_bin = nn.functional.adaptive_avg_pool2d(query_feat, b)
-            if self.use_dcm and self.dcm_placement == "pyramid":
+            if self.use_dcm and spec.placement == "pyramid":
                 q_bin = self.dcm_fuse[idx](q_bin, [nn.functional.adaptive_avg_pool2d(m, b) for m in enhanced])
             s_bin = proto[:, :, None, None].expand(-1, -1, *b)
             p_bin = upsample(prior, b)
@@ -384,7 +320,7 @@ class PFENet(FewShotSegmenter):
             pyramid.append(upsample(merge, (fh, fw)))
         feat = self.res1(torch.cat(pyramid, 1))
         feat = self.res2(feat) + feat
-        if self.use_dcm and self.dcm_placement == "decoder":
+        if self.use_dcm and spec.placement == "decoder":
             feat = self.dcm_fuse(feat, enhanced)  # the DCM maps of the reduced query feature, into the classifier input
         logits = upsample(self.cls(feat), (H, W))
 
@@ -399,8 +335,5 @@ class PFENet(FewShotSegmenter):
     def extra_repr(self) -> str:
         return (
             f"reduce_dim={self.reduce_dim}, ppm_scales={list(self.ppm_scales)}, shot={self.shot}, "
-            f"use_dcm={self.use_dcm}, aux_weight={self.aux_weight}"
-            + (f", dcm_fusion={self.dcm_fusion!r}, dcm_support={self.dcm_support!r}, dcm_input={self.dcm_input!r}, "
-               f"dcm_kernels={self.dcm_kernels!r}, dcm_placement={self.dcm_placement!r}, dcm_lr_scale={self.dcm_lr_scale}"
-               if self.use_dcm else "")
+            f"dcm={self.dcm_spec!r}, aux_weight={self.aux_weight}"
         )

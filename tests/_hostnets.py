@@ -25,3 +25,58 @@ def episode(B=1, K=1, size=SIZE, seed=0):
 def head_names(model):
     """Names of the parameters outside the backbone."""
     return {n for n, p in model.named_parameters() if not n.startswith("backbone.")}
+
+
+def tiny_backbone_factory(**kw):
+    """A three-convolution backbone (layer2: 4, layer3: 6, layer4: 8 channels, stride 4), for networks
+    small enough to keep as test fixtures; :func:`register_tiny_backbone` names it ``"tiny"``."""
+    from torch import nn
+
+    from models.backbones.base import Backbone
+
+    class TinyBackbone(Backbone):
+        name = "tiny"
+        channels = {"layer2": 4, "layer3": 6, "layer4": 8}
+        strides = {"layer2": 4, "layer3": 4, "layer4": 4}
+
+        def __init__(self, *, freeze_bn=True, input_norm="imagenet"):
+            super().__init__(freeze_bn=freeze_bn, input_norm=input_norm)
+            self.stem = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+            self.layer3 = nn.Conv2d(4, 6, 3, padding=1)
+            self.layer4 = nn.Conv2d(6, 8, 3, padding=1)
+            self._finish_init()
+
+        def _forward_mid(self, x):
+            l2 = torch.relu(self.stem(x))
+            return l2, torch.relu(self.layer3(l2))
+
+        def _forward_high(self, layer3):
+            return torch.relu(self.layer4(layer3))
+
+        def _high_modules(self):
+            return [self.layer4]
+
+    return TinyBackbone(**kw)
+
+
+def register_tiny_backbone() -> str:
+    """Register :func:`tiny_backbone_factory` as backbone ``"tiny"`` (idempotent); returns the name."""
+    from models.backbones import registry
+
+    registry.register_backbone("tiny", tiny_backbone_factory, overwrite=True)
+    return "tiny"
+
+
+def synthetic_state(keys_shapes):
+    """Weights that depend only on each key's name and shape (``running_var`` positive, counters 0)."""
+    import zlib
+
+    out = {}
+    for name, shape in keys_shapes:
+        if name.endswith("num_batches_tracked"):
+            out[name] = torch.zeros((), dtype=torch.long)
+            continue
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        t = torch.randn(*shape, generator=g) * 0.3
+        out[name] = t.abs() + 0.5 if name.endswith("running_var") else t
+    return out

@@ -9,6 +9,7 @@ import torch
 from dcm import DynamicConvModule, EmptyForegroundWarning
 from _hostnets import SIZE, episode, head_names
 from models.canet import CANet
+from models.dcm_spec import DCMSpec
 
 R = 16
 
@@ -67,19 +68,19 @@ def test_parameter_count_small_reduce_dim_vgg():
     assert per_module(m) == canet_head_count(R, 768)
 
 
-@pytest.mark.parametrize("dcm_flags,n_gen,n_var", [({}, 3, 3), ({"dcm_variants": ("s",), "dcm_square_source": "parallel"}, 1, 1)])
-def test_dcm_adds_exactly_dcm_and_wider_layer55(resnet, dcm_flags, n_gen, n_var):
-    """The concatenating (paper-like) form widens layer55."""
+@pytest.mark.parametrize("fields,n_gen,n_var", [({}, 3, 3), ({"variants": ("s",), "square_source": "parallel"}, 1, 1)])
+def test_dcm_adds_exactly_dcm_and_wider_layer55(resnet, fields, n_gen, n_var):
+    """The paper's (concatenating) form widens layer55."""
     r = 256
     base = CANet(resnet, reduce_dim=r)
-    plus = CANet(resnet, reduce_dim=r, use_dcm=True, dcm_fusion="concat", dcm_input="reduced", **dcm_flags)
+    plus = CANet(resnet, reduce_dim=r, dcm=DCMSpec(**fields))
     pb, pp = per_module(base), per_module(plus)
     assert set(pp) - set(pb) == {"dcm"}
-    assert pp["dcm"] == n_gen * 2 * (3 * r * r + r) == sum(p.numel() for p in DynamicConvModule(r, **{k[4:]: v for k, v in dcm_flags.items()}).parameters())
+    assert pp["dcm"] == n_gen * 2 * (3 * r * r + r) == sum(p.numel() for p in DynamicConvModule(r, **fields).parameters())
     assert pp["layer55"] == conv((2 + n_var) * r, r, 3)  # input widened from 2r to (2 + n_variants)·r
     assert pp["layer55"] - pb["layer55"] == 9 * n_var * r * r
     assert {k: v for k, v in pp.items() if k not in ("dcm", "layer55")} == {k: v for k, v in pb.items() if k != "layer55"}
-    if not dcm_flags:
+    if not fields:
         assert plus.layer55[0].in_channels == 1280
         assert sum(pp.values()) - sum(pb.values()) == 1_181_184 + 1_769_472
 
@@ -89,8 +90,8 @@ def test_dcm_residual_default_adds_dcm_and_a_gated_projection(resnet, dcm_input)
     r = 256
     c = 1536 if dcm_input == "raw" else r  # the DCM's channels: ResNet-50's [layer2, layer3], or r
     base = CANet(resnet, reduce_dim=r)
-    plus = CANet(resnet, reduce_dim=r, use_dcm=True, **({} if dcm_input == "raw" else {"dcm_input": dcm_input}))
-    assert plus.dcm_fusion == "residual" and plus.dcm_input == dcm_input  # both defaults: residual, raw
+    plus = CANet(resnet, reduce_dim=r, dcm={} if dcm_input == "raw" else {"input": dcm_input})
+    assert plus.dcm_spec.fusion == "residual" and plus.dcm_spec.input == dcm_input  # the default: residual, raw
     pb, pp = per_module(base), per_module(plus)
     assert set(pp) - set(pb) == {"dcm", "dcm_fuse"}
     assert {k: pp[k] for k in pb} == pb  # layer55 keeps its 2r input
@@ -107,7 +108,7 @@ def seeded(m, *args, seed=0, **kw):
 @pytest.mark.parametrize("shot", [1, 5])
 @pytest.mark.parametrize("use_dcm", [False, True])
 def test_train_step(resnet, use_dcm, shot):
-    m = make(resnet, use_dcm=use_dcm).train()
+    m = make(resnet, dcm="default" if use_dcm else None).train()
     q, s, sm, qm = episode(B=1, K=shot, seed=shot)
     opt = torch.optim.Adam(m.trainable_parameters(), lr=3e-4)
     out = seeded(m, q, s, sm, qm)
@@ -137,7 +138,7 @@ def test_train_step(resnet, use_dcm, shot):
 @pytest.mark.parametrize("shot", [1, 5])
 @pytest.mark.parametrize("use_dcm", [False, True])
 def test_eval_forward(resnet, use_dcm, shot):
-    m = make(resnet, use_dcm=use_dcm).eval()
+    m = make(resnet, dcm="default" if use_dcm else None).eval()
     B = 2 if shot == 1 else 1
     q, s, sm, qm = episode(B=B, K=shot, seed=10 + shot)
     with torch.no_grad():
@@ -198,7 +199,7 @@ def test_logit_fusion_is_mean_of_per_shot_runs(resnet):
 
 
 def test_other_backbone_and_dcm_kernel_size():
-    m = CANet("efficientnet_lite0", backbone_weights="random", reduce_dim=R, use_dcm=True, dcm_kernel_size=3).train()
+    m = CANet("efficientnet_lite0", backbone_weights="random", reduce_dim=R, dcm={"kernel_size": 3}).train()
     q, s, sm, qm = episode(B=1, K=2)
     out = m(q, s, sm, qm)
     assert out["logits"].shape == (1, 2, SIZE, SIZE)
@@ -207,7 +208,7 @@ def test_other_backbone_and_dcm_kernel_size():
 
 
 def test_empty_support_mask_no_nan(resnet):
-    m = make(resnet, use_dcm=True).eval()
+    m = make(resnet, dcm="default").eval()
     q, s, sm, qm = episode(B=2, K=2)
     sm[0] = 0
     sm[1, 1] = 255
@@ -239,4 +240,4 @@ def test_bad_inputs(resnet):
     with pytest.raises(ValueError, match="eval_iom_iterations"):
         make(resnet, eval_iom_iterations=1.5)
     with pytest.raises(ValueError, match="variants"):
-        make(resnet, use_dcm=True, dcm_variants=("x",))
+        make(resnet, dcm={"variants": ("x",)})

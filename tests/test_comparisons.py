@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -246,21 +247,24 @@ def _assert_loads_and_equals(plain, with_dcm, batch=2):
     return (q, s, m), a
 
 
-@pytest.mark.parametrize("host, flags", [
-    ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5]}),
-    ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_placement": "decoder"}),
-    ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_input": "raw"}),
-    ("pfenet", {"reduce_dim": 16, "ppm_scales": [1.0, 0.5], "dcm_placement": "pyramid"}),
-    ("canet", {"reduce_dim": 16}),
-    ("canet", {"reduce_dim": 16, "dcm_input": "reduced"}),
-    ("canet", {"reduce_dim": 16, "dcm_input": "reduced", "dcm_support": "clean"}),
+_PFENET_SMALL = {"reduce_dim": 16, "ppm_scales": [1.0, 0.5]}
+
+
+@pytest.mark.parametrize("host, flags, dcm", [
+    ("pfenet", _PFENET_SMALL, {}),
+    ("pfenet", _PFENET_SMALL, {"placement": "decoder"}),
+    ("pfenet", _PFENET_SMALL, {"input": "raw"}),
+    ("pfenet", _PFENET_SMALL, {"placement": "pyramid"}),
+    ("canet", {"reduce_dim": 16}, {}),
+    ("canet", {"reduce_dim": 16}, {"input": "reduced"}),
+    ("canet", {"reduce_dim": 16}, {"input": "reduced", "support": "clean"}),
 ])
-def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
+def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags, dcm):
     from models import build_model
-    plain = build_model(host, backbone=resnet, **{k: v for k, v in flags.items() if not k.startswith("dcm_")}).eval()
-    with_dcm = build_model(host + "+dcm", backbone=resnet, **flags).eval()  # the default fusion
+    plain = build_model(host, backbone=resnet, **flags).eval()
+    with_dcm = build_model(host + "+dcm", backbone=resnet, dcm=dcm, **flags).eval()  # the default fusion
     default_input = {"pfenet": "reduced", "canet": "raw"}[host]  # each host's default, chosen on real images
-    assert with_dcm.dcm_fusion == "residual" and with_dcm.dcm_input == flags.get("dcm_input", default_input)
+    assert with_dcm.dcm_spec.fusion == "residual" and with_dcm.dcm_spec.input == dcm.get("input", default_input)
     (q, s, m), a = _assert_loads_and_equals(plain, with_dcm)
     # ... and the DCM branch receives a gradient through its gate
     with_dcm.train()
@@ -268,43 +272,42 @@ def test_residual_dcm_host_equals_host_at_initialisation(resnet, host, flags):
     out["loss"].backward()
     from dcm import DCMFusion
     fusions = [f for f in with_dcm.modules() if isinstance(f, DCMFusion)]
-    assert len(fusions) == (2 if flags.get("dcm_placement") == "pyramid" else 1)
+    assert len(fusions) == (2 if dcm.get("placement") == "pyramid" else 1)
     assert all(f.gamma.grad.abs().sum() > 0 for f in fusions)
-    # the paper form is not the host at initialisation
-    paper_fusion = {"pfenet": "replace", "canet": "concat"}[host]
-    paper = build_model(host + "+dcm", backbone=resnet, dcm_fusion=paper_fusion, **flags).eval()  # raw kernels
+    # the paper's fusion (PFENet: replace, CANet: concat) is not the host at initialisation
+    paper = build_model(host + "+dcm", backbone=resnet, dcm={**dcm, "fusion": "paper"}, **flags).eval()
     own = paper.state_dict()
     paper.load_state_dict({k: v for k, v in plain.state_dict().items() if own[k].shape == v.shape}, strict=False)
     assert not torch.allclose(paper(q, s, m)["logits"], a)
 
 
 def test_dpcn_residual_dcm_equals_dpcn_without_dcm_at_initialisation(resnet):
-    from benchmarks.plug_in import parse_arm
     from models import build_model
+    from models.arms import parse_arm
     flags = {"reduce_dim": 16, "decoder_dim": 16}
-    plain = build_model("dpcn", backbone=resnet, use_dcm=False, **flags).eval()  # x̃_q in place of the DCM maps
-    res = build_model("dpcn", backbone=resnet, dcm_fusion="residual", **flags).eval()
-    assert res.x_out_channels == plain.x_out_channels and "dcm_fusion='residual'" in repr(res)
+    plain = build_model("dpcn", backbone=resnet, dcm=None, **flags).eval()  # x̃_q in place of the DCM maps
+    res = build_model("dpcn", backbone=resnet, dcm={"fusion": "residual"}, **flags).eval()
+    assert res.x_out_channels == plain.x_out_channels and "dcm=DCMSpec(fusion='residual')" in repr(res)
     (q, s, m), _ = _assert_loads_and_equals(plain, res)
     res.train()
     res(q, s, m, query_mask=(torch.rand(2, 65, 65) > 0.5).long())["loss"].backward()
     assert res.dcm_fuse.gamma.grad.abs().sum() > 0
     paper = build_model("dpcn", backbone=resnet, **flags)  # the paper's replacing form is the default
-    assert paper.dcm_fusion == "replace" and not hasattr(paper, "dcm_fuse")
-    assert parse_arm("dpcn[residual]", "dpcn").overrides == ["model.flags.dcm_fusion=residual"]
-    assert parse_arm("dpcn[paper]", "dpcn").overrides == ["model.flags.dcm_fusion=replace", "model.flags.dcm_input=reduced",
-                                                        "model.flags.dcm_kernel_norm=null"]
-    with pytest.raises(ValueError, match="dcm_fusion"):
-        build_model("dpcn", backbone=resnet, dcm_fusion="concat", **flags)
+    assert paper.dcm_spec.fusion == "paper" and not hasattr(paper, "dcm_fuse")
+    assert parse_arm("dpcn[fusion=residual]", "dpcn").overrides == ["model.dcm.fusion=residual"]
+    assert parse_arm("dpcn[paper]", "dpcn").overrides == ["model.dcm.preset=paper"]
+    with pytest.raises(ValueError, match=r"dcm.fusion: expected 'paper' or 'residual', got 'concat' \('concat' is the "
+                                         r"paper's fusion of CANet"):
+        build_model("dpcn", backbone=resnet, dcm={"fusion": "concat"}, **flags)
 
 
 def test_dpcn_raw_dcm_input_convolves_the_mid_level_feature(resnet):
     from models import build_model
     flags = {"reduce_dim": 16, "decoder_dim": 16}
-    plain = build_model("dpcn", backbone=resnet, use_dcm=False, **flags).eval()
-    raw = build_model("dpcn", backbone=resnet, dcm_fusion="residual", dcm_input="raw", **flags).eval()
+    plain = build_model("dpcn", backbone=resnet, dcm=None, **flags).eval()
+    raw = build_model("dpcn", backbone=resnet, dcm={"fusion": "residual", "input": "raw"}, **flags).eval()
     mid = resnet.channels["layer2"] + resnet.channels["layer3"]
-    assert raw.dcm.channels == mid and raw.dcm_fuse.map_channels == mid and "dcm_input='raw'" in repr(raw)
+    assert raw.dcm.channels == mid and raw.dcm_fuse.map_channels == mid and "input='raw'" in repr(raw)
     assert raw.dcm_fuse.proj[0].in_channels == 16 + 3 * mid
     (q, s, m), _ = _assert_loads_and_equals(plain, raw, batch=1)  # zero gate: DPCN w/o DCM at init
     seen = []
@@ -315,32 +318,34 @@ def test_dpcn_raw_dcm_input_convolves_the_mid_level_feature(resnet):
     torch.testing.assert_close(seen[0][1][:, 0], raw._mid(s[:, 0])[0])
     assert raw.dcm_fuse.gamma.grad.abs().sum() > 0
     assert all(p.grad is not None for p in raw.dcm.parameters())
-    with pytest.raises(ValueError, match="dcm_input='raw' needs dcm_fusion='residual'"):
-        build_model("dpcn", backbone=resnet, dcm_input="raw", **flags)
-    with pytest.raises(ValueError, match="dcm_input"):
-        build_model("dpcn", backbone=resnet, dcm_input="mid", **flags)
-    build_model("dpcn", backbone=resnet, use_dcm=False, dcm_input="raw", **flags)  # no DCM: nothing to check
+    with pytest.raises(ValueError, match="DPCN: dcm.input='raw' needs dcm.fusion='residual'"):
+        build_model("dpcn", backbone=resnet, dcm={"input": "raw"}, **flags)
+    with pytest.raises(ValueError, match="dcm.input"):
+        build_model("dpcn", backbone=resnet, dcm={"input": "mid"}, **flags)
+    with pytest.warns(DeprecationWarning):  # the flat flags of DPCN without DCM: nothing to check
+        assert build_model("dpcn", backbone=resnet, use_dcm=False, dcm_input="raw", **flags).dcm_spec is None
 
 
 def test_dcm_training_flags_make_an_optimiser_group(resnet):
     from models import build_model
-    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm_lr_scale=0.1, dcm_weight_decay=0.0)
+    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm={"lr_scale": 0.1, "weight_decay": 0.0})
     groups = {g["name"]: g for g in m.param_groups(0.01)}
     assert groups["dcm"]["lr"] == pytest.approx(0.001) and groups["dcm"]["weight_decay"] == 0.0
     ids = {id(p) for p in m.dcm.parameters()}
     assert {id(p) for p in groups["dcm"]["params"]} == ids
     assert not ids & {id(p) for p in groups["head"]["params"]}
-    with pytest.raises(ValueError, match="dcm_lr_scale"):
-        build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, dcm_lr_scale=-1)
-    with pytest.raises(ValueError, match="dcm_fusion"):
+    with pytest.raises(ValueError, match="dcm.lr_scale"):
+        build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, dcm={"lr_scale": -1})
+    with pytest.raises(ValueError, match="dcm.fusion"):
+        build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm={"fusion": "replace"})
+    with pytest.raises(ValueError, match="dcm_fusion: expected 'concat' or 'residual'"):  # the flat spelling
         build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_fusion="replace")
 
 
 def test_pfenet_clean_support_skips_dropout_for_the_kernels(resnet):
     from models import build_model
     torch.manual_seed(0)
-    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm_input="reduced",
-                    dcm_support="clean").train()
+    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0], dcm={"support": "clean"}).train()
     seen = []
     m.dcm.register_forward_hook(lambda mod, args, out: seen.append(args[1]))
     q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
@@ -352,7 +357,7 @@ def test_pfenet_clean_support_skips_dropout_for_the_kernels(resnet):
 def test_pfenet_pyramid_placement_fuses_pooled_maps_per_level(resnet):
     from models import build_model
     torch.manual_seed(0)
-    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0, 0.5], dcm_placement="pyramid").eval()
+    m = build_model("pfenet+dcm", backbone=resnet, reduce_dim=8, ppm_scales=[1.0, 0.5], dcm={"placement": "pyramid"}).eval()
     for f in m.dcm_fuse:
         torch.nn.init.ones_(f.gamma)
     seen, maps = [], []
@@ -372,27 +377,27 @@ def test_pfenet_pyramid_placement_fuses_pooled_maps_per_level(resnet):
 def test_canet_clean_support_skips_dropout_for_the_kernels(resnet):
     from models import build_model
     torch.manual_seed(0)
-    m = build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_input="reduced", dcm_support="clean").train()
+    m = build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm={"input": "reduced", "support": "clean"}).train()
     seen = []
     m.dcm.register_forward_hook(lambda mod, args, out: seen.append(args[1]))
     q, s = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65)
     m(q, s, torch.ones(1, 1, 65, 65))
     pre = m.layer5[:-1](m.mid_feature(s.flatten(0, 1)))  # dropout in train mode would zero channels
     torch.testing.assert_close(seen[0][:, 0], pre)
-    with pytest.raises(ValueError, match="dcm_support"):
-        build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm_support="noisy")
-    for host in ("pfenet", "canet"):  # the raw input has no dropout: 'clean' would be silently ignored
-        with pytest.raises(ValueError, match="dcm_support='clean' applies to dcm_input='reduced'"):
-            build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm_input="raw", dcm_support="clean")
+    with pytest.raises(ValueError, match="dcm.support"):
+        build_model("canet+dcm", backbone=resnet, reduce_dim=8, dcm={"support": "noisy"})
+    for host, cls in (("pfenet", "PFENet"), ("canet", "CANet")):  # the raw input has no dropout: 'clean' would be ignored
+        with pytest.raises(ValueError, match=f"{cls}: dcm.support='clean' applies to dcm.input='reduced'"):
+            build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm={"input": "raw", "support": "clean"})
 
 
 @pytest.mark.parametrize("host", ["pfenet", "canet"])
 def test_raw_dcm_input_convolves_the_backbone_feature(resnet, host):
     from models import build_model
     extra = {"ppm_scales": [1.0]} if host == "pfenet" else {}
-    m = build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm_input="raw", **extra).train()
+    m = build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm={"input": "raw"}, **extra).train()
     assert m.dcm.channels == m.fea_dim and m.dcm_fuse.map_channels == m.fea_dim
-    assert m.dcm_fuse.proj[0].in_channels == 8 + 3 * m.fea_dim and "dcm_input='raw'" in repr(m)
+    assert m.dcm_fuse.proj[0].in_channels == 8 + 3 * m.fea_dim and "input='raw'" in repr(m)
     seen = []
     m.dcm.register_forward_hook(lambda mod, args, out: seen.append(args))
     torch.manual_seed(0)
@@ -405,20 +410,19 @@ def test_raw_dcm_input_convolves_the_backbone_feature(resnet, host):
     torch.testing.assert_close(seen[0][0], want_q)
     torch.testing.assert_close(seen[0][1][:, 0], want_s)
     assert all(p.grad is not None for p in m.dcm.parameters() if p.requires_grad)
-    paper = {"pfenet": "replace", "canet": "concat"}[host]
-    build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm_input="raw", dcm_fusion=paper, **extra)
-    with pytest.raises(ValueError, match="dcm_input"):
-        build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm_input="mid", **extra)
+    build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm={"input": "raw", "fusion": "paper"}, **extra)
+    with pytest.raises(ValueError, match="dcm.input"):
+        build_model(host + "+dcm", backbone=resnet, reduce_dim=8, dcm={"input": "mid"}, **extra)
 
 
 @pytest.mark.parametrize("host, dcm_input", [("pfenet", "reduced"), ("pfenet", "raw"), ("canet", "raw")])
 def test_identity_kernels_control_feeds_the_dcm_input_to_the_fusion(resnet, host, dcm_input):
     from models import build_model
     extra = {"ppm_scales": [1.0]} if host == "pfenet" else {}
-    kw = dict(backbone=resnet, reduce_dim=8, dcm_input=dcm_input, **extra)
-    dyn = build_model(host + "+dcm", **kw).train()
-    ctl = build_model(host + "+dcm", dcm_kernels="identity", **kw).train()
-    assert "dcm_kernels='identity'" in repr(ctl)
+    kw = dict(backbone=resnet, reduce_dim=8, **extra)
+    dyn = build_model(host + "+dcm", dcm={"input": dcm_input}, **kw).train()
+    ctl = build_model(host + "+dcm", dcm={"input": dcm_input, "kernels": "identity"}, **kw).train()
+    assert "kernels='identity'" in repr(ctl)
     # same fusion, no trainable kernel generators
     assert ctl.dcm_fuse.proj[0].in_channels == dyn.dcm_fuse.proj[0].in_channels
     n_gen = sum(p.numel() for p in dyn.dcm.parameters())
@@ -444,8 +448,8 @@ def test_identity_kernels_control_feeds_the_dcm_input_to_the_fusion(resnet, host
         ctl.dcm_fuse.gamma.fill_(1.0)
     ctl(q, s, torch.ones(1, 1, 65, 65), query_mask=lab)["loss"].backward()
     assert ctl.dcm_fuse.proj[0].weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="dcm_kernels"):
-        build_model(host + "+dcm", dcm_kernels="delta", **kw)
+    with pytest.raises(ValueError, match="dcm.kernels"):
+        build_model(host + "+dcm", dcm={"input": dcm_input, "kernels": "delta"}, **kw)
 
 
 def test_dcm_fusion_map_channels():
@@ -468,53 +472,85 @@ def test_dcm_fusion_map_channels():
 
 # ------------------------------------------------------------------------------ plug_in arms
 def test_arm_variants_parse():
-    from benchmarks.plug_in import parse_arm
-    a = parse_arm("pfenet+dcm[residual+l1+lr0.1]", "pfenet")
+    from models.arms import parse_arm
+    a = parse_arm("pfenet+dcm[fusion=residual,kernel_norm=l1,lr_scale=0.1]", "pfenet")
     assert a.model == "pfenet+dcm" and a.tag == "pfenet_dcm_residual-l1-lr0.1"
-    assert a.overrides == ["model.flags.dcm_fusion=residual", "model.flags.dcm_kernel_norm=l1",
-                           "model.flags.dcm_lr_scale=0.1"]
-    assert parse_arm("canet+dcm[paper]", "canet").overrides == ["model.flags.dcm_fusion=concat",
-                                                                "model.flags.dcm_input=reduced",
-                                                                "model.flags.dcm_kernel_norm=null"]
-    assert parse_arm("dpcn[nodcm]", "dpcn").overrides == ["model.flags.use_dcm=false"]
-    assert parse_arm("pfenet+dcm[residual+decoder]", "pfenet").overrides == ["model.flags.dcm_fusion=residual",
-                                                                             "model.flags.dcm_placement=decoder"]
-    with pytest.raises(ValueError, match="decoder"):
-        parse_arm("canet+dcm[decoder]", "canet")
-    assert parse_arm("canet+dcm[residual+clean+redin]", "canet").overrides == [
-        "model.flags.dcm_fusion=residual", "model.flags.dcm_support=clean", "model.flags.dcm_input=reduced"]
-    assert parse_arm("pfenet+dcm[rawin]", "pfenet").overrides == ["model.flags.dcm_input=raw"]
-    assert parse_arm("pfenet+dcm[pyramid]", "pfenet").overrides == ["model.flags.dcm_placement=pyramid"]
-    assert parse_arm("canet+dcm[residual+rawin+ident]", "canet").overrides == [
-        "model.flags.dcm_fusion=residual", "model.flags.dcm_input=raw", "model.flags.dcm_kernels=identity"]
-    with pytest.raises(ValueError, match="ident"):
-        parse_arm("dpcn[ident]", "dpcn")
-    assert parse_arm("dpcn[residual+rawin]", "dpcn").overrides == ["model.flags.dcm_fusion=residual",
-                                                                  "model.flags.dcm_input=raw"]
-    assert parse_arm("canet+dcm[redin]", "canet").overrides == ["model.flags.dcm_input=reduced"]
-    with pytest.raises(ValueError, match="no DCM"):
-        parse_arm("baseline[rawin]", "dpcn")
-    assert parse_arm("dpcn[l1]", "dpcn").overrides == ["model.flags.dcm_kernel_norm=l1"]
-    assert parse_arm("baseline[sb1]", "dpcn").overrides == ["model.flags.support_branch_weight=1.0"]
-    assert parse_arm("dpcn[residual+rawin+sb0.5]", "dpcn").overrides == [
-        "model.flags.dcm_fusion=residual", "model.flags.dcm_input=raw", "model.flags.support_branch_weight=0.5"]
-    assert parse_arm("baseline[sb1]", "dpcn").tag == "baseline_sb1"
-    with pytest.raises(ValueError, match=r"'sb1' \(sb<x>\) applies to dpcn / baseline arms only"):
-        parse_arm("pfenet+dcm[sb1]", "pfenet")  # the q->s branch is DPCN's
-    for bad in ("dpcn[sb1.2.3]", "pfenet+dcm[lr1e]"):
-        with pytest.raises(ValueError, match="needs a number after"):
-            parse_arm(bad, "pfenet" if bad.startswith("pfenet") else "dpcn")
-    for bad, host, word in (("pfenet[l1]", "pfenet", "no DCM"), ("pfenet+dcm[foo]", "pfenet", "unknown"),
-                            ("canet", "pfenet", "not a pfenet arm"), ("canet+dcm[replace]", "canet", "concat"),
-                            ("pfenet+dcm[", "pfenet", "cannot read")):
+    assert a.overrides == ["model.dcm.fusion=residual", "model.dcm.kernel_norm=l1", "model.dcm.lr_scale=0.1"]
+    paper = parse_arm("canet+dcm[paper]", "canet")
+    assert paper.overrides == ["model.dcm.preset=paper"] and paper.tag == "canet_dcm_paper"
+    assert parse_arm("dpcn[nodcm]", "dpcn").overrides == ["model.dcm=none"]
+    assert parse_arm("pfenet+dcm[placement=decoder]", "pfenet").tag == "pfenet_dcm_decoder"
+    assert parse_arm("canet+dcm[input=reduced,support=clean]", "canet").tag == "canet_dcm_redin-clean"
+    assert parse_arm("pfenet+dcm[fusion=paper]", "pfenet").tag == "pfenet_dcm_replace"  # the paper's form, by name
+    b = parse_arm("baseline[support_branch_weight=1]", "dpcn")
+    assert b.overrides == ["model.flags.support_branch_weight=1"] and b.tag == "baseline_sb1"
+    c = parse_arm("pfenet+dcm[variants=vh,kernel_size=3,weight_decay=1e-5]", "pfenet")
+    assert c.overrides == ["model.dcm.variants=vh", "model.dcm.kernel_size=3", "model.dcm.weight_decay=1.0e-05"]
+    assert c.tag == "pfenet_dcm_variants=vh-kernel_size=3-wd1e-5"
+    cfg = load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm", *c.overrides])
+    from models.registry import resolve_dcm
+    spec, _ = resolve_dcm("pfenet+dcm", cfg["model"]["dcm"])
+    assert (spec.variants, spec.kernel_size, spec.weight_decay, spec.fusion) == (("v", "h"), 3, 1e-5, "residual")
+    for bad, host, word in (("canet+dcm[placement=decoder]", "canet", "CANet: dcm.placement='decoder' means nothing"),
+                            ("dpcn[kernels=identity]", "dpcn", "DPCN: dcm.kernels='identity' means nothing for DPCN"),
+                            ("baseline[input=raw]", "dpcn", "'input' is a DCM field but 'baseline' has no DCM"),
+                            ("pfenet[paper]", "pfenet", "'paper' is a DCM preset but 'pfenet' has no DCM"),
+                            ("pfenet+dcm[support_branch_weight=1]", "pfenet", r"nor a flag of pfenet\+dcm"),
+                            ("pfenet+dcm[lr_scale=-1]", "pfenet", "dcm.lr_scale: expected a number >= 0"),
+                            ("pfenet+dcm[newest]", "pfenet", "unknown variant token 'newest'"),
+                            ("pfenet+dcm[nodcm]", "pfenet", "unknown preset 'nodcm'"),
+                            ("canet", "pfenet", "not a pfenet arm"), ("pfenet+dcm[", "pfenet", "cannot read")):
         with pytest.raises(ValueError, match=word):
             parse_arm(bad, host)
+
+
+@pytest.mark.parametrize("old, host, overrides, tag", [
+    ("pfenet+dcm[residual+l1+lr0.1]", "pfenet",
+     ["model.dcm.fusion=residual", "model.dcm.kernel_norm=l1", "model.dcm.lr_scale=0.1"], "pfenet_dcm_residual-l1-lr0.1"),
+    ("canet+dcm[paper]", "canet", ["model.dcm.preset=paper"], "canet_dcm_paper"),
+    ("canet+dcm[residual+clean+redin]", "canet",
+     ["model.dcm.fusion=residual", "model.dcm.support=clean", "model.dcm.input=reduced"], "canet_dcm_residual-clean-redin"),
+    ("pfenet+dcm[rawin]", "pfenet", ["model.dcm.input=raw"], "pfenet_dcm_rawin"),
+    ("pfenet+dcm[pyramid]", "pfenet", ["model.dcm.placement=pyramid"], "pfenet_dcm_pyramid"),
+    ("canet+dcm[residual+rawin+ident]", "canet",
+     ["model.dcm.fusion=residual", "model.dcm.input=raw", "model.dcm.kernels=identity"], "canet_dcm_residual-rawin-ident"),
+    ("canet+dcm[redin]", "canet", ["model.dcm.input=reduced"], "canet_dcm_redin"),
+    ("dpcn[l1]", "dpcn", ["model.dcm.kernel_norm=l1"], "dpcn_l1"),
+    ("baseline[sb1]", "dpcn", ["model.flags.support_branch_weight=1"], "baseline_sb1"),
+    ("dpcn[residual+rawin+sb0.5]", "dpcn",
+     ["model.dcm.fusion=residual", "model.dcm.input=raw", "model.flags.support_branch_weight=0.5"],
+     "dpcn_residual-rawin-sb0.5"),
+])
+def test_deprecated_arm_tokens_warn_and_keep_their_run_folder(old, host, overrides, tag):
+    from models.arms import parse_arm
+    if not old.endswith("[paper]"):
+        with pytest.warns(DeprecationWarning, match="'\\+'-joined variant tokens are deprecated"):
+            arm = parse_arm(old, host)
+    else:
+        arm = parse_arm(old, host)  # [paper] is a preset of the grammar too
+    assert arm.overrides == overrides and arm.tag == tag
+
+
+def test_deprecated_arm_tokens_keep_their_errors():
+    from models.arms import parse_arm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for bad, host, word in (("dpcn[sb1.2.3]", "dpcn", "needs a number after"),
+                                ("pfenet+dcm[lr1e]", "pfenet", "needs a number after"),
+                                ("pfenet[l1]", "pfenet", "no DCM"), ("pfenet+dcm[foo]", "pfenet", "unknown"),
+                                ("canet+dcm[replace]", "canet", "concat"),
+                                ("canet+dcm[decoder]", "canet", "CANet: dcm.placement='decoder' means nothing"),
+                                ("dpcn[ident]", "dpcn", "DPCN: dcm.kernels='identity' means nothing"),
+                                ("baseline[rawin]", "dpcn", "no DCM"),
+                                ("pfenet+dcm[sb1]", "pfenet", r"nor a flag of pfenet\+dcm")):  # the q->s branch is DPCN's
+            with pytest.raises(ValueError, match=word):
+                parse_arm(bad, host)
 
 
 def test_plug_in_seeds_and_intervals_tiny(tmp_path):
     env = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     cmd = [sys.executable, str(ROOT / "benchmarks/plug_in.py"), "--host", "pfenet", "--out", str(tmp_path),
-           "--no-progress", "--seeds", "2", "--arms", "pfenet", "pfenet+dcm[residual+l1]",
+           "--no-progress", "--seeds", "2", "--arms", "pfenet", "pfenet+dcm[fusion=residual,kernel_norm=l1]",
            "--backbone-weights", "random"]
     for o in ("data.args={image_size: 32, num_images: 120}", "data.train_episodes=8", "data.num_workers=0",
               "train.epochs=1", "train.batch_size=4", "train.val_episodes=4", "eval.episodes=8",
@@ -522,20 +558,20 @@ def test_plug_in_seeds_and_intervals_tiny(tmp_path):
         cmd += ["--set", o]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for w in ("seeds 321,322", "paired difference", "pfenet+dcm[residual+l1] - pfenet", "per-seed mIoU",
+    for w in ("seeds 321,322", "paired difference", "pfenet+dcm[fusion=residual,kernel_norm=l1] - pfenet", "per-seed mIoU",
               "95 % Student-t interval"):
         assert w in p.stdout, p.stdout
     table_file = next((tmp_path / "plug_in_pfenet").glob("table6_pfenet_val_" + "[0-9a-f]" * 8 + ".json"))  # keyed by the arm list
     res = json.loads(table_file.read_text())
     assert res["seeds"] == [321, 322] and res["folds"] == [0]
-    arm = res["results"]["pfenet+dcm[residual+l1]"]
+    arm = res["results"]["pfenet+dcm[fusion=residual,kernel_norm=l1]"]
     assert set(arm["miou"]["0"]) == {"321", "322"}
-    d = res["summary"]["differences"]["pfenet+dcm[residual+l1] - pfenet"]["miou"]
+    d = res["summary"]["differences"]["pfenet+dcm[fusion=residual,kernel_norm=l1] - pfenet"]["miou"]
     assert d["ci95"] is not None and d["df"] == 1
-    ms = [res["results"][a]["miou"]["0"][s] for a in ("pfenet", "pfenet+dcm[residual+l1]") for s in ("321", "322")]
+    ms = [res["results"][a]["miou"]["0"][s] for a in ("pfenet", "pfenet+dcm[fusion=residual,kernel_norm=l1]") for s in ("321", "322")]
     assert math.isclose(d["mean"], ((ms[2] - ms[0]) + (ms[3] - ms[1])) / 2, abs_tol=1e-9)
     # the seed x test-image interval from the stored per-episode results, the decision by the wider one
-    diff = res["summary"]["differences"]["pfenet+dcm[residual+l1] - pfenet"]
+    diff = res["summary"]["differences"]["pfenet+dcm[fusion=residual,kernel_norm=l1] - pfenet"]
     boot = diff["bootstrap"]
     assert math.isclose(boot["mean"], d["mean"], abs_tol=1e-6) and boot["ci95"][0] <= boot["ci95"][1]
     widths = [ci[1] - ci[0] for ci in (d["ci95"], boot["ci95"])]
@@ -548,7 +584,7 @@ def test_plug_in_seeds_and_intervals_tiny(tmp_path):
     assert sum(c["episodes"] for c in classes.values()) == n
     assert res["label"] == "exploratory" and "Per-class IoU" in table_file.with_suffix(".md").read_text()
     cfg = (tmp_path / "plug_in_pfenet" / "pfenet_dcm_residual-l1_f0_seed322" / "config.yaml").read_text()
-    assert "dcm_fusion: residual" in cfg and "kernel_norm: l1" in cfg and "seed: 322" in cfg
+    assert "dcm: {fusion: residual, kernel_norm: l1}" in cfg and "seed: 322" in cfg
     # resume reuses every run and writes the same table
     p2 = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
     assert p2.returncode == 0 and p2.stdout.count("reusing") == 4, p2.stdout[-2000:]
@@ -584,31 +620,25 @@ def test_checkpoint_of_an_older_config_loads_with_todays_defaults(tmp_path):
         load_checkpoint_model(tmp_path / "new.pth")
 
 
-@pytest.mark.parametrize("name, old_form", [("pfenet+dcm", "replace"), ("canet+dcm", "concat")])
-def test_config_saved_before_the_fusion_default_changed_loads_in_its_old_form(tmp_path, name, old_form):
-    """Resolved configs record the flags whose default changed; a saved config without them is read
-    with the old values (PFENet+DCM: the fusion; CANet+DCM: the fusion and the DCM's input)."""
+@pytest.mark.parametrize("name, old", [("pfenet+dcm", {"fusion": "paper"}),
+                                       ("canet+dcm", {"fusion": "paper", "input": "reduced"})])
+def test_config_saved_before_the_fusion_default_changed_loads_in_its_old_form(tmp_path, name, old):
+    """A config saved before the model spec (no model.config_version) that does not name the flags whose
+    default changed is read with the old values (PFENet+DCM: the fusion; CANet+DCM: the fusion and the
+    DCM's input)."""
     from benchmarks.engine import build_model_from_config, load_checkpoint_model
-    from dcm import DCMFusion
-    from models.registry import LEGACY_DEFAULTS, pinned_flags
-    assert DCMFusion(4, 3).mode == "residual"
-    today = {"pfenet+dcm": {"dcm_fusion": "residual"}, "canet+dcm": {"dcm_fusion": "residual", "dcm_input": "raw"}}
-    legacy = {"pfenet+dcm": {"dcm_fusion": old_form}, "canet+dcm": {"dcm_fusion": old_form, "dcm_input": "reduced"}}
-    assert pinned_flags(name) == today[name] and LEGACY_DEFAULTS[name] == legacy[name]
+    from models.dcm_spec import preset
     host = name.split("+")[0]
     cfg = load_config(f"plug_in_{host}_synthetic", ["model.backbone_weights=random", f"model.name={name}",
                                                     "model.flags.reduce_dim=8"])
-    assert {k: cfg["model"]["flags"][k] for k in today[name]} == today[name]  # recorded in every resolved config
-    old = copy.deepcopy(cfg)
-    old["model"]["flags"].update(legacy[name])
+    assert cfg["model"]["dcm"] is None and cfg["model"]["config_version"] == 2  # the model's default, today's
     torch.manual_seed(0)
-    model = build_model_from_config(old).eval()
-    for k in legacy[name]:  # as saved by the version before each default changed
-        del old["model"]["flags"][k]
-    torch.save({"model": model.state_dict(), "config": old}, tmp_path / "old.pth")
+    model = build_model_from_config({**cfg, "model": {**cfg["model"], "dcm": old}}).eval()
+    saved = copy.deepcopy(cfg)  # as saved by the version before each default changed
+    del saved["model"]["dcm"], saved["model"]["config_version"]
+    torch.save({"model": model.state_dict(), "config": saved}, tmp_path / "old.pth")
     loaded, c = load_checkpoint_model(tmp_path / "old.pth")
-    for k, v in legacy[name].items():
-        assert getattr(loaded, k) == v and c["model"]["flags"][k] == v, k
+    assert loaded.dcm_spec == preset(host, **old) and c["model"]["dcm"] == old
     torch.manual_seed(1)
     q, s, m = torch.randn(1, 3, 40, 40), torch.randn(1, 1, 3, 40, 40), (torch.rand(1, 1, 40, 40) > 0.5).float()
     torch.testing.assert_close(loaded(q, s, m)["logits"], model(q, s, m)["logits"], rtol=0, atol=0)
@@ -622,37 +652,37 @@ def test_plug_in_refuses_to_reuse_a_run_of_another_network(tmp_path):
     import yaml
     from benchmarks.engine.config import save_config
     from benchmarks.plug_in import check_run_dir
+    from models.arms import parse_arm
     cfg = load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm"])
     run_dir = tmp_path / "pfenet_dcm_f0_seed0"
     run_dir.mkdir()
     save_config(cfg, run_dir / "config.yaml")
     check_run_dir(cfg, run_dir)  # the same network: reused
     old = yaml.safe_load((run_dir / "config.yaml").read_text())
-    del old["model"]["flags"]["dcm_fusion"]
+    del old["model"]["dcm"], old["model"]["config_version"]  # a config of the release before the model spec
     (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
-    with pytest.raises(ValueError, match=r"pfenet_dcm_f0_seed0.*dcm_fusion: run 'replace', asked 'residual'"):
+    with pytest.raises(ValueError, match=r"pfenet_dcm_f0_seed0.*dcm.fusion: run 'paper', asked 'residual'"):
         check_run_dir(cfg, run_dir)
-    check_run_dir(load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm", "model.flags.dcm_fusion=replace"]),
-                  run_dir)
+    check_run_dir(load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm", "model.dcm.fusion=paper"]), run_dir)
     # a CANet+DCM run of the reduced-input era (no dcm_input in its config) is not the raw-input default
-    from benchmarks.plug_in import parse_arm
     canet = load_config("plug_in_canet_synthetic", ["model.name=canet+dcm"])
     era = tmp_path / "canet_dcm_f0_seed0"
     era.mkdir()
     save_config(canet, era / "config.yaml")
     check_run_dir(canet, era)
     saved = yaml.safe_load((era / "config.yaml").read_text())
-    del saved["model"]["flags"]["dcm_input"]
+    del saved["model"]["dcm"], saved["model"]["config_version"]
+    saved["model"]["flags"]["dcm_fusion"] = "residual"
     (era / "config.yaml").write_text(yaml.safe_dump(saved))
-    with pytest.raises(ValueError, match=r"canet_dcm_f0_seed0.*dcm_input: run 'reduced', asked 'raw'"):
+    with pytest.raises(ValueError, match=r"canet_dcm_f0_seed0.*dcm.input: run 'reduced', asked 'raw'"):
         check_run_dir(canet, era)
     check_run_dir(load_config("plug_in_canet_synthetic", ["model.name=canet+dcm"] + parse_arm(
-        "canet+dcm[residual+redin]", "canet").overrides), era)
-    # the deprecated dcm_kwargs spelling and flags left at their defaults describe the same network
+        "canet+dcm[input=reduced]", "canet").overrides), era)
+    # the deprecated dcm_kwargs spelling and fields left at their defaults describe the same network
     old["model"]["flags"]["dcm_kwargs"] = {"kernel_norm": None}
     old["model"]["flags"]["dcm_fusion"] = "residual"
     (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
-    check_run_dir(load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm", "model.flags.dcm_kernel_norm=null"]),
+    check_run_dir(load_config("plug_in_pfenet_synthetic", ["model.name=pfenet+dcm", "model.dcm.kernel_norm=null"]),
                   run_dir)
     (run_dir / "config.yaml").write_text("model: [1, 2\n")
     with pytest.raises(ValueError, match="config.yaml"):

@@ -1,7 +1,8 @@
-"""The DCM-branch flags of the hosts: the support-fit gate of the residual fusion (``dcm_gate='fit'``) and
-channel dropout on the DCM maps (``dcm_map_dropout``), against literal references; the gate value logged
+"""The DCM-branch fields of the hosts: the support-fit gate of the residual fusion (``dcm.gate='fit'``) and
+channel dropout on the DCM maps (``dcm.map_dropout``), against literal references; the gate value logged
 per epoch."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_fit_gate_and_map_dropout_start_as_the_host_and_train(resnet, host):
     torch.manual_seed(0)
     base = cls(resnet, reduce_dim=8).eval()
     torch.manual_seed(0)
-    plus = cls(resnet, reduce_dim=8, use_dcm=True, dcm_gate="fit", dcm_map_dropout=0.3)
+    plus = cls(resnet, reduce_dim=8, dcm={"gate": "fit", "map_dropout": 0.3})
     # same init of the host's layers, γ = 0: the gated DCM network starts as the host
     plus.load_state_dict(base.state_dict(), strict=False)
     plus.eval()
@@ -76,7 +77,7 @@ def test_fit_gate_and_map_dropout_start_as_the_host_and_train(resnet, host):
 
 
 def test_map_dropout_drops_whole_channels_in_training_only(resnet):
-    m = CANet(resnet, reduce_dim=8, use_dcm=True, dcm_map_dropout=0.5)
+    m = CANet(resnet, reduce_dim=8, dcm={"map_dropout": 0.5})
     seen = {}
     real = m.dcm_fuse.forward
 
@@ -98,26 +99,28 @@ def test_map_dropout_drops_whole_channels_in_training_only(resnet):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("kw, word", [({"dcm_gate": "fit", "dcm_fusion": "concat"}, "dcm_fusion='residual'"),
-                                      ({"dcm_gate": "yes"}, "dcm_gate"),
-                                      ({"dcm_map_dropout": 1.0}, "dcm_map_dropout"),
-                                      ({"dcm_map_dropout": -0.1}, "dcm_map_dropout")])
-def test_bad_branch_flags_are_one_line_errors(resnet, kw, word):
+@pytest.mark.parametrize("kw, word", [({"gate": "fit", "fusion": "paper"}, "CANet: dcm.gate='fit'.*fusion='residual'"),
+                                      ({"gate": "yes"}, "dcm.gate"),
+                                      ({"map_dropout": 1.0}, "dcm.map_dropout"),
+                                      ({"map_dropout": -0.1}, "dcm.map_dropout")])
+def test_bad_branch_fields_are_one_line_errors(resnet, kw, word):
     with pytest.raises(ValueError, match=word):
-        CANet(resnet, reduce_dim=8, use_dcm=True, **kw)
+        CANet(resnet, reduce_dim=8, dcm=kw)
 
 
 def test_pfenet_fit_gate_needs_the_fem_input_placement(resnet):
-    with pytest.raises(ValueError, match="fem_input"):
-        PFENet(resnet, reduce_dim=8, use_dcm=True, dcm_gate="fit", dcm_placement="decoder")
+    with pytest.raises(ValueError, match="PFENet: .*fem_input"):
+        PFENet(resnet, reduce_dim=8, dcm={"gate": "fit", "placement": "decoder"})
 
 
-def test_arm_tokens_of_the_branch_flags():
-    from benchmarks.plug_in import parse_arm
-    assert parse_arm("canet+dcm[fit]", "canet").overrides == ["model.flags.dcm_gate=fit"]
-    assert parse_arm("pfenet+dcm[mapdrop0.5]", "pfenet").overrides == ["model.flags.dcm_map_dropout=0.5"]
-    with pytest.raises(ValueError, match="applies to .*canet\\+dcm"):
-        parse_arm("canet[fit]", "canet")
+def test_arm_items_of_the_branch_fields():
+    from models.arms import parse_arm
+    assert parse_arm("canet+dcm[gate=fit]", "canet").overrides == ["model.dcm.gate=fit"]
+    assert parse_arm("pfenet+dcm[map_dropout=0.5]", "pfenet").overrides == ["model.dcm.map_dropout=0.5"]
+    with pytest.warns(DeprecationWarning, match=r"write 'canet\+dcm\[gate=fit\]'"):
+        assert parse_arm("canet+dcm[fit]", "canet").overrides == ["model.dcm.gate=fit"]
+    with pytest.raises(ValueError, match="'gate' is a DCM field but 'canet' has no DCM"):
+        parse_arm("canet[gate=fit]", "canet")
 
 
 def test_gate_value_is_logged_each_epoch(tmp_path):
@@ -138,9 +141,13 @@ def test_gate_value_is_logged_each_epoch(tmp_path):
                                               ("pfenet+dcm[l1+l2]", "pfenet", "contradict"),
                                               ("canet+dcm[paper+residual]", "canet", "contradict"),
                                               ("canet+dcm[rawin+redin]", "canet", "contradict"),
+                                              ("canet+dcm[input=raw,input=reduced]", "canet", "given twice"),
+                                              ("canet+dcm[paper,default]", "canet", "two presets"),
                                               ("pfenet+dcm[]", "pfenet", "empty brackets")])
 def test_contradictory_or_empty_arm_tokens_are_errors(spec, host, word):
-    from benchmarks.plug_in import parse_arm
-    with pytest.raises(ValueError, match=word):
+    from models.arms import parse_arm
+    with pytest.raises(ValueError, match=word), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         parse_arm(spec, host)
-    assert parse_arm("pfenet+dcm[l1+l1]", "pfenet").overrides == ["model.flags.dcm_kernel_norm=l1"] * 2
+    with pytest.warns(DeprecationWarning):
+        assert parse_arm("pfenet+dcm[l1+l1]", "pfenet").overrides == ["model.dcm.kernel_norm=l1"]

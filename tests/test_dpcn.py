@@ -14,6 +14,7 @@ import torch
 
 import dcm.functional as DF
 from models.backbones import build_backbone
+from models.dcm_spec import DCMSpec
 from models.dpcn import ABLATIONS, DPCN, PAPER_SAM_WINDOWS, dpcn_flags
 from models.heads import ASPP, DPCNDecoder
 from models.registry import build_model
@@ -238,11 +239,11 @@ def n_head(m):
         (ABLATIONS["table5_5x5"], dict(variants=("s",))),
         (ABLATIONS["table5_1x5"], dict(variants=("h",))),
         (ABLATIONS["table5_1x5_5x1"], dict(variants=("v", "h"))),
-        ({"dcm_variants": ("s",), "dcm_square_source": "parallel"}, dict(variants=("s",), square="parallel")),
+        ({"dcm": DCMSpec(variants=("s",), square_source="parallel")}, dict(variants=("s",), square="parallel")),
         (ABLATIONS["tableA1_parallel"], dict(square="parallel")),
         (ABLATIONS["table4_k9"], {}),
         (ABLATIONS["coco_prior"], dict(n_windows=1)),
-        ({"ffm_kernel_size": 1, "dcm_kgen_kernel_size": 1, "shared_reducer": True}, dict(ffm_k=1, kgen_k=1, shared=True)),
+        ({"ffm_kernel_size": 1, "dcm": {"kgen_kernel_size": 1}, "shared_reducer": True}, dict(ffm_k=1, kgen_k=1, shared=True)),
         ({"use_sam": False, "use_ffm": False, "use_prior": True}, dict(sam=False, ffm=False, prior=True)),
     ],
 )
@@ -374,7 +375,7 @@ def test_ablation_leaves_upstream_outputs_unchanged(ablation):
 
 @pytest.mark.parametrize("S", [3, 5, 7, 9])
 def test_dcm_kernel_size(S):
-    m = model("dpcn", dcm_kernel_size=S).eval()
+    m = model("dpcn", dcm=DCMSpec(kernel_size=S)).eval()
     assert m.dcm.kernel_size == S and m.dcm.variants == ("v", "h", "s")
     x_s = torch.randn(1, 1, 16, FEAT, FEAT)
     k = m.dcm.generate_kernels(x_s, torch.ones(1, 1, FEAT, FEAT))
@@ -383,8 +384,8 @@ def test_dcm_kernel_size(S):
     assert torch.isfinite(m(q, s, sm)["logits"]).all()
 
 
-def test_dcm_off_feature_none_and_use_prior():
-    m = model("dpcn", use_dcm=False, dcm_off_feature="none")
+def test_off_feature_none_and_use_prior():
+    m = model("dpcn", dcm=None, off_feature="none")
     assert m.x_out_channels == 16 + 3 + 1
     q, s, sm, qm = episode(B=1, K=1)
     assert torch.isfinite(m.eval()(q, s, sm, qm)["loss"])
@@ -505,27 +506,26 @@ def test_every_ablation_builds_and_runs(name):
     for k, v in ABLATIONS[name].items():
         if k.startswith("use_"):
             assert getattr(m, k) == v
-        elif k == "dcm_kernel_size":
-            assert m.dcm.kernel_size == v
-        elif k == "dcm_variants":
-            assert m.dcm.variants == tuple(v)
-        elif k == "dcm_square_source":
-            assert m.dcm.square_source == v
+        elif k == "dcm":
+            assert m.dcm_spec == v
+            if v is not None:
+                assert (m.dcm.kernel_size, m.dcm.variants, m.dcm.square_source) == (v.kernel_size, v.variants,
+                                                                                     v.square_source)
         elif k == "sam_windows":
             assert m.sam.windows == tuple(v)
 
 
 def test_ablation_table_rows():
-    assert ABLATIONS["baseline"] == {"use_sam": False, "use_ffm": False, "use_dcm": False}
-    assert ABLATIONS["table3_sam_ffm"] == {"use_dcm": False} == ABLATIONS["table5_none"]
+    assert ABLATIONS["baseline"] == {"use_sam": False, "use_ffm": False, "dcm": None}
+    assert ABLATIONS["table3_sam_ffm"] == {"dcm": None} == ABLATIONS["table5_none"]
     assert ABLATIONS["table3_ffm_dcm"] == {"use_sam": False}
     assert ABLATIONS["table3_sam_dcm"] == {"use_ffm": False}
-    assert {ABLATIONS[f"table4_k{k}"]["dcm_kernel_size"] for k in (3, 5, 7, 9)} == {3, 5, 7, 9}
-    assert ABLATIONS["tableA1_parallel"] == {"dcm_square_source": "parallel"}
+    assert {ABLATIONS[f"table4_k{k}"]["dcm"].kernel_size for k in (3, 5, 7, 9)} == {3, 5, 7, 9}
+    assert ABLATIONS["tableA1_parallel"] == {"dcm": DCMSpec(square_source="parallel")}
     flags = dpcn_flags()
     assert all(k in flags for row in ABLATIONS.values() for k in row)
-    assert flags["dcm_kernel_size"] == 5 and flags["support_branch_weight"] == 1.0 and flags["ffm_kernel_size"] == 3
-    assert flags["support_branch_mask"] == "argmax" and flags["dcm_square_source"] == "serial"
+    assert flags["dcm"] == "default" and flags["support_branch_weight"] == 1.0 and flags["ffm_kernel_size"] == 3
+    assert flags["support_branch_mask"] == "argmax" and flags["off_feature"] == "query"
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -555,9 +555,12 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize(
     "flags, exc, match",
     [
-        ({"dcm_kernel_size": 4}, ValueError, "kernel_size"),
-        ({"dcm_variants": ("x",)}, ValueError, "variants"),
-        ({"dcm_square_source": "both"}, ValueError, "square_source"),
+        ({"dcm": {"kernel_size": 4}}, ValueError, "kernel_size"),
+        ({"dcm": {"variants": ("x",)}}, ValueError, "variants"),
+        ({"dcm": {"square_source": "both"}}, ValueError, "square_source"),
+        ({"dcm": {"input": "raw"}}, ValueError, "DPCN: dcm.input='raw' needs dcm.fusion='residual'"),
+        ({"dcm": {"gate": "fit", "fusion": "residual"}}, ValueError, "DPCN: dcm.gate='fit' means nothing for DPCN"),
+        ({"dcm": "paper", "off_feature": "none"}, ValueError, "DPCN: off_feature='none'"),
         ({"support_branch_mask": "hard"}, ValueError, "support_branch_mask"),
         ({"support_branch_shots": "some"}, ValueError, "support_branch_shots"),
         ({"support_branch_weight": -1.0}, ValueError, "support_branch_weight"),
@@ -565,7 +568,7 @@ def test_bad_inputs_raise_clear_errors():
         ({"use_prior": False}, ValueError, "use_prior"),
         ({"sam_windows": ((2, 2),)}, ValueError, "windows"),
         ({"reduce_dim": 0}, ValueError, "reduce_dim"),
-        ({"dcm_off_feature": "x"}, ValueError, "dcm_off_feature"),
+        ({"dcm": None, "off_feature": "x"}, ValueError, "off_feature"),
         ({"shot": 0}, ValueError, "shot"),
     ],
 )

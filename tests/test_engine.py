@@ -32,9 +32,10 @@ def quiet(*_):
 
 # ----------------------------------------------------------------------------- config
 def test_config_defaults_overrides_and_types():
-    cfg = load_config(None, ["train.lr=0.02", "model.flags.dcm_kernel_size=3", "eval.seeds=[1, 2]", "run.name=x"])
+    cfg = load_config(None, ["train.lr=0.02", "model.dcm.kernel_size=3", "model.flags.reduce_dim=8", "eval.seeds=[1, 2]",
+                             "run.name=x"])
     assert cfg["train"]["lr"] == 0.02 and cfg["train"]["momentum"] == 0.9
-    assert cfg["model"]["flags"] == {"dcm_kernel_size": 3}
+    assert cfg["model"]["dcm"] == {"kernel_size": 3} and cfg["model"]["flags"] == {"reduce_dim": 8}
     assert cfg["eval"]["seeds"] == [1, 2]
     assert DEFAULTS["train"]["lr"] == 0.005  # overrides never touch the defaults
 
@@ -386,7 +387,7 @@ def test_engine_package_keeps_every_name_and_loads_checkpoints_without_the_train
         "make_fusions_predict_fn", "DistInfo", "all_ranks_finite", "json_default", "build_train_dataset",
         "seed_everything", "evaluate_reference", "amp_context", "unwrap", "teardown", "first_line", "atomic_save",
         "strip_module_prefix", "rng_state", "set_rng_state", "format_table", "RunLogger", "has_prior",
-        "init_distributed", "make_predict_fn", "evaluate_run", "finite_json", "with_legacy_flags"]
+        "init_distributed", "make_predict_fn", "evaluate_run", "finite_json"]
     assert not [n for n in engine._EXPORTS if n.startswith("_")]  # private names stay in their modules
     for n in used_elsewhere + engine.__all__:
         assert getattr(engine, n) is not None, n

@@ -108,13 +108,13 @@ def test_plug_in_cli_tiny(tmp_path):
     res = json.loads((tmp_path / "plug_in_pfenet" / "table6_pfenet_val.json").read_text())
     assert set(res["results"]) == {"pfenet", "pfenet+dcm"} and res["folds"] == [0] and res["seeds"] == [321]
     assert (tmp_path / "plug_in_pfenet" / "table6_pfenet_val.md").is_file()
-    # identical recipe apart from the model name and the fusion the +DCM network records (its default)
+    # identical recipe apart from the model name (the +DCM network's DCM is its default, model.dcm: null)
     import yaml
     c0 = yaml.safe_load(Path(res["results"]["pfenet"]["runs"]["0"]["321"] + "/config.yaml").read_text())
     c1 = yaml.safe_load(Path(res["results"]["pfenet+dcm"]["runs"]["0"]["321"] + "/config.yaml").read_text())
     assert c0["model"]["name"] == "pfenet" and c1["model"]["name"] == "pfenet+dcm"
     c0["model"].pop("name"), c1["model"].pop("name"), c0["run"].pop("name"), c1["run"].pop("name")
-    assert c1["model"]["flags"].pop("dcm_fusion") == "residual"
+    assert c1["model"]["dcm"] is None and c1["model"]["config_version"] == 2
     assert c0 == c1
     # the finished runs' best checkpoints on the test split, without training (benchmarks.engine.evaluate_run)
     out = ok(run(*args, "--split", "test", "--resume", timeout=400))

@@ -131,9 +131,9 @@ def test_a_colour_mask_of_the_validation_part_stops_the_run_before_training(tmp_
 
 # ------------------------------------------------------------------ checks before the work (item 5)
 def test_plug_in_checks_every_arm_before_the_first_run(tmp_path):
-    p = run("benchmarks/plug_in.py", "--host", "pfenet", "--arms", "pfenet", "pfenet+dcm[lr-1]", "--out", tmp_path,
+    p = run("benchmarks/plug_in.py", "--host", "pfenet", "--arms", "pfenet", "pfenet+dcm[lr_scale=-1]", "--out", tmp_path,
             *PLUG, timeout=600)
-    one_line_error(p, "pfenet+dcm[lr-1]", "dcm_lr_scale")
+    one_line_error(p, "pfenet+dcm[lr_scale=-1]", "dcm.lr_scale")
     assert not list(tmp_path.rglob("*.pth"))  # nothing was trained
 
 
@@ -204,7 +204,7 @@ def test_another_hosts_model_on_a_dpcn_recipe_names_its_recipes(tmp_path):
 
 def test_a_dpcn_only_arm_token_on_another_host(tmp_path):
     one_line_error(run("benchmarks/plug_in.py", "--host", "pfenet", "--arms", "pfenet", "pfenet+dcm[sb1]",
-                       "--out", tmp_path, *PLUG), "sb1", "sb<x>", "dpcn / baseline")
+                       "--out", tmp_path, *PLUG), "sb1", "support_branch_weight", "(it is one of dpcn, baseline)")
 
 
 def test_a_dataset_argument_the_dataset_does_not_take():

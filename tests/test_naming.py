@@ -1,5 +1,5 @@
 """One naming scheme (docs/CONVENTIONS.md#naming): the foreground threshold, the networks' common
-arguments and DCM flags, and the deprecated spellings that keep working for one release."""
+arguments and their DCM argument, and the deprecated spellings that keep working for one release."""
 import inspect
 import warnings
 
@@ -10,7 +10,7 @@ import dcm.functional as DF
 import dcm.reference as ref
 from dcm import DynamicConvModule
 from models.canet import CANet
-from models.common import DCM_MODULE_FLAGS
+from models.dcm_spec import DCMSpec
 from models.dpcn import DPCN
 from models.pfenet import PFENet
 
@@ -47,29 +47,28 @@ def test_deprecated_threshold_keyword_warns_and_means_fg_threshold():
         DF.foreground_selection(mask, fg_threshold=0.5)
 
 
-def test_networks_share_positional_arguments_and_dcm_flags():
+def test_networks_share_positional_arguments_and_the_dcm_argument():
+    mod_defaults = {p.name: p.default for p in _params(DynamicConvModule)}
     for cls in NETWORKS:
         ps = _params(cls.__init__)[1:]
         positional = [p.name for p in ps if p.kind is p.POSITIONAL_OR_KEYWORD]
         assert positional == ["backbone", "backbone_weights", "shot"], cls.__name__
         names = [p.name for p in ps]
-        assert "dcm_kwargs" not in names or cls is not DPCN
-        # the DCM flags: the same names, in the same order, with the module's defaults
-        flags = [n for n in names if n in DCM_MODULE_FLAGS]
-        assert flags == list(DCM_MODULE_FLAGS), cls.__name__
-        mod_defaults = {p.name: p.default for p in _params(DynamicConvModule)}
-        for p in ps:
-            if p.name in DCM_MODULE_FLAGS:
-                assert p.default == mod_defaults[DCM_MODULE_FLAGS[p.name]], (cls.__name__, p.name)
-        for common in ("reduce_dim", "use_dcm", "dcm_lr_scale", "dcm_weight_decay", "freeze_backbone_bn"):
+        # the DCM is one argument; the flat flags are no parameters (they reach the **legacy shim)
+        assert not [n for n in names if n.startswith("dcm_") or n == "use_dcm"], cls.__name__
+        assert ps[-1].kind is ps[-1].VAR_KEYWORD and ps[-1].name == "legacy", cls.__name__
+        for common in ("reduce_dim", "dcm", "freeze_backbone_bn"):
             assert common in names, (cls.__name__, common)
+    # the spec's module fields: the names and defaults of DynamicConvModule's arguments
+    for name, value in DCMSpec().module_kwargs().items():
+        assert value == mod_defaults[name], name
 
 
 @pytest.mark.parametrize("cls", [PFENet, CANet])
-def test_flat_dcm_flags_reach_the_module(cls):
-    m = cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True, dcm_kernel_size=3,
-            dcm_variants=("v", "s"), dcm_square_source="parallel", dcm_kgen_kernel_size=1, dcm_fg_threshold=0.25,
-            dcm_kernel_norm="l1")
+def test_dcm_spec_fields_reach_the_module(cls):
+    m = cls("resnet50", backbone_weights="random", reduce_dim=8,
+            dcm=DCMSpec(kernel_size=3, variants=("v", "s"), square_source="parallel", kgen_kernel_size=1,
+                        fg_threshold=0.25, kernel_norm="l1"))
     d = m.dcm
     assert (d.kernel_size, d.variants, d.square_source, d.fg_threshold, d.kernel_norm) == (3, ("v", "s"), "parallel", 0.25, "l1")
     assert d.generators["v"][0].kernel_size == (1,)
@@ -78,23 +77,23 @@ def test_flat_dcm_flags_reach_the_module(cls):
 @pytest.mark.parametrize("cls", [PFENet, CANet])
 def test_deprecated_dcm_kwargs_warn_and_build_the_same_network(cls):
     torch.manual_seed(0)
-    flat = cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True, dcm_kernel_size=3, dcm_kernel_norm="l2")
+    flat = cls("resnet50", backbone_weights="random", reduce_dim=8, dcm={"kernel_size": 3, "kernel_norm": "l2"})
     torch.manual_seed(0)
-    with pytest.warns(DeprecationWarning, match="dcm_kwargs is deprecated"):
+    with pytest.warns(DeprecationWarning, match=r"flat DCM flags \(dcm_kwargs, use_dcm\) are deprecated"):
         old = cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True,
                   dcm_kwargs={"kernel_size": 3, "kernel_norm": "l2"})
     sa, sb = flat.state_dict(), old.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
-    assert old.dcm.kernel_norm == "l2"
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="given but use_dcm=False"):
+    assert old.dcm.kernel_norm == "l2" and old.dcm_spec == flat.dcm_spec
+    with pytest.raises(ValueError, match="given but use_dcm=False"):
         cls("resnet50", backbone_weights="random", reduce_dim=8, dcm_kwargs={"kernel_size": 3})
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="'channels' is fixed"):
+    with pytest.raises(ValueError, match="'channels' is fixed"):
         cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True, dcm_kwargs={"channels": 8})
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="unknown key 'kernel'"):
+    with pytest.raises(ValueError, match="unknown key 'kernel'"):
         cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True, dcm_kwargs={"kernel": 3})
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="'kernel_size' given twice"):
+    with pytest.raises(ValueError, match="'kernel_size' given twice"):
         cls("resnet50", backbone_weights="random", reduce_dim=8, use_dcm=True, dcm_kernel_size=3,
             dcm_kwargs={"kernel_size": 7})
 

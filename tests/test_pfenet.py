@@ -74,22 +74,22 @@ def test_parameter_count_small_reduce_dim_and_fractional_bins(resnet):
 
 
 @pytest.mark.parametrize("dcm_input", ["raw", "reduced"])
-@pytest.mark.parametrize("fusion", ["residual", "replace"])
-@pytest.mark.parametrize("dcm_flags,n_gen,n_var", [({}, 3, 3), ({"dcm_variants": ("v", "h")}, 2, 2), ({"dcm_kernel_size": 3}, 3, 3)])
-def test_dcm_adds_exactly_dcm_and_fusion_conv(resnet, dcm_flags, n_gen, n_var, fusion, dcm_input):
+@pytest.mark.parametrize("fusion", ["residual", "paper"])
+@pytest.mark.parametrize("fields,n_gen,n_var", [({}, 3, 3), ({"variants": ("v", "h")}, 2, 2), ({"kernel_size": 3}, 3, 3)])
+def test_dcm_adds_exactly_dcm_and_fusion_conv(resnet, fields, n_gen, n_var, fusion, dcm_input):
     r = 256
     c = 1536 if dcm_input == "raw" else r  # the DCM's channels: ResNet-50's [layer3, layer2], or r
     base = PFENet(resnet, reduce_dim=r)
-    plus = PFENet(resnet, reduce_dim=r, use_dcm=True, **({} if fusion == "residual" else {"dcm_fusion": fusion}),
-                  **({} if dcm_input == "reduced" else {"dcm_input": dcm_input}), **dcm_flags)
-    assert plus.dcm_fusion == fusion and plus.dcm_input == dcm_input  # residual, reduced: the defaults
+    plus = PFENet(resnet, reduce_dim=r, dcm={**fields, **({} if fusion == "residual" else {"fusion": fusion}),
+                                             **({} if dcm_input == "reduced" else {"input": dcm_input})})
+    assert plus.dcm_spec.fusion == fusion and plus.dcm_spec.input == dcm_input  # residual, reduced: the default
     pb, pp = per_module(base), per_module(plus)
     assert set(pp) - set(pb) == {"dcm", "dcm_fuse"}
     assert {k: pp[k] for k in pb} == pb  # every host module unchanged
-    assert pp["dcm"] == dcm_count(c, n_gen) == sum(p.numel() for p in DynamicConvModule(c, **{k[4:]: v for k, v in dcm_flags.items()}).parameters())
+    assert pp["dcm"] == dcm_count(c, n_gen) == sum(p.numel() for p in DynamicConvModule(c, **fields).parameters())
     gate = r if fusion == "residual" else 0  # the per-channel γ
     assert pp["dcm_fuse"] == (r + n_var * c) * r + gate  # 1x1 r + n_variants·c -> r, no bias
-    if not dcm_flags:  # documented in the model docstrings and docs/MODELS_HOSTS.md
+    if not fields:  # documented in the model docstrings and docs/MODELS_HOSTS.md
         want = 1_181_184 + 262_144 if dcm_input == "reduced" else 42_476_544 + 1_245_184
         assert sum(pp.values()) - sum(pb.values()) == want + gate
 
@@ -104,7 +104,7 @@ def seeded(m, *args, seed=0):
 @pytest.mark.parametrize("shot", [1, 5])
 @pytest.mark.parametrize("use_dcm", [False, True])
 def test_train_step(resnet, use_dcm, shot):
-    m = make(resnet, use_dcm=use_dcm).train()
+    m = make(resnet, dcm="default" if use_dcm else None).train()
     q, s, sm, qm = episode(B=1, K=shot, seed=shot)
     opt = torch.optim.Adam(m.trainable_parameters(), lr=3e-4)
     out = seeded(m, q, s, sm, qm)
@@ -140,7 +140,7 @@ def test_train_step(resnet, use_dcm, shot):
 @pytest.mark.parametrize("shot", [1, 5])
 @pytest.mark.parametrize("use_dcm", [False, True])
 def test_eval_forward(resnet, use_dcm, shot):
-    m = make(resnet, use_dcm=use_dcm).eval()
+    m = make(resnet, dcm="default" if use_dcm else None).eval()
     B = 2 if shot == 1 else 1
     q, s, sm, qm = episode(B=B, K=shot, seed=10 + shot)
     with torch.no_grad():
@@ -231,7 +231,7 @@ def test_fractional_bins_forward(resnet):
 
 @pytest.mark.parametrize("name,size", [("vgg16_bn", (1, 1, 5, 5)), ("efficientnet_lite0", (1, 1, 9, 9))])
 def test_other_backbones(name, size):
-    m = PFENet(name, backbone_weights="random", reduce_dim=R, use_dcm=True, ppm_scales=[1.0, 0.5]).train()
+    m = PFENet(name, backbone_weights="random", reduce_dim=R, dcm="default", ppm_scales=[1.0, 0.5]).train()
     q, s, sm, qm = episode(B=1, K=2)
     out = m(q, s, sm, qm)
     assert out["logits"].shape == (1, 2, SIZE, SIZE) and out["prior_mask"].shape == size
@@ -251,7 +251,7 @@ def test_layer4_trainable_gets_gradient_through_prior():
 
 
 def test_empty_support_mask_no_nan(resnet):
-    m = make(resnet, use_dcm=True).eval()
+    m = make(resnet, dcm="default").eval()
     q, s, sm, qm = episode(B=2, K=2)
     sm[0] = 0  # sample 0: no foreground in any shot
     sm[1, 1] = 255  # sample 1: one shot all-ignore
@@ -291,7 +291,7 @@ def test_bad_inputs(resnet):
     with pytest.raises(ValueError, match="ppm_scales"):
         make(resnet, ppm_scales=[7.5])
     with pytest.raises(ValueError, match="kernel_size"):
-        make(resnet, use_dcm=True, dcm_kernel_size=4)
+        make(resnet, dcm={"kernel_size": 4})
     with pytest.raises(ValueError, match="shot"):
         make(resnet, shot=0)
     with pytest.raises(ValueError, match="unknown backbone"):

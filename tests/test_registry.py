@@ -8,6 +8,7 @@ import torch
 
 from models.backbones import BackboneWeightsWarning
 from models.dpcn import ABLATIONS, DPCN
+from models.dcm_spec import DCMSpec, preset
 from models.registry import MODELS, build_model, list_models
 
 SMALL = {"reduce_dim": 16}
@@ -25,7 +26,7 @@ def test_dpcn_and_baseline():
     b = build_model("Baseline", backbone="efficientnet_lite0", shot=5, backbone_weights="random", **SMALL)
     assert isinstance(b, DPCN) and (b.use_sam, b.use_ffm, b.use_dcm) == (False, False, False) and b.shot == 5
     # the baseline's own flags may be repeated with the same values
-    build_model("baseline", backbone="efficientnet_lite0", backbone_weights="random", use_dcm=False, **SMALL)
+    build_model("baseline", backbone="efficientnet_lite0", backbone_weights="random", use_sam=False, dcm=None, **SMALL)
     # an ablation row goes through unchanged
     k3 = build_model("dpcn", backbone="efficientnet_lite0", backbone_weights="random", **SMALL, **ABLATIONS["table4_k3"])
     assert k3.dcm.kernel_size == 3
@@ -46,13 +47,24 @@ def test_unknown_name_lists_the_valid_names():
 
 
 def test_unknown_flag_is_a_type_error_naming_it():
-    with pytest.raises(TypeError, match=r"unknown flag 'dcm_kernal_size'.*valid flags:.*dcm_kernel_size"):
+    with pytest.raises(TypeError, match=r"unknown flag 'reduce_dimm'.*valid flags:.*reduce_dim"):
+        build_model("dpcn", backbone="efficientnet_lite0", backbone_weights="random", reduce_dimm=3)
+    with pytest.raises(TypeError, match=r"unknown flag 'dcm_kernal_size'"):
         build_model("dpcn", backbone="efficientnet_lite0", backbone_weights="random", dcm_kernal_size=3)
     with pytest.raises(TypeError, match=r"unknown flags 'a', 'b'"):
         build_model("baseline", backbone="efficientnet_lite0", backbone_weights="random", b=1, a=2)
 
 
 def test_fixed_flags_cannot_be_overridden():
+    with pytest.raises(ValueError, match=r"'baseline' fixes use_sam=False"):
+        build_model("baseline", backbone="efficientnet_lite0", backbone_weights="random", use_sam=True)
+    with pytest.raises(ValueError, match=r"'baseline' has no DCM .* \(build 'dpcn' instead\)"):
+        build_model("baseline", backbone="efficientnet_lite0", backbone_weights="random", dcm="paper")
+    with pytest.raises(ValueError, match=r"'pfenet' has no DCM .* \(build 'pfenet\+dcm' instead\)"):
+        build_model("pfenet", dcm={"gate": "fit"})
+    with pytest.raises(ValueError, match=r"'canet\+dcm' has a DCM; got dcm=None \(build 'canet' instead\)"):
+        build_model("canet+dcm", dcm=None)
+    # the deprecated spelling: the same rules
     with pytest.raises(ValueError, match=r"'baseline' fixes use_dcm=False"):
         build_model("baseline", backbone="efficientnet_lite0", backbone_weights="random", use_dcm=True)
     with pytest.raises(ValueError, match=r"'pfenet' fixes use_dcm=False"):
@@ -61,7 +73,22 @@ def test_fixed_flags_cannot_be_overridden():
 
 def test_bad_flag_values_reach_the_model():
     with pytest.raises(ValueError, match="kernel_size"):
-        build_model("dpcn", backbone="efficientnet_lite0", backbone_weights="random", dcm_kernel_size=4)
+        build_model("dpcn", backbone="efficientnet_lite0", backbone_weights="random", dcm={"kernel_size": 4})
+
+
+def test_the_dcm_of_a_model_and_the_deprecated_flat_flags():
+    kw = dict(backbone="efficientnet_lite0", backbone_weights="random", reduce_dim=8)
+    assert build_model("pfenet+dcm", **kw).dcm_spec == preset("pfenet", "default")
+    assert build_model("canet+dcm", dcm="paper", **kw).dcm_spec == DCMSpec()
+    assert build_model("dpcn", dcm=None, decoder_dim=8, **kw).dcm_spec is None
+    torch.manual_seed(0)
+    new = build_model("canet+dcm", dcm={"input": "reduced", "gate": "fit"}, **kw)
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match=r"CANet: the flat DCM flags \(dcm_gate, dcm_input\) are deprecated"):
+        old = build_model("canet+dcm", dcm_input="reduced", dcm_gate="fit", **kw)
+    assert old.dcm_spec == new.dcm_spec
+    sa, sb = new.state_dict(), old.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.mark.parametrize("name, module, cls", [("pfenet", "models.pfenet", "PFENet"), ("canet", "models.canet", "CANet")])

@@ -16,7 +16,7 @@ from ``benchmarks.engine`` itself; the modules after it are imported by their ow
     final_eval.py   evaluate_run (a finished run's best checkpoint on a split), final_evaluation (what
                     train() runs after training), eval_kwargs
     checkpoints.py  atomic_save, load_checkpoint_model, strip_module_prefix, rng_state / set_rng_state,
-                    seed_everything, with_legacy_flags (does not import the trainer)
+                    seed_everything (does not import the trainer)
     distributed.py  DistInfo, init_distributed, teardown, exit_process, all_ranks_finite,
                     ResumableDistributedSampler, unwrap, DDP's find_unused_parameters decision
     schedule.py     PolyLR (the poly schedule as a LambdaLR; reads checkpoints of the older hand-written class)
@@ -86,7 +86,7 @@ _EXPORTS: Dict[str, str] = {
     **dict.fromkeys(["train", "Trainer", "default_run_name", "threading_main"], "trainer"),
     **dict.fromkeys(["evaluate_run", "final_evaluation", "eval_kwargs"], "final_eval"),
     **dict.fromkeys(["atomic_save", "load_checkpoint_model", "strip_module_prefix", "rng_state", "set_rng_state",
-                     "seed_everything", "with_legacy_flags"], "checkpoints"),
+                     "seed_everything"], "checkpoints"),
     **dict.fromkeys(["DistInfo", "init_distributed", "teardown", "exit_process", "all_ranks_finite",
                      "ResumableDistributedSampler", "unwrap", "unused_parameters", "ddp_find_unused_parameters"],
                     "distributed"),
@@ -109,7 +109,7 @@ __all__ = [
     "resolve_device", "build_model_from_config", "build_train_dataset", "eval_protocol", "eval_factory", "test_size",
     "make_predict_fn", "make_fusions_predict_fn", "evaluate_model", "evaluate_fusions", "evaluate_reference",
     "has_prior", "load_checkpoint_model", "strip_module_prefix", "rng_state", "set_rng_state", "format_table",
-    "RunLogger", "amp_context", "unwrap", "default_run_name", "short_error", "with_legacy_flags",
+    "RunLogger", "amp_context", "unwrap", "default_run_name", "short_error",
     "RunFolderError", "RunFolderTaken", "RunFolderLocked", "claim_run_folder", "RunLock", "move_aside", "atomic_write",
     "evaluate_run",
 ]
@@ -130,7 +130,7 @@ def __dir__() -> List[str]:
 
 if TYPE_CHECKING:  # the same names for type checkers and IDEs
     from .checkpoints import (atomic_save, load_checkpoint_model, rng_state, seed_everything, set_rng_state,
-                              strip_module_prefix, with_legacy_flags)
+                              strip_module_prefix)
     from .device import amp_context, resolve_device
     from .distributed import (DistInfo, ResumableDistributedSampler, all_ranks_finite, ddp_find_unused_parameters,
                               exit_process, init_distributed, teardown, unused_parameters, unwrap)

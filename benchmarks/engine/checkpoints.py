@@ -10,7 +10,6 @@ This module does not import the trainer (:mod:`benchmarks.engine.trainer`): ``be
 """
 from __future__ import annotations
 
-import copy
 import os
 import random
 from pathlib import Path
@@ -27,7 +26,7 @@ from .from_config import build_model_from_config
 from .runfolder import atomic_write
 
 __all__ = ["atomic_save", "load_checkpoint_model", "strip_module_prefix", "rng_state", "set_rng_state",
-           "seed_everything", "with_legacy_flags"]
+           "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -81,18 +80,6 @@ def _with_defaults(cfg: dict, path) -> dict:
         raise ValueError(f"checkpoint '{path}': its config does not fit this version of the code ({e})") from None
 
 
-def with_legacy_flags(cfg: dict) -> dict:
-    """A copy of a *saved* config in which each flag whose default changed since and that the config
-    does not name takes the value it was trained with (``models.registry.LEGACY_DEFAULTS``)."""
-    from models.registry import legacy_flags
-    cfg = copy.deepcopy(cfg)
-    model = cfg.get("model") if isinstance(cfg, dict) else None
-    if isinstance(model, dict) and isinstance(model.get("name"), str):
-        flags = model.get("flags") or {}
-        model["flags"] = {**legacy_flags(model["name"]), **flags}
-    return cfg
-
-
 def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: Optional[dict] = None,
                           overrides: Sequence[str] = ()) -> Tuple[nn.Module, dict]:
     """Rebuild the network of a training checkpoint (its saved config) and load its weights.
@@ -117,7 +104,12 @@ def load_checkpoint_model(path: Union[str, os.PathLike], *, device="cpu", cfg: O
         if cfg is None:
             raise ValueError(f"checkpoint '{path}' holds no config (a bare state dict); load it with "
                              f"benchmarks.engine.load_checkpoint_model(path, cfg=...) and the config it was trained with")
-        cfg = with_legacy_flags(cfg)
+        if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):  # a config of its release: read as this one's
+            from models.migrate import migrate_model_config
+            try:
+                cfg = {**cfg, "model": migrate_model_config(cfg["model"])}
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"checkpoint '{path}': its model config cannot be read ({first_line(e)})") from None
     cfg = _with_defaults(cfg, path)
     if overrides:
         new_ds = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "data.dataset"]

@@ -2,8 +2,9 @@
 
 A config is a nested ``dict`` with five sections (every key and its default is in :data:`DEFAULTS`):
 
-``model``  which network (``name``, ``backbone``, ``backbone_weights``, ``shot``) and ``flags`` passed
-           to :func:`models.build_model` unchanged (e.g. ``{sam_windows: [[1, 1]]}``);
+``model``  which network (``name``, ``backbone``, ``backbone_weights``, ``shot``), its DCM (``dcm``,
+           :mod:`models.dcm_spec`) and ``flags`` passed to :func:`models.build_model` unchanged (e.g.
+           ``{sam_windows: [[1, 1]]}``);
 ``data``   dataset, root, fold, transforms, episodes per epoch, workers, extra dataset arguments;
 ``train``  SGD + poly schedule, epochs, batch, layer4 fine-tuning (docs/CONVENTIONS.md#layer4-fine-tuning),
            seed, AMP, validation;
@@ -12,7 +13,7 @@ A config is a nested ``dict`` with five sections (every key and its default is i
 
 A recipe file may start from another with ``_base_: other.yaml`` (path relative to the file); keys are
 merged section by section, and a key that is not in :data:`DEFAULTS` is an error naming the closest
-valid key (``model.flags`` and the ``*_args`` dictionaries are free-form). Overrides are
+valid key (``model.flags``, ``model.dcm`` and the ``*_args`` dictionaries are free-form). Overrides are
 ``dotted.key=value`` strings whose value is parsed as YAML (``train.lr=0.01``,
 ``model.flags={reduce_dim: 64}``, ``eval.scales=[473,641]``).
 
@@ -44,7 +45,11 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "backbone": "efficientnet_lite0",
         "backbone_weights": "imagenet",  # "imagenet" (lite0 only, offline), "random", or a local file
         "shot": 1,
+        "dcm": None,                   # the DCM (models/dcm_spec.py): null = the model's default, none, a preset
+                                       # name (paper | default) or a mapping {preset: ..., <field>: ...}
         "flags": {},                   # passed to build_model(**flags) unchanged
+        "config_version": None,        # the release conventions of this section (models/migrate.py); a recipe
+                                       # without it describes this release's networks
     },
     "data": {
         "dataset": "synthetic",        # synthetic | pascal | coco | fss
@@ -119,7 +124,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 
 # dictionaries whose content is not checked against DEFAULTS
-_FREE = {("model", "flags"), ("data", "args"), ("data", "train_args"), ("data", "val_args")}
+_FREE = {("model", "flags"), ("model", "dcm"), ("data", "args"), ("data", "train_args"), ("data", "val_args")}
 
 
 class ConfigError(ValueError):
@@ -148,7 +153,7 @@ def merge(base: dict, update: dict, _path: tuple = ()) -> dict:
         path = _path + (str(k),)
         if k not in out:
             raise _unknown(".".join(path))
-        if isinstance(out[k], dict):
+        if isinstance(out[k], dict) and not (path in _FREE and not isinstance(v, dict)):
             if not isinstance(v, dict):
                 raise ConfigError(f"config key '{'.'.join(path)}' is a section; expected a mapping, got {v!r}")
             out[k] = _merge_free(out[k], v) if path in _FREE else merge(out[k], v, path)
@@ -323,6 +328,8 @@ def _validate(cfg: dict) -> dict:
     _validate_dataset_args(d)
     if not isinstance(m["flags"], dict):
         raise ConfigError(f"model.flags: expected a mapping, got {m['flags']!r}")
+    if m["dcm"] is not None and not isinstance(m["dcm"], (str, dict)):
+        raise ConfigError(f"model.dcm: expected null, none, a preset name or a mapping of DCMSpec fields, got {m['dcm']!r}")
     if d["augment"] not in ("pfenet", "flip"):
         raise ConfigError(f"data.augment: expected pfenet or flip, got {d['augment']!r}")
     for sec, key, v in (("train", "val_split", t["val_split"]), ("eval", "split", e["split"])):
@@ -393,16 +400,21 @@ def load_config(recipe: Union[None, str, os.PathLike] = None, overrides: Sequenc
         path = resolve_recipe(recipe)
         cfg = merge(cfg, _read_yaml(path))
     cfg = apply_overrides(cfg, overrides)
-    return pin_changed_defaults(_validate(cfg))
+    return _current_model(_validate(cfg))
 
 
-def pin_changed_defaults(cfg: dict) -> dict:
-    """Write today's default of every flag whose default changed (``models.registry.LEGACY_DEFAULTS``)
-    into ``cfg['model']['flags']`` unless the config sets it, so that a saved config keeps its meaning."""
-    from models.registry import pinned_flags
-    flags = cfg["model"]["flags"]
-    for k, v in pinned_flags(cfg["model"]["name"]).items():
-        flags.setdefault(k, v)
+def _current_model(cfg: dict) -> dict:
+    """The model section in this release's form (:func:`models.migrate.migrate_model_config`): a recipe
+    without ``model.config_version`` describes this release's networks, so it is stamped with it first
+    (flat ``dcm_*`` flags in it keep today's defaults, with a ``DeprecationWarning``)."""
+    from models.migrate import CONFIG_VERSION, migrate_model_config
+    model = dict(cfg["model"])
+    if model.get("config_version") is None:
+        model["config_version"] = CONFIG_VERSION
+    try:
+        cfg["model"] = migrate_model_config(model)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
     return cfg
 
 

@@ -18,7 +18,8 @@ __all__ = ["build_model_from_config", "build_train_dataset", "test_size", "eval_
 
 
 def build_model_from_config(cfg: dict, *, backbone_weights=...) -> nn.Module:
-    """``models.build_model(cfg.model.name, backbone=..., shot=..., backbone_weights=..., **cfg.model.flags)``.
+    """``models.build_model(cfg.model.name, backbone=..., shot=..., backbone_weights=..., dcm=cfg.model.dcm,
+    **cfg.model.flags)`` (``dcm`` left out when null: the model's default).
 
     ``backbone_weights`` overrides the config (``"random"`` when a checkpoint will overwrite them).
     """
@@ -34,8 +35,10 @@ def build_model_from_config(cfg: dict, *, backbone_weights=...) -> nn.Module:
     for k, v in list(flags.items()):  # YAML lists -> tuples for window/variant flags
         if isinstance(v, list):
             flags[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+    dcm = {} if m.get("dcm") is None else {"dcm": m["dcm"]}
     try:
-        return build_model(m["name"], backbone=m["backbone"], shot=int(m["shot"]), backbone_weights=weights, **flags)
+        return build_model(m["name"], backbone=m["backbone"], shot=int(m["shot"]), backbone_weights=weights, **dcm,
+                           **flags)
     except TypeError as e:
         if "unknown flag" not in str(e):
             raise

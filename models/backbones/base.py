@@ -120,7 +120,7 @@ class Backbone(nn.Module):
         self.freeze_bn = bool(freeze_bn)
         self.input_norm = input_norm
         self.load_report = None
-        #: optional memo of the frozen stages (``benchmarks.feature_cache.FeatureCache``): an object with
+        #: optional memo of the frozen stages (``benchmarks.engine.feature_cache.FeatureCache``): an object with
         #: ``lookup(kind, x, compute) -> output of compute(x)``; ``None`` computes every call
         self.feature_cache = None
 
