@@ -37,6 +37,7 @@ from .common import (
     FewShotSegmenter,
     check_choice,
     check_episode,
+    check_positive_int,
     drop_maps,
     gated_fusion,
     kernel_fit,
@@ -150,15 +151,9 @@ class CANet(FewShotSegmenter):
         **legacy,
     ):
         super().__init__()
-        if isinstance(shot, bool) or not isinstance(shot, int) or shot < 1:
-            raise ValueError(f"shot: expected a positive int, got {shot!r}")
-        if isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int) or reduce_dim < 1:
-            raise ValueError(f"reduce_dim: expected a positive int, got {reduce_dim!r}")
-        for name, v in (("iom_iterations", iom_iterations), ("eval_iom_iterations", eval_iom_iterations)):
-            if v is None and name == "eval_iom_iterations":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        for name, v in (("shot", shot), ("reduce_dim", reduce_dim), ("iom_iterations", iom_iterations)):
+            check_positive_int(name, v)
+        check_positive_int("eval_iom_iterations", eval_iom_iterations, or_none=True)
         check_choice("shot_fusion", shot_fusion, ("prototype", "logits"))
         spec, _ = host_dcm("canet", dcm, None, legacy)
         self.dcm_spec = spec

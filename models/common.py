@@ -196,6 +196,15 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}: expected {text}, got {value!r}")
 
 
+def check_positive_int(name: str, value, or_none: bool = False) -> None:
+    """Raise ``ValueError("name: expected a positive int, got ...")`` unless ``value`` is an ``int`` >= 1 (not a
+    ``bool``); with ``or_none``, ``None`` passes."""
+    if or_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected {'None or ' if or_none else ''}a positive int, got {value!r}")
+
+
 def kernel_fit(query: torch.Tensor, support: torch.Tensor, support_masks: torch.Tensor) -> torch.Tensor:
     """How well the support foreground the DCM's kernels come from matches each query position.
 

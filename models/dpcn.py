@@ -50,6 +50,7 @@ from .common import (
     FewShotSegmenter,
     check_choice,
     check_episode,
+    check_positive_int,
     reduce_block,
     resolve_backbone,
     segmentation_loss,
@@ -237,11 +238,8 @@ class DPCN(FewShotSegmenter):
                           "CANet's; DPCN(backbone, shot, ...) is deprecated and will be removed in the next release: "
                           "pass shot=...", DeprecationWarning, stacklevel=2)
             backbone_weights, shot = (None if isinstance(shot, int) else shot), backbone_weights
-        if isinstance(shot, bool) or not isinstance(shot, int) or shot < 1:
-            raise ValueError(f"shot: expected an int >= 1, got {shot!r}")
-        for name, v in (("reduce_dim", reduce_dim), ("decoder_dim", decoder_dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        for name, v in (("shot", shot), ("reduce_dim", reduce_dim), ("decoder_dim", decoder_dim)):
+            check_positive_int(name, v)
         check_choice("support_branch_mask", support_branch_mask, ("argmax", "soft"))
         check_choice("support_branch_shots", support_branch_shots, ("all", "first"))
         spec, legacy_kw = host_dcm("dpcn", dcm, "default", legacy)

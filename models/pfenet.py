@@ -35,6 +35,7 @@ from .common import (
     DCMFusion,
     FewShotSegmenter,
     check_episode,
+    check_positive_int,
     drop_maps,
     gated_fusion,
     kernel_fit,
@@ -184,10 +185,8 @@ class PFENet(FewShotSegmenter):
         **legacy,
     ):
         super().__init__()
-        if isinstance(shot, bool) or not isinstance(shot, int) or shot < 1:
-            raise ValueError(f"shot: expected a positive int, got {shot!r}")
-        if isinstance(reduce_dim, bool) or not isinstance(reduce_dim, int) or reduce_dim < 1:
-            raise ValueError(f"reduce_dim: expected a positive int, got {reduce_dim!r}")
+        for name, v in (("shot", shot), ("reduce_dim", reduce_dim)):
+            check_positive_int(name, v)
         spec, _ = host_dcm("pfenet", dcm, None, legacy)
         self.dcm_spec = spec
         bkw = dict(backbone_kwargs or {})
