@@ -123,12 +123,13 @@ def test_committed_run_folders_of_the_previous_release_are_the_same_network(fold
     from benchmarks.plug_in import check_run_dir
     tag, fold, seed = folder.rsplit("_", 2)
     variant = tag.split("_dcm", 1)[1].lstrip("_") if "_dcm" in tag else ""
-    arm_spec = tag.split("_")[0] + ("+dcm" if "_dcm" in tag else "") + (f"[{variant}]" if variant else "")
+    host = tag.split("_")[0]
+    arm_spec = host + ("+dcm" if "_dcm" in tag else "") + (f"[{variant}]" if variant else "")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        arm = parse_arm(arm_spec, "canet")
+        arm = parse_arm(arm_spec, host)
     assert arm.tag == tag
-    cfg = load_config("plug_in_canet_voc_lite0", ["data.root=VOC2012", f"model.name={arm.model}", *arm.overrides,
+    cfg = load_config(f"plug_in_{host}_voc_lite0", ["data.root=VOC2012", f"model.name={arm.model}", *arm.overrides,
                                                   f"data.fold={fold[1:]}", f"train.seed={seed[4:]}"])
     check_run_dir(cfg, RUNS / folder)  # --resume / --report-only reuse it
     saved = yaml.safe_load((RUNS / folder / "config.yaml").read_text())
