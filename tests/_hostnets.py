@@ -67,6 +67,13 @@ def register_tiny_backbone() -> str:
     return "tiny"
 
 
+def unregister_tiny_backbone() -> None:
+    """Remove backbone ``"tiny"`` again, so that tests of the registry's names see only the shipped ones."""
+    from models.backbones import registry
+
+    registry.BACKBONES.pop("tiny", None)
+
+
 def synthetic_state(keys_shapes):
     """Weights that depend only on each key's name and shape (``running_var`` positive, counters 0)."""
     import zlib

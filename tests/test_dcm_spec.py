@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from _hostnets import episode, register_tiny_backbone
+from _hostnets import episode, register_tiny_backbone, unregister_tiny_backbone
 from models.canet import CANet
 from models.dcm_spec import HOSTS, PRESETS, DCMSpec, as_spec, preset, spec_fields
 from models.dpcn import DPCN
@@ -25,7 +25,8 @@ ONLY = {"placement": {"pfenet"}, "support": {"pfenet", "canet"}, "kernels": {"pf
 
 @pytest.fixture(scope="module", autouse=True)
 def _tiny():
-    register_tiny_backbone()
+    yield register_tiny_backbone()
+    unregister_tiny_backbone()
 
 
 def host(name, **kw):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from _hostnets import episode, register_tiny_backbone, synthetic_state
+from _hostnets import episode, register_tiny_backbone, unregister_tiny_backbone, synthetic_state
 from benchmarks.engine.config import load_config
 from benchmarks.engine import build_model_from_config, check_model_config, load_checkpoint_model
 from models.arms import parse_arm
@@ -34,7 +34,8 @@ def _id(case):
 
 @pytest.fixture(scope="module", autouse=True)
 def _tiny():
-    register_tiny_backbone()
+    yield register_tiny_backbone()
+    unregister_tiny_backbone()
 
 
 def _fingerprint(net):
