@@ -141,9 +141,7 @@ class DCMSpec:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: normalise in place)
-        if isinstance(self.variants, str):
-            set_("variants", tuple(self.variants))
-        elif isinstance(self.variants, list):
+        if isinstance(self.variants, (str, list)):
             set_("variants", tuple(self.variants))
         for name in ("kernel_norm", "weight_decay"):  # "none" (a YAML / arm spelling) is None
             if isinstance(getattr(self, name), str) and getattr(self, name).lower() in ("none", "null"):
