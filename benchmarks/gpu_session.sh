@@ -17,7 +17,9 @@
 #                  gives once it is committed. Every step runs `record` (without the tests it adds none);
 #                  the step `tests` alone gives the tests the whole budget but the record's box.
 #         speed    benchmarks/speed.py's tables (sam, dynconv, fgpool, ffm), float32 and bfloat16
-#         sweep    the launch knobs of dcm.kernels.KNOBS, one process per line of SWEEP_PLAN below
+#         sweep    the launch knobs of dcm.kernels.KNOBS, one process per line of SWEEP_PLAN below, each
+#                  under DCM_BACKEND=triton: the knobs set the kernels, which it times whether or not
+#                  the record verifies them (under auto an unrecorded op would time PyTorch)
 #         models   DPCN vs PFENet: training step and 1-shot inference (bf16 autocast, speed.py)
 # OUTDIR: gets exactly five files, no folders:
 #         session.log   every step's full output, with its command, exit status and time
@@ -507,7 +509,7 @@ sweep() {
       record "sweep-$cid" skipped "" 0 0 "deadline"
       continue
     fi
-    local envs=() extra=()
+    local envs=(DCM_BACKEND=triton) extra=()
     for x in $kv; do envs+=("DCM_$x"); done
     [[ $rehearse == 1 ]] && extra=("${tiny[@]}")
     run_box "sweep-$cid" "$t" env "${envs[@]}" "$py" benchmarks/speed.py --ops "$ops" --dtype "$dt" --quick \

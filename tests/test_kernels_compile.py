@@ -100,8 +100,13 @@ def test_every_kernel_compiles_for_sm90(launches):
                 "_prep_kernel", "_win_kernel", "_dg_kernel", "_norm_bwd_kernel",
                 "_fg_select_kernel", "_fg_pool_fwd_kernel", "_fg_pool_finish_kernel", "_fg_pool_bwd_kernel"}
     assert expected <= set(families), f"launches not recorded: {sorted(expected - set(families))}"
-    unpinned = sorted({key[0] for key, (_, _, _, opts) in launches.items() if opts.get("enable_fp_fusion") is not True})
-    assert not unpinned, f"launches without dcm.kernels.launch.LAUNCH_OPTS (FMA contraction not pinned): {unpinned}"
+    from dcm.kernels.foreground import SELECT_OPTS
+    from dcm.kernels.launch import LAUNCH_OPTS
+
+    want = {name: SELECT_OPTS if name == "_fg_select_kernel" else LAUNCH_OPTS for name in families}
+    unpinned = sorted({key[0] for key, (_, _, _, opts) in launches.items()
+                       if opts.get("enable_fp_fusion") is not want[key[0]]["enable_fp_fusion"]})
+    assert not unpinned, f"launches whose FMA contraction is not the pinned one (LAUNCH_OPTS / SELECT_OPTS): {unpinned}"
     target = GPUTarget("cuda", 90, 32)
     failed = []
     for (name, _, consts, _), (fn, sig, const_vals, opts) in launches.items():
@@ -129,3 +134,19 @@ def test_tuning_knobs_read_and_validate_the_environment(monkeypatch):
         tuning("SAM_WARPS")
     monkeypatch.setenv("DCM_SAM_WARPS", "8")
     assert tuning("SAM_WARPS") == 8
+
+
+def test_mask_selection_is_not_contracted_to_fma(launches):
+    """The selection kernel's PTX has no float32 FMA: its bilinear weight ``scale·y − y0`` and blend are
+    rounded operation by operation, as PyTorch's resize computes them. Contracted, the weight keeps the
+    unrounded product and a 0/1 mask exactly halfway between two rows crosses the threshold on the GPU
+    (``dcm.kernels.foreground.SELECT_OPTS``). The other kernels keep ``LAUNCH_OPTS`` (contraction on)."""
+    import triton.compiler as tc
+    from triton.backends.compiler import GPUTarget
+
+    sel = [v for key, v in launches.items() if key[0] == "_fg_select_kernel"]
+    assert sel, "no selection launch recorded"
+    for fn, sig, consts, opts in sel:
+        ptx = triton.compile(tc.ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+        assert "mul.rn.f32" in ptx, "expected the resize's float32 multiplications in the PTX"
+        assert "fma.rn.f32" not in ptx, "the selection kernel's float32 arithmetic is contracted to FMA"

@@ -155,6 +155,26 @@ def test_resized_binary_mask_matches_fp32_torch_path(mask_dtype, hw):
         assert maxabs(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("hw, feat_hw", [((26, 22), (15, 10)), ((23, 27), (13, 21)), ((26, 26), (19, 23))])
+def test_threshold_ties_select_what_the_cpu_float32_resize_selects(hw, feat_hw):
+    """0/1 masks with rows / columns whose source coordinate scale·y rounds to an exact half in float32:
+    the blended mask is then 0.5 at a 0/1 boundary, not above the threshold, in PyTorch's float32
+    resize (here its CPU path, the formula rounded operation by operation). With FMA contraction the
+    kernel's weight kept the unrounded product and selected such positions: DynamicConvModule's CUDA
+    test failed by 0.0965 on the first of these shapes (H100, Triton 3.6), and an emulation of the
+    contracted weight selects 17, 59 and 46 positions more or fewer on these three shapes."""
+    g = torch.Generator(device=DEV).manual_seed(5)
+    feat = torch.randn(4, 2, 16, *feat_hw, device=DEV, generator=g)
+    mask = (torch.rand(4, 2, *hw, device=DEV, generator=g) < 0.4).to(torch.uint8)
+    mask[1, -1, :, :3] = 255
+    got = _fast(feat, mask, (5, 25))
+    with dcm.use_backend("torch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exp = DF.foreground_pool(feat.cpu(), mask.cpu(), (5, 25))
+    for a, b in zip(got, exp):
+        assert maxabs(a.cpu(), b) < 1e-5
+
+
 def test_empty_warning_and_dispatch(monkeypatch):
     from dcm import _check
     from dcm.kernels import foreground as K

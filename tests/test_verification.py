@@ -364,7 +364,20 @@ def test_nothing_recorded_when_a_shared_test_fails_or_own_tests_skip(kw, why):
     if why:
         assert {s["why"] for s in status.values()} == {why}
     else:
-        assert status["foreground"]["why"] == "1 of its 1 CUDA tests did not pass"
+        assert status["foreground"]["why"] == "1 of its 2 CUDA tests did not pass"
+
+
+def test_a_test_running_two_ops_kernels_keeps_both_unrecorded():
+    """The DynamicConvModule test runs the foreground pooling and the dynamic convolution: when it fails,
+    neither op is recorded (on an H100 it failed through the foreground selection alone, while every
+    test of the dynamic convolution's own kernels passed)."""
+    keys = V.current_keys()
+    fail = {"tests.test_dcm_cuda::test_dynamic_conv_module_cuda[float32-auto]"}
+    records, status = V.build(cases(fail=fail), HERE, keys, [], "failed", V.candidate(HERE, keys))
+    assert {op for op, st in status.items() if st["recorded"]} == {"support_activation"}
+    assert status["dynamic_conv"]["why"] == "1 of its 2 CUDA tests did not pass"
+    assert status["foreground"]["why"] == "1 of its 2 CUDA tests did not pass"
+    assert [r["op"] for r in records] == ["support_activation"]
 
 
 @pytest.mark.parametrize("args, why", [

@@ -44,6 +44,17 @@ from .launch import LAUNCH_OPTS, tuning
 
 __all__ = ["foreground_pool", "supported"]
 
+#: Compile options of the selection kernel: no FMA contraction. The resize computes the bilinear
+#: weight ``ly = scale·y − floor(scale·y)`` and compares the blended mask with the threshold; contracted
+#: to ``fma(scale, y, −y0)`` the weight keeps the unrounded product (0.49999988 instead of 0.5 where
+#: ``scale·y`` rounds to an exact half), so a position exactly at the threshold (a 0/1 mask halfway
+#: between two rows) is selected on the GPU and not by PyTorch's resize. Seen on an H100 (Triton
+#: 3.6): DynamicConvModule under the kernels gave a relative error of 0.0965 against the float64
+#: reference on a 26×22 → 15×10 mask, which an emulation of the contracted weight reproduces to four
+#: digits. Each operation rounded on its own (as here) is what the interpreter and PyTorch's CPU
+#: resize compute.
+SELECT_OPTS = {**LAUNCH_OPTS, "enable_fp_fusion": False}
+
 _MAX_SETS = 4
 _MAX_BINS = 256
 
@@ -297,7 +308,7 @@ def _select_launch(mask: torch.Tensor, H: int, W: int, threshold: float):
         mask = mask.view(torch.uint8)
     BL = min(4096, max(128, triton.next_power_of_2(H * W)))
     _fg_select_kernel[(B,)](mask.contiguous(), rank, n, K, h, w, H, W, _align_corners_scale(h, H), _align_corners_scale(w, W),
-                            float(threshold), BL=BL, **LAUNCH_OPTS, num_warps=8 if BL >= 2048 else 4)
+                            float(threshold), BL=BL, **SELECT_OPTS, num_warps=8 if BL >= 2048 else 4)
     return rank, n
 
 

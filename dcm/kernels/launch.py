@@ -13,8 +13,9 @@ __all__ = ["LAUNCH_OPTS", "KNOBS", "tuning", "check_knobs", "interpreter_on"]
 
 #: Compile options every dcm kernel launch passes. ``enable_fp_fusion=True`` (a·b + c contracted to
 #: FMA, as nvcc does by default) pins the numerics the kernels were tested with: Triton 3.9 warns that
-#: its default turns to False in 3.10, and the foreground selection kernel reproduces PyTorch's CUDA
-#: bilinear resize, which nvcc compiles with FMA contraction.
+#: its default turns to False in 3.10. One launch overrides it: the foreground selection kernel
+#: (``dcm.kernels.foreground.SELECT_OPTS``), whose threshold comparison must not see contracted
+#: rounding.
 LAUNCH_OPTS = {"enable_fp_fusion": True}
 
 
