@@ -405,7 +405,7 @@ def run_unit(plan: dict, uid: str, pack, out, workdir, *, rehearse: bool = False
     from benchmarks.engine.config import load_config
     from benchmarks.engine import evaluate_run, load_checkpoint_model, resolve_device, train
     from models.arms import parse_arm
-    from benchmarks.dpcn_prior import diagnose
+    from benchmarks.scoring.prior_maps import diagnose
     units = {u["id"]: u for u in plan["units"]}
     if uid not in units:
         raise MatrixError(f"unit '{uid}' is not in the plan")

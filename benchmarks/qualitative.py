@@ -54,13 +54,13 @@ def foreground_iou(pred: np.ndarray, gt: np.ndarray, ignore_index: int = 255) ->
 def _to_original(t, batch, size_hw, resize: str):
     """``[1, C, h, w]`` map of the network input → ``float32[C, H0, W0]`` at the query's own size."""
     import torch.nn.functional as F
-    from benchmarks.scoring.protocols import _content_shape
+    from benchmarks.scoring.protocols import content_shape
     h0, w0 = size_hw
     ch, cw = batch["query_img"].shape[-2:]
     x = t.float()
     if tuple(x.shape[-2:]) != (ch, cw):  # feature-size maps: to the input canvas first (as inference does)
         x = F.interpolate(x, size=(ch, cw), mode="bilinear", align_corners=True)
-    nh, nw = (ch, cw) if resize == "none" else _content_shape(h0, w0, (ch, cw), resize)
+    nh, nw = (ch, cw) if resize == "none" else content_shape(h0, w0, (ch, cw), resize)
     x = F.interpolate(x[..., :nh, :nw], size=(h0, w0), mode="bilinear", align_corners=False)
     return x[0].cpu().numpy().astype(np.float32)
 

@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import gpu_matrix as GM
 from benchmarks.engine.config import load_config
-from benchmarks.dpcn_prior import diagnose, map_episode_stats, roc_auc
+from benchmarks.scoring.prior_maps import diagnose, map_episode_stats, roc_auc
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,7 +91,7 @@ def test_maps_are_the_networks_own_and_the_prior_is_sam_1x1():
     """The maps the diagnosis scores are those of the network's forward; PFENet's prior is what DPCN with
     SAM off uses as M⁰ (SAM with the single window (1, 1))."""
     from benchmarks.datasets import collate_episodes
-    from benchmarks.dpcn_prior import _maps_of_batch, _upsample
+    from benchmarks.scoring.prior_maps import maps_of_batch, upsample
     from benchmarks.engine import build_model_from_config, eval_factory, eval_protocol
     cfg = _tiny_synthetic_cfg("dpcn")
     p = eval_protocol(cfg, validation=True)
@@ -101,16 +101,16 @@ def test_maps_are_the_networks_own_and_the_prior_is_sam_1x1():
         torch.manual_seed(0)
         model = build_model_from_config({**cfg, "model": {**cfg["model"], "flags": {**cfg["model"]["flags"], **flags}}})
         model.eval()
-        maps = _maps_of_batch(model, batch, "cpu")
+        maps = maps_of_batch(model, batch, "cpu")
         with torch.no_grad():
             r = model(q, s, sm)
         size = q.shape[-2:]
-        assert torch.allclose(maps["Mr"], _upsample(r["refined_pseudo_mask"], size), atol=1e-5)
+        assert torch.allclose(maps["Mr"], upsample(r["refined_pseudo_mask"], size), atol=1e-5)
         if flags:
-            assert torch.allclose(maps["pfenet_prior"], _upsample(r["initial_pseudo_mask"], size), atol=1e-5)
+            assert torch.allclose(maps["pfenet_prior"], upsample(r["initial_pseudo_mask"], size), atol=1e-5)
         else:
-            assert torch.allclose(maps["M0"], _upsample(r["initial_pseudo_mask"], size), atol=1e-5)
-            assert torch.allclose(maps["sam_3x3"], _upsample(r["activation_maps"][:, 1:2], size), atol=1e-5)
+            assert torch.allclose(maps["M0"], upsample(r["initial_pseudo_mask"], size), atol=1e-5)
+            assert torch.allclose(maps["sam_3x3"], upsample(r["activation_maps"][:, 1:2], size), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ a tiny VOC folder and its pack

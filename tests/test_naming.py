@@ -154,16 +154,22 @@ def test_no_script_is_confusable_with_a_library_module():
         assert shared < max(3, min(len(s), len(lib)) - 2), f"script {s}.py and library module {lib} look alike"
 
 
-def test_no_command_imports_a_private_name_of_the_engine():
-    """The commands (benchmarks/*.py) and examples import only public names of ``benchmarks.engine`` and of its
-    modules."""
+def test_no_command_imports_a_private_name_or_another_command():
+    """The commands (benchmarks/*.py) and examples import only public names of the library (``benchmarks.engine``,
+    ``benchmarks.scoring``, ``benchmarks.datasets``, ``models``, ``dcm``) and no other command."""
     import ast
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     commands, _, _ = _benchmarks_layout()
+    names = {f"benchmarks.{p.stem}" for p in commands}
     found = []
     for p in commands + sorted((root / "examples").glob("*.py")):
         for node in ast.walk(ast.parse(p.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks.engine"):
-                found += [f"{p.name}:{node.lineno}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            mod = node.module or ""
+            if mod in names:
+                found.append(f"{p.name}:{node.lineno}: imports the command {mod}")
+            if mod.split(".")[0] in ("benchmarks", "models", "dcm"):
+                found += [f"{p.name}:{node.lineno}: {mod}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not found, found

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from ..datasets import build_dataset, collate_episodes
 from .metrics import FewShotIoU
 
-__all__ = ["Protocol", "EvaluationResult", "evaluate", "evaluate_many", "dataset_factory", "BAM_SEEDS"]
+__all__ = ["Protocol", "EvaluationResult", "evaluate", "evaluate_many", "dataset_factory", "content_shape", "BAM_SEEDS"]
 
 log = logging.getLogger("benchmarks.scoring.protocols")
 
@@ -288,7 +288,9 @@ def _to_device(batch: dict, device) -> dict:
     return out
 
 
-def _content_shape(h0: int, w0: int, canvas: Tuple[int, int], resize: str) -> Tuple[int, int]:
+def content_shape(h0: int, w0: int, canvas: Tuple[int, int], resize: str) -> Tuple[int, int]:
+    """The size ``(h, w)`` an ``h0 x w0`` image takes inside a ``canvas`` under the protocol's ``resize``
+    (``"squash"``: the canvas; ``"letterbox"``: fitted, upscaled; otherwise fitted, never upscaled)."""
     from ..datasets.transforms import letterbox_shape
     if resize == "squash":
         return canvas
@@ -308,7 +310,7 @@ def _scored_probs(logits: torch.Tensor, batch: dict, i: int, protocol: Protocol,
             L = max(h0, w0)
             x = F.interpolate(x, size=(L, L), mode="bilinear", align_corners=True)
         else:
-            nh, nw = _content_shape(h0, w0, tuple(batch["query_img"].shape[-2:]), protocol.resize)
+            nh, nw = content_shape(h0, w0, tuple(batch["query_img"].shape[-2:]), protocol.resize)
             x = F.interpolate(x[..., :nh, :nw], size=(h0, w0), mode="bilinear", align_corners=False)
     return torch.softmax(x, dim=1)[0]
 
