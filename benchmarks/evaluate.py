@@ -107,6 +107,8 @@ def markdown(rows, protocol, title: str) -> str:
 
 
 def main(argv=None) -> int:
+    from benchmarks.engine.config import show_deprecations
+    show_deprecations()
     args = parse_args(argv)
     try:
         from benchmarks.engine.output_paths import check_output

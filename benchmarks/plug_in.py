@@ -143,6 +143,8 @@ def _save_caches(cfg0) -> None:
 
 
 def main(argv=None) -> int:
+    from benchmarks.engine.config import show_deprecations
+    show_deprecations()
     args = parse_args(argv)
     cfg0 = None
     from benchmarks.engine import TrainingInterrupted, ValidationFailed, resolve_device

@@ -87,6 +87,8 @@ def resolve(args):
 
 
 def main(argv=None) -> int:
+    from benchmarks.engine.config import show_deprecations
+    show_deprecations()
     args = parse_args(argv)
     try:
         cfg, run_dir, resume = resolve(args)

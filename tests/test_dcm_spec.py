@@ -202,3 +202,21 @@ def test_every_registry_model_takes_dcm_through_one_validation(model):
         with pytest.raises(ValueError, match=f"{HOSTS[name]}: dcm.placement='decoder' means nothing"
                                              if name != "pfenet" else "PFENet: dcm.gate='fit' gates the fusion"):
             build_model(model, dcm={"placement": "decoder", "gate": "fit", "fusion": "residual"}, **kw)
+
+
+def test_commands_show_the_deprecation_of_a_configs_flat_flags(tmp_path):
+    """A recipe with flat ``dcm_*`` flags builds the same network with a DeprecationWarning that a command
+    prints (Python's default filter would hide it: it is raised inside benchmarks/models, not __main__)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    recipe = tmp_path / "flat.yaml"
+    recipe.write_text("model:\n  name: pfenet+dcm\n  flags:\n    dcm_input: raw\n")
+    p = subprocess.run([sys.executable, "examples/train_dpcn.py", "--config", str(recipe), "--print-config"], cwd=root,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "DeprecationWarning" in p.stderr and "dcm_input" in p.stderr, p.stderr[-2000:]
+    assert "input: raw" in p.stdout

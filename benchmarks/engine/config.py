@@ -32,7 +32,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import yaml
 
-__all__ = ["DEFAULTS", "ConfigError", "load_config", "apply_overrides", "merge", "save_config", "dump_config",
+__all__ = ["DEFAULTS", "ConfigError", "show_deprecations", "load_config", "apply_overrides", "merge", "save_config", "dump_config",
            "add_config_args", "overrides_from_args", "CLI_FLAGS",
            "CONFIG_DIR", "resolve_recipe", "choose_recipe", "host_of"]
 
@@ -401,6 +401,14 @@ def load_config(recipe: Union[None, str, os.PathLike] = None, overrides: Sequenc
         cfg = merge(cfg, _read_yaml(path))
     cfg = apply_overrides(cfg, overrides)
     return _current_model(_validate(cfg))
+
+
+def show_deprecations() -> None:
+    """Show the library's ``DeprecationWarning`` s (a config's flat ``dcm_*`` flags, old arm tokens) in a
+    command's output, once per place: Python's default filter shows them only for code run as
+    ``__main__``, and these are raised inside ``models`` and ``benchmarks``. The commands call it first."""
+    import warnings
+    warnings.filterwarnings("default", category=DeprecationWarning, module=r"(benchmarks|models)(\.|$)")
 
 
 def _current_model(cfg: dict) -> dict:
