@@ -163,3 +163,29 @@ def test_report_only_tabulates_run_folders_of_the_previous_release(tmp_path, cap
                        "--arms", "canet", "canet+dcm[gate=fit]", "--folds", "1", "2", "3", "--seeds", "2",
                        "--split", "val", "--report-only", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0 and "missing" not in capsys.readouterr().out
+
+
+def test_a_new_run_restarts_in_a_folder_of_the_previous_release_holding_only_its_config(tmp_path):
+    """A run of the previous release stopped before its first checkpoint (its folder holds the config with
+    the flat flags and a log): started again without --resume, the same arm takes the folder; another does not."""
+    from benchmarks.engine import RunFolderTaken, claim_run_folder
+    folder = "pfenet_dcm_rawin_f1_seed0"
+    if not (RUNS / folder / "config.yaml").is_file():
+        pytest.skip(f"{RUNS / folder} is not in this checkout")
+    run = tmp_path / folder
+    run.mkdir()
+    (run / "config.yaml").write_text((RUNS / folder / "config.yaml").read_text())
+    (run / "log.jsonl").write_text('{"event": "start"}\n')
+
+    saved = yaml.safe_load((RUNS / folder / "config.yaml").read_text())
+
+    def cfg(arm_spec):  # the saved run's settings with the model section of an arm in this release's form
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            arm = parse_arm(arm_spec, "pfenet")
+        model = load_config("plug_in_pfenet_voc_lite0", ["data.root=VOC2012", f"model.name={arm.model}", *arm.overrides])["model"]
+        return {**saved, "model": model}
+
+    claim_run_folder(run, resume=False, cfg=cfg("pfenet+dcm[input=raw]"), echo=lambda s: None).release()
+    with pytest.raises(RunFolderTaken):
+        claim_run_folder(run, resume=False, cfg=cfg("pfenet+dcm"), echo=lambda s: None)

@@ -223,6 +223,12 @@ def _same_run(run_dir: Path, cfg: Optional[dict]) -> bool:
     new = yaml.safe_load(dump_config(cfg))
     if not isinstance(saved, dict):
         return False
+    if isinstance(saved.get("model"), dict):  # a config of an earlier release: its model in this release's form
+        from models.migrate import migrate_model_config
+        try:
+            saved["model"] = migrate_model_config(saved["model"], warn=False)
+        except (ValueError, TypeError):
+            return False
     return {k: v for k, v in saved.items() if k != "run"} == {k: v for k, v in new.items() if k != "run"}
 
 
