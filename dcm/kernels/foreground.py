@@ -51,8 +51,10 @@ __all__ = ["foreground_pool", "supported"]
 #: between two rows) is selected on the GPU and not by PyTorch's resize. Seen on an H100 (Triton
 #: 3.6): DynamicConvModule under the kernels gave a relative error of 0.0965 against the float64
 #: reference on a 26×22 → 15×10 mask, which an emulation of the contracted weight reproduces to four
-#: digits. Each operation rounded on its own (as here) is what the interpreter and PyTorch's CPU
-#: resize compute.
+#: digits. Each operation rounded on its own (as here) is what PyTorch's CPU float32 resize computes.
+#: Triton's interpreter does not reproduce this at every such tie (on some shapes it selects other
+#: positions than PyTorch's float32 resize), so these ties are tested on the GPU
+#: (tests/test_kernels_foreground_cuda.py) and by the PTX check of tests/test_kernels_compile.py.
 SELECT_OPTS = {**LAUNCH_OPTS, "enable_fp_fusion": False}
 
 _MAX_SETS = 4
