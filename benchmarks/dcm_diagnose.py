@@ -61,7 +61,11 @@ def _gates(run: Path) -> List[dict]:
                 continue
             if e.get("event") == "epoch":
                 out.append({"epoch": e.get("epoch"), "dcm_gamma": e.get("dcm_gamma"), "val_miou": e.get("val_miou"),
-                            "best": bool(e.get("best"))})
+                            "best": False, "_improved": bool(e.get("best"))})
+    # an epoch line says ``best`` when validation improved; best.pth is the last such epoch's
+    improved = [i for i, g in enumerate(out) if g.pop("_improved")]
+    if improved:
+        out[improved[-1]]["best"] = True
     return out
 
 

@@ -40,3 +40,17 @@ def test_diagnose_two_tiny_runs(tmp_path):
                           "--dcm-run", str(dcm), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env=env)
     assert bad.returncode == 2 and "best.pth" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_gate_marks_only_the_chosen_epoch(tmp_path):
+    """Every epoch line whose validation improved says ``best``; best.pth is the last of them, so only that
+    epoch is the chosen one."""
+    from benchmarks.dcm_diagnose import _gates
+    lines = [{"event": "start"}]
+    for ep, best in ((1, True), (2, True), (3, False)):
+        lines.append({"event": "epoch", "epoch": ep, "dcm_gamma": {"f": 0.01 * ep}, "val_miou": 40.0,
+                      **({"best": True} if best else {})})
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    g = _gates(tmp_path)
+    assert [x["epoch"] for x in g] == [1, 2, 3] and [x["best"] for x in g] == [False, True, False]
+    assert _gates(tmp_path / "missing") == []
