@@ -332,7 +332,7 @@ def test_readme_layer_example_runs_and_starts_as_the_host():
     torch.manual_seed(0)
     exec(compile(block.group(1), "README.md", "exec"), ns)
     m = ns["HostWithDCM"]()
-    assert ns["logits"].shape == (2, 2, 60, 60) and m.dcm.channels == 512 and m.fuse.map_channels == 512
+    assert ns["logits"].shape == (2, 2, 60, 60) and m.dcm.channels == 256 and m.fuse.map_channels == 256
     q, s = torch.randn(1, 512, 20, 20), torch.randn(1, 2, 512, 20, 20)
     mask = torch.randint(0, 2, (1, 2, 80, 80))
     torch.testing.assert_close(m(q, s, mask), m.cls(m.reduce(q)), rtol=0, atol=0)
