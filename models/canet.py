@@ -128,10 +128,11 @@ class CANet(FewShotSegmenter):
         - with ``query_mask``: ``main_loss`` and ``loss`` (the same: CE on the final logits).
 
     Example:
-        >>> m = CANet("resnet50", backbone_weights="random", reduce_dim=16).eval()
+        >>> m = CANet("resnet50", backbone_weights="random", reduce_dim=16, dcm="paper").eval()
         >>> q, s, sm = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65), torch.ones(1, 1, 65, 65)
-        >>> tuple(m(q, s, sm)["logits"].shape)
-        (1, 2, 65, 65)
+        >>> out = m(q, s, sm)          # the DCM in the paper's form: its maps concatenated to the query
+        >>> tuple(out["logits"].shape), tuple(out["history_mask"].shape)
+        ((1, 2, 65, 65), (1, 2, 9, 9))
     """
 
     def __init__(

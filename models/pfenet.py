@@ -162,10 +162,12 @@ class PFENet(FewShotSegmenter):
     prototype, the prior and the DCM, and ignored by the loss.
 
     Example:
-        >>> m = PFENet("resnet50", backbone_weights="random", reduce_dim=16, ppm_scales=[1.0, 0.5]).eval()
-        >>> q, s, sm = torch.randn(1, 3, 65, 65), torch.randn(1, 1, 3, 65, 65), torch.ones(1, 1, 65, 65)
-        >>> tuple(m(q, s, sm)["logits"].shape)
-        (1, 2, 65, 65)
+        >>> m = PFENet("resnet50", backbone_weights="random", shot=2, reduce_dim=16, ppm_scales=[1.0, 0.5],
+        ...            dcm="default").eval()      # 2-shot, the residual DCM on the reduced feature
+        >>> q, s, sm = torch.randn(1, 3, 65, 65), torch.randn(1, 2, 3, 65, 65), torch.ones(1, 2, 65, 65)
+        >>> out = m(q, s, sm)
+        >>> sorted(out), tuple(out["logits"].shape)
+        (['aux_logits', 'logits', 'prior_mask'], (1, 2, 65, 65))
     """
 
     def __init__(
