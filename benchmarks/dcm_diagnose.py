@@ -52,7 +52,7 @@ def _records(run: Path, split: str) -> dict:
 
 def _gates(run: Path) -> List[dict]:
     f = run / "log.jsonl"
-    out = []
+    out, chosen = [], None
     if f.is_file():
         for line in f.read_text().splitlines():
             try:
@@ -61,11 +61,11 @@ def _gates(run: Path) -> List[dict]:
                 continue
             if e.get("event") == "epoch":
                 out.append({"epoch": e.get("epoch"), "dcm_gamma": e.get("dcm_gamma"), "val_miou": e.get("val_miou"),
-                            "best": False, "_improved": bool(e.get("best"))})
-    # an epoch line says ``best`` when validation improved; best.pth is the last such epoch's
-    improved = [i for i, g in enumerate(out) if g.pop("_improved")]
-    if improved:
-        out[improved[-1]]["best"] = True
+                            "best": False})
+                if e.get("best"):      # validation improved; best.pth is the last such epoch's
+                    chosen = len(out) - 1
+    if chosen is not None:
+        out[chosen]["best"] = True
     return out
 
 

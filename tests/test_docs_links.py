@@ -8,6 +8,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")) + sorted((ROOT / "docs" / "preregistered").glob("*.md"))
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def _prose(page: Path) -> str:
+    """The page without its fenced code blocks (a '# comment' there is no heading, a '[x](y)' no link)."""
+    return FENCE.sub("", page.read_text())
 
 
 def _slug(heading: str) -> str:
@@ -18,7 +24,7 @@ def _slug(heading: str) -> str:
 
 
 def _anchors(page: Path) -> set:
-    text = page.read_text()
+    text = _prose(page)
     out = set(re.findall(r"<a id=\"([^\"]+)\"", text))
     seen = {}
     for h in re.findall(r"^#{1,6} (.+)$", text, re.M):
@@ -37,7 +43,7 @@ def test_slug_matches_github():
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_and_anchors_resolve(page):
     bad = []
-    for target in LINK.findall(page.read_text()):
+    for target in LINK.findall(_prose(page)):
         if re.match(r"[a-z]+:", target):          # http:, https:, mailto:
             continue
         path, _, anchor = target.partition("#")
